@@ -1,0 +1,42 @@
+# cellseg — `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DSB2018 ?= ../shared/data/dsb2018/stage1_train
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-full sweep tensorboard lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv (if missing) and install cellseg with its dev tools
+
+train: $(STAMP) ## train the augmented study on the embedded synthetic data
+	$(PY) -m cellseg.train experiment=augmented
+
+test: $(STAMP) ## run the test suite (without slow tests)
+	$(PY) -m pytest -m "not slow"
+
+test-full: $(STAMP) ## run every test, slow ones included
+	$(PY) -m pytest
+
+sweep: $(STAMP) ## baseline and augmented side by side (DATA=dsb2018 for the real data)
+	$(PY) -m cellseg.train -m experiment=baseline,augmented $(if $(DATA),data=$(DATA))
+
+tensorboard: $(STAMP) ## open TensorBoard on every run under logs/
+	$(VENV)/bin/tensorboard --logdir logs
+
+lint: $(STAMP) ## check the style with ruff
+	$(VENV)/bin/ruff check src tests
+
+clean: ## remove logs and caches (keeps .venv and data/)
+	rm -rf logs .pytest_cache .ruff_cache build dist
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,51 @@
+"""Lightning callbacks of cellseg's own."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from cellseg.figures import rows_grid
+
+
+def tensorboard_writers(trainer: L.Trainer) -> list:
+    """The SummaryWriters of the trainer's TensorBoard loggers."""
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class ImageGridLogger(L.Callback):
+    """Log sample images with masks at the start, and image / mask / prediction rows for fixed
+    validation images every ``every_n_epochs`` epochs and after the last one."""
+
+    def __init__(self, n_images: int = 6, every_n_epochs: int = 10) -> None:
+        self.n_images, self.every_n_epochs = n_images, every_n_epochs
+
+    def fixed_images(self, trainer: L.Trainer, split: str) -> tuple[list, list]:
+        dataset = trainer.datamodule.datasets[split]
+        n = min(self.n_images, len(dataset))
+        images = [torch.from_numpy(dataset.images[i].transpose(2, 0, 1)) for i in range(n)]
+        masks = [torch.from_numpy(dataset.masks[i])[None] for i in range(n)]
+        return images, masks
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writers = tensorboard_writers(trainer)
+        if not writers or trainer.datamodule is None:
+            return
+        images, masks = self.fixed_images(trainer, "train")
+        for w in writers:
+            w.add_image("data/train_samples", rows_grid([images, masks]), 0)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writers = tensorboard_writers(trainer)
+        epoch = trainer.current_epoch + 1
+        last = epoch >= (trainer.max_epochs or 0)
+        if trainer.sanity_checking or not writers or (epoch % self.every_n_epochs and not last):
+            return
+        images, masks = self.fixed_images(trainer, "val")
+        with torch.no_grad():
+            logits = pl_module(torch.stack(images).to(pl_module.device))
+        preds = list((logits.float() > 0).float().cpu())
+        grid = rows_grid([images, masks, preds])
+        for w in writers:
+            w.add_image("val/predictions", grid, trainer.global_step)

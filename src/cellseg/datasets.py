@@ -1,0 +1,190 @@
+"""Readers for the supported dataset layouts, channel conversion and intensity normalisation.
+
+Layouts:
+- ``dsb2018``: ``<root>/<id>/images/<id>.png`` and ``<root>/<id>/masks/*.png``, one binary PNG
+  per nucleus (the 2018 Data Science Bowl's Kaggle layout; also what ``synthetic`` writes).
+- ``folder``: ``<root>/images/<stem>.<ext>`` and ``<root>/masks/<stem>.<ext>`` with matching
+  stems; a mask is binary (nuclei become its connected components) or instance-labelled.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from rich.progress import track
+from skimage.measure import label as connected_components
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass
+class Sample:
+    """One image with its instance labels (0 = background, 1..N = nuclei) at native size."""
+
+    id: str
+    image: np.ndarray  # (H, W, C), as stored (uint8, uint16 or float)
+    labels: np.ndarray  # (H, W) int32
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an (H, W, C) or (H, W) array; errors name the file."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            array = tifffile.imread(path)
+        else:
+            with Image.open(path) as im:
+                array = np.asarray(im)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}; replace or remove the file") from err
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channel-first TIFF
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise ValueError(f"{path} has shape {array.shape}; expected a 2-D image (H, W[, C])")
+    return array
+
+
+def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """Convert grayscale, RGB or RGBA to ``in_channels`` (1 or 3) as (H, W, C)."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 4:
+        image = image[..., :3]  # DSB PNGs are RGBA with an opaque alpha channel
+    if image.shape[-1] == in_channels:
+        return image
+    if in_channels == 3 and image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    if in_channels == 1 and image.shape[-1] == 3:
+        weights = np.array([0.299, 0.587, 0.114], np.float32)
+        return (image.astype(np.float32) @ weights)[..., None]
+    raise ValueError(f"cannot convert an image with {image.shape[-1]} channels to {in_channels}")
+
+
+def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
+    """Scale an image to float32 in about [0, 1].
+
+    ``percentile``: per image, the 1st and 99.8th percentiles map to 0 and 1 (robust to 16-bit
+    and dim images); ``scale``: divide by the dtype's maximum (the study's /255);
+    ``minmax``: per image minimum and maximum.
+    """
+    x = image.astype(np.float32)
+    if method == "scale":
+        top = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
+        return x / top
+    if method == "percentile":
+        lo, hi = np.percentile(x, (1.0, 99.8))
+    elif method == "minmax":
+        lo, hi = x.min(), x.max()
+    else:
+        raise ValueError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
+    return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def labels_from_mask(mask: np.ndarray, path: Path | str = "mask") -> np.ndarray:
+    """Instance labels from a mask: binary -> connected components, labelled -> as is."""
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    values = np.unique(mask)
+    if len(values) <= 2:
+        return connected_components(mask > 0, connectivity=1).astype(np.int32)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{path} has {len(values)} non-integer values; expected binary or labels")
+    return mask.astype(np.int32)
+
+
+def _check_same_size(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    if image.shape[:2] != labels.shape:
+        raise ValueError(
+            f"mask {path} is {labels.shape[1]}x{labels.shape[0]} but its image is "
+            f"{image.shape[1]}x{image.shape[0]}; masks must match their image's size"
+        )
+
+
+def read_dsb2018_sample(folder: Path) -> Sample | None:
+    """Read ``<folder>/images/<id>.png`` and merge ``<folder>/masks/*.png`` into labels."""
+    sample_id = folder.name
+    image_path = folder / "images" / f"{sample_id}.png"
+    if not image_path.is_file():
+        raise FileNotFoundError(f"{image_path} is missing (dsb2018 layout: <id>/images/<id>.png)")
+    image = read_image(image_path)
+    mask_dir = folder / "masks"
+    if not mask_dir.is_dir():
+        warnings.warn(f"{folder} has no masks/ folder: skipped (unannotated)", stacklevel=2)
+        return None
+    labels = np.zeros(image.shape[:2], np.int32)
+    for k, mask_path in enumerate(sorted(mask_dir.glob("*.png")), start=1):
+        mask = read_image(mask_path)
+        mask = mask[..., 0] if mask.ndim == 3 else mask
+        _check_same_size(image, mask, mask_path)
+        labels[mask > 0] = k  # an empty masks/ folder means an image without nuclei
+    return Sample(sample_id, image, labels)
+
+
+def read_dsb2018(root: str | Path) -> list[Sample]:
+    """Read every sample of a dsb2018-layout folder, sorted by id."""
+    root = _existing_dir(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise FileNotFoundError(f"{root} holds no <id>/images/<id>.png samples (dsb2018 layout)")
+    samples = [read_dsb2018_sample(f) for f in _progress(folders, f"Reading {root.name}")]
+    return [s for s in samples if s is not None]
+
+
+def read_folder(root: str | Path) -> list[Sample]:
+    """Read ``<root>/images`` and ``<root>/masks`` with matching file stems, sorted by stem."""
+    root = _existing_dir(root)
+    images = {p.stem: p for p in image_files(root / "images")}
+    masks = {p.stem: p for p in image_files(root / "masks")}
+    if not images:
+        raise FileNotFoundError(f"{root / 'images'} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} images in {root / 'images'} have no mask in {root / 'masks'} "
+            f"with the same stem, e.g. {missing[0]}"
+        )
+    samples = []
+    for stem in _progress(sorted(images), f"Reading {root.name}"):
+        image = read_image(images[stem])
+        labels = labels_from_mask(read_image(masks[stem]), masks[stem])
+        _check_same_size(image, labels, masks[stem])
+        samples.append(Sample(stem, image, labels))
+    return samples
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files in a folder (by suffix), sorted; other files are ignored."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+READERS = {"dsb2018": read_dsb2018, "synthetic": read_dsb2018, "folder": read_folder}
+
+
+def read_samples(root: str | Path, layout: str) -> list[Sample]:
+    """Read a dataset of the given layout."""
+    if layout not in READERS:
+        raise ValueError(f"unknown data layout {layout!r}; choose one of {sorted(READERS)}")
+    return READERS[layout](root)
+
+
+def _existing_dir(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.root {root} does not exist; point data.root at your dataset "
+            "(see data/README.md)"
+        )
+    return root
+
+
+def _progress(items: list, description: str):
+    return track(items, description=description, transient=True, disable=len(items) < 20)

@@ -1,0 +1,109 @@
+"""LightningModule: the U-Net with its loss, metrics, logging and optimiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MaxMetric, MetricCollection
+
+from cellseg.metrics import PIXEL_SCORES, PixelScore
+from cellseg.unet import UNet
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - soft Dice of sigmoid(logits) and target over the whole batch."""
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum()
+    return 1 - (2 * inter + eps) / (prob.sum() + target.sum() + eps)
+
+
+def segmentation_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
+    """``bce`` (binary cross-entropy on logits, the study's) or ``dice_bce`` (their sum)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    if name == "bce":
+        return bce
+    if name == "dice_bce":
+        return bce + soft_dice_loss(logits, target)
+    raise ValueError(f"unknown loss {name!r}; use bce or dice_bce")
+
+
+def pixel_metrics(stage: str) -> MetricCollection:
+    return MetricCollection({k: PixelScore(k) for k in PIXEL_SCORES}, prefix=f"{stage}/")
+
+
+class SegmentationModule(L.LightningModule):
+    """Binary nucleus segmentation with the study's U-Net.
+
+    Every argument is a primitive (dicts of numbers and strings), so checkpoints load with
+    ``torch.load(weights_only=True)``; ``optimizer``/``scheduler`` are Hydra configs with
+    ``_partial_: true`` that are called with the parameters / optimiser here.
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any] | None = None,
+        loss: str = "bce",
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        segmentation_loss(loss, torch.zeros(1), torch.zeros(1))  # fail early on a bad name
+        self.net = UNet(**(net or {}))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        self.train_metrics = pixel_metrics("train")
+        self.val_metrics = pixel_metrics("val")
+        self.test_metrics = pixel_metrics("test")
+        self.val_iou_best = MaxMetric()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images.contiguous(memory_format=self.memory_format))
+
+    def check_batch(self, images: Tensor, masks: Tensor) -> None:
+        """Input checks in one place: shapes and a {0, 1} target."""
+        self.net.check_input(images)
+        if masks.shape[-2:] != images.shape[-2:] or masks.shape[1] != 1:
+            raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
+
+    def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        images, masks = batch["image"], batch["mask"]
+        self.check_batch(images, masks)
+        logits = self(images)
+        loss = segmentation_loss(self.hparams.loss, logits.float(), masks)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), masks)
+        n = images.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "test")
+
+    def on_train_start(self) -> None:
+        self.val_iou_best.reset()  # forget the sanity check's untrained score
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_iou_best(self.val_metrics["iou"].compute())
+        self.log("val/iou_best", self.val_iou_best.compute(), prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = self.hparams.optimizer or {"_target_": "torch.optim.Adam", "_partial_": True}
+        optimizer = hydra.utils.instantiate(opt_cfg)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return {"optimizer": optimizer}
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

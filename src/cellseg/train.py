@@ -1,0 +1,78 @@
+"""Train a U-Net from a Hydra config: ``python -m cellseg.train experiment=augmented``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from cellseg import config_dir
+from cellseg.callbacks import tensorboard_writers
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group holding several objects (callbacks, loggers)."""
+    return [hydra.utils.instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data, model and trainer as the config describes them."""
+    augmentation = hydra.utils.instantiate(cfg.augmentation) if cfg.get("augmentation") else None
+    datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
+    model = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, log hyperparameters with the results; return the metrics."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), hp_metrics)
+    report(trainer, metrics, best)
+    return metrics
+
+
+def report(trainer: L.Trainer, metrics: dict[str, float], best: str) -> None:
+    """Print the final metrics and where the logs and checkpoints are."""
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
+    log.info("Final metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    for writer in tensorboard_writers(trainer):
+        log.info("TensorBoard logs: %s  (tensorboard --logdir logs)", writer.log_dir)
+    if best:
+        log.info("Best checkpoint: %s", best)
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value a Hydra sweeper optimises; a clear error if the metric was never logged."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+    return metrics[name]
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return metric_value(train(cfg), cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
