@@ -6,7 +6,13 @@ from pathlib import Path
 # albumentations otherwise asks the network for a newer release on every import
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+# ${cwd:} in configs: the directory cellseg was started from (also where Hydra's own
+# ${hydra:runtime.cwd} is not yet set, e.g. while it resolves a sweep directory)
+OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 
 def config_dir() -> str:

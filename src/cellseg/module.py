@@ -70,7 +70,9 @@ class SegmentationModule(L.LightningModule):
         """Input checks in one place: shapes and a {0, 1} target."""
         self.net.check_input(images)
         if masks.shape[-2:] != images.shape[-2:] or masks.shape[1] != 1:
-            raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
+            raise ValueError(
+                f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}"
+            )
 
     def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         images, masks = batch["image"], batch["mask"]
@@ -81,7 +83,8 @@ class SegmentationModule(L.LightningModule):
         metrics.update(logits.detach(), masks)
         n = images.shape[0]
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage != "train")
+        show = stage != "train"
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=show)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -106,4 +109,5 @@ class SegmentationModule(L.LightningModule):
         if not self.hparams.scheduler:
             return {"optimizer": optimizer}
         scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        schedule = {"scheduler": scheduler, "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -1,0 +1,48 @@
+"""Shared fixtures: a composed, shrunk training config and the real data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from cellseg import config_dir
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/dsb2018/stage1_train"
+needs_real_data = pytest.mark.skipif(
+    not REAL_DATA.is_dir(), reason=f"real DSB2018 data not found at {REAL_DATA}"
+)
+
+TINY_SYNTHETIC = ["data.synthetic.n_images=10", "data.synthetic.size=64"]
+TINY = [
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "callbacks.image_grid.every_n_epochs=1",
+]
+
+
+def make_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
+    """The training config with tiny synthetic data, writing only under ``tmp_path``."""
+    other_data = any(o.startswith("data=") and o != "data=synthetic" for o in overrides)
+    tiny = TINY if other_data else [*TINY_SYNTHETIC, *TINY]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*tiny, *overrides])
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "out")
+        if cfg.data.layout == "synthetic":
+            cfg.data.root = str(tmp_path / "data/synthetic")
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *overrides: make_cfg(tmp_path, list(overrides))

@@ -1,0 +1,44 @@
+import json
+
+import numpy as np
+
+from cellseg.datasets import read_dsb2018
+from cellseg.synthetic import MARKER, generate, make_sample
+
+
+def test_samples_are_deterministic_and_differ_by_index():
+    a, la = make_sample(0, 3)
+    b, lb = make_sample(0, 3)
+    c, _ = make_sample(0, 4)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(a, c)
+
+
+def test_nuclei_sizes_styles_and_touching_neighbours():
+    radii, styles, touching = [], set(), 0
+    for i in range(30):
+        image, labels = make_sample(0, i)
+        assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+        areas = np.bincount(labels.ravel())[1:]
+        radii.extend(np.sqrt(areas[areas > 0] / np.pi))
+        background = image[labels == 0].mean()
+        styles.add("brightfield" if background > 128 else "fluorescence")
+        # neighbours touch when a nucleus pixel borders another label
+        right = labels[:, 1:] != labels[:, :-1]
+        touching += int((right & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)).any())
+    assert styles == {"brightfield", "fluorescence"}
+    assert 4 < np.median(radii) < 25 and max(radii) < 35
+    assert touching > 10
+
+
+def test_generate_writes_the_dsb2018_layout_once(tmp_path):
+    root = generate(tmp_path / "s", n_images=3, size=64, seed=1)
+    assert json.loads((root / MARKER).read_text())["n_images"] == 3
+    samples = read_dsb2018(root)
+    assert [s.id for s in samples] == ["synth_000", "synth_001", "synth_002"]
+    _, labels = make_sample(1, 0, 64)
+    np.testing.assert_array_equal(samples[0].labels > 0, labels > 0)
+    mtime = (root / MARKER).stat().st_mtime_ns
+    generate(root, n_images=3, size=64, seed=1)
+    assert (root / MARKER).stat().st_mtime_ns == mtime  # not regenerated

@@ -1,0 +1,118 @@
+"""Training end to end on tiny data: experiments, TensorBoard, checkpoints, resume, multirun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cellseg.module import SegmentationModule
+from cellseg.train import train
+from conftest import REAL_DATA, needs_real_data
+
+SCALARS = {
+    "train/loss", "train/iou", "train/miou", "train/dice",
+    "val/loss", "val/iou", "val/miou", "val/dice", "val/iou_best",
+    "test/loss", "test/iou", "test/miou", "test/dice",
+}
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    (tb_dir,) = {p.parent for p in run_dir.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("experiment", ["baseline", "augmented"])
+def test_experiment_trains_and_logs_to_tensorboard(cfg_factory, experiment):
+    cfg = cfg_factory(f"experiment={experiment}", "trainer.max_epochs=2")
+    metrics = train(cfg)
+    assert {"val/iou", "val/miou", "val/dice", "val/iou_best", "test/iou"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("test/iou", "test/miou", "test/dice"))
+    acc = events(Path(cfg.paths.output_dir))
+    tags = acc.Tags()
+    assert SCALARS <= set(tags["scalars"])
+    assert len(acc.Scalars("val/iou")) == 2  # one point per epoch
+    assert {"data/train_samples", "val/predictions"} <= set(tags["images"])
+    assert any(t.startswith("hp/") for t in tags["scalars"])  # final metrics for the HPARAMS tab
+
+
+def test_checkpoint_loads_with_weights_only_and_predicts(cfg_factory):
+    cfg = cfg_factory("experiment=baseline")
+    train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    raw = torch.load(ckpts / "last.ckpt", weights_only=True, map_location="cpu")
+    assert raw["hyper_parameters"]["net"]["in_channels"] == 3
+    model = SegmentationModule.load_from_checkpoint(ckpts / "last.ckpt", weights_only=True)
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
+    cfg = cfg_factory("trainer.max_epochs=1")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    cfg2 = cfg_factory("trainer.max_epochs=3", f"ckpt_path={last}")
+    cfg2.paths.output_dir = cfg.paths.output_dir + "_resumed"
+    train(cfg2)
+    resumed = torch.load(Path(cfg2.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert resumed["optimizer_states"][0]["state"]  # Adam moments came back
+
+
+def test_dice_bce_loss_and_cosine_schedule(cfg_factory):
+    cfg = cfg_factory(
+        "model.loss=dice_bce",
+        "+model.scheduler={_target_: torch.optim.lr_scheduler.CosineAnnealingLR,"
+        " _partial_: true, T_max: 2}",
+    )
+    metrics = train(cfg)
+    assert metrics["train/loss"] > 0 and "lr-Adam" in metrics
+
+
+def test_one_channel_model_on_rgb_data(cfg_factory):
+    metrics = train(cfg_factory("model.net.in_channels=1"))
+    assert 0.0 <= metrics["test/iou"] <= 1.0
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-m", "cellseg.train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_of_both_experiments_lands_side_by_side(tmp_path):
+    tiny = ["debug=fast", "data.synthetic.n_images=10", "data.synthetic.size=64"]
+    out = run_cli(["-m", "experiment=baseline,augmented", *tiny], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_baseline", "1_augmented"]
+    for job in jobs:
+        assert list((sweep / job / "tensorboard").rglob("events.out.tfevents.*"))
+        assert (sweep / job / "checkpoints/last.ckpt").is_file()
+
+
+def test_unknown_experiment_names_the_choices(tmp_path):
+    out = run_cli(["experiment=nope"], tmp_path)
+    assert out.returncode != 0
+    assert "baseline" in out.stderr and "augmented" in out.stderr
+
+
+@needs_real_data
+def test_short_training_on_real_dsb2018(cfg_factory):
+    cfg = cfg_factory(
+        "data=dsb2018", f"data.root={REAL_DATA}", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1", "trainer.limit_val_batches=null",
+        "trainer.limit_test_batches=null",
+    )
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/iou"] <= 1.0
+    assert metrics["test/loss"] < 2.0
