@@ -1,10 +1,26 @@
 """Pixel scores against hand-computed cases."""
 
+import numpy as np
 import pytest
 import torch
+from skimage.morphology import binary_dilation, binary_erosion
 from torchmetrics import MetricCollection
 
-from cellseg.metrics import PixelScore, confusion_counts, dice, foreground_iou, mean_iou
+from cellseg.datasets import read_dsb2018_sample
+from cellseg.metrics import (
+    InstanceScores,
+    PixelScore,
+    confusion_counts,
+    dice,
+    dsb_score,
+    foreground_iou,
+    instance_scores,
+    iou_matrix,
+    matching_counts,
+    mean_iou,
+)
+from cellseg.synthetic import make_sample
+from conftest import REAL_DATA, needs_real_data
 
 # a 4x4 case: truth covers 4 pixels, prediction 3 of them plus 2 more -> TP 3, FP 2, FN 1, TN 10
 TRUTH = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
@@ -77,3 +93,118 @@ def test_collection_shares_state_and_matches_torchmetrics():
 def test_unknown_score_is_refused():
     with pytest.raises(ValueError, match="unknown pixel score"):
         PixelScore("accuracy")
+
+
+# ---- instance scores (the 2018 Data Science Bowl) on hand-built label images -------------
+
+
+def square_labels(*boxes, shape=(20, 20)):
+    labels = np.zeros(shape, np.int32)
+    for k, (y0, y1, x0, x1) in enumerate(boxes, start=1):
+        labels[y0:y1, x0:x1] = k
+    return labels
+
+
+A_BOX, B_BOX = (1, 5, 1, 5), (10, 16, 10, 16)  # 16 and 36 pixels
+
+
+def test_perfect_match_scores_one():
+    truth = square_labels(A_BOX, B_BOX)
+    relabelled = np.where(truth > 0, 3 - truth, 0)  # label ids need not agree
+    assert instance_scores(truth, relabelled) == {"map": 1.0, "ap50": 1.0, "f1_50": 1.0}
+
+
+def test_missed_nucleus():
+    truth = square_labels(A_BOX, B_BOX)
+    pred = square_labels(B_BOX)
+    assert matching_counts(truth, pred, [0.5]).tolist() == [[1, 0, 1]]
+    s = instance_scores(truth, pred)
+    assert s["map"] == pytest.approx(0.5) and s["ap50"] == pytest.approx(0.5)
+    assert s["f1_50"] == pytest.approx(2 / 3)
+
+
+def test_split_nucleus_gives_one_match_at_most():
+    truth = square_labels((0, 10, 0, 10))  # 100 px
+    pred = square_labels((0, 10, 0, 6), (0, 10, 6, 10))  # 60 + 40 px
+    assert iou_matrix(truth, pred).tolist() == [[0.6, 0.4]]
+    counts = matching_counts(truth, pred)
+    assert counts[0].tolist() == [1, 1, 0]  # t = 0.50: the 60 % half matches
+    assert counts[2].tolist() == [0, 2, 1]  # t = 0.60: IoU must exceed t
+    expected = np.mean([1 / 2, 1 / 2] + [0.0] * 8)
+    assert dsb_score(truth, pred) == pytest.approx(expected)
+
+
+def test_merged_pair_matches_neither_when_equal_halves():
+    truth = square_labels((0, 10, 0, 5), (0, 10, 5, 10))
+    merged = square_labels((0, 10, 0, 10))
+    assert matching_counts(truth, merged, [0.5]).tolist() == [[0, 1, 2]]  # IoU exactly 0.5
+    assert dsb_score(truth, merged) == 0.0
+
+
+def test_empty_truth_and_prediction():
+    empty = np.zeros((8, 8), np.int32)
+    assert instance_scores(empty, empty) == {"map": 1.0, "ap50": 1.0, "f1_50": 1.0}
+    assert instance_scores(empty, square_labels(A_BOX, shape=(8, 8)))["map"] == 0.0
+    assert instance_scores(square_labels(A_BOX, shape=(8, 8)), empty)["map"] == 0.0
+
+
+def test_instance_metric_averages_over_images():
+    truth = square_labels(A_BOX, B_BOX)
+    metric = InstanceScores()
+    metric.update(truth, truth)  # 1.0
+    metric.update([truth], [square_labels(B_BOX)])  # 0.5
+    out = metric.compute()
+    assert out["map"].item() == pytest.approx(0.75)
+    assert metric.n_images.item() == 2
+
+
+def reference_dsb_score(truth, pred):
+    """An independent, direct computation: loops over object pairs and thresholds."""
+    t_ids = [i for i in np.unique(truth) if i]
+    p_ids = [i for i in np.unique(pred) if i]
+    if not t_ids and not p_ids:
+        return 1.0
+    ious = np.zeros((len(t_ids), len(p_ids)))
+    for a, i in enumerate(t_ids):
+        for b, j in enumerate(p_ids):
+            inter = np.logical_and(truth == i, pred == j).sum()
+            ious[a, b] = inter / np.logical_or(truth == i, pred == j).sum()
+    scores = []
+    for t in np.arange(0.5, 1.0, 0.05):
+        matches = ious > t
+        tp = int(matches.any(axis=1).sum())
+        fp, fn = len(p_ids) - int(matches.any(axis=0).sum()), len(t_ids) - tp
+        scores.append(tp / (tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def jitter(truth, rng):
+    """Grow, shrink, drop or keep each nucleus, relabelled."""
+    pred = np.zeros_like(truth)
+    for k in range(1, truth.max() + 1):
+        m = truth == k
+        choice = rng.integers(4)
+        m = binary_dilation(m) if choice == 0 else binary_erosion(m) if choice == 1 else m
+        if choice != 2:
+            pred[m & (pred == 0)] = k + 100
+    return pred
+
+
+def test_dsb_score_matches_a_direct_computation_on_jittered_labels():
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        _, truth = make_sample(0, index, 96)
+        pred = jitter(truth, rng)
+        assert dsb_score(truth, pred) == pytest.approx(reference_dsb_score(truth, pred))
+
+
+@needs_real_data
+def test_dsb_score_matches_a_direct_computation_on_real_images():
+    rng = np.random.default_rng(1)
+    folders = sorted(p for p in REAL_DATA.iterdir() if p.is_dir())
+    for folder in folders[:40:8]:
+        truth = read_dsb2018_sample(folder).labels
+        if truth.size > 100_000:  # keep the quadratic reference quick
+            continue
+        pred = jitter(truth, rng)
+        assert dsb_score(truth, pred) == pytest.approx(reference_dsb_score(truth, pred))

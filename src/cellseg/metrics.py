@@ -10,10 +10,21 @@ over the whole set, i.e. from confusion counts summed over every pixel of every 
 
 A score whose union is empty (no true and no predicted foreground) is 1: nothing to find,
 nothing found. Counts are summed across processes, so DDP gives the single-process numbers.
+
+Instance scores compare label images (0 = background, 1..N = nuclei) per image, then average
+over images (the 2018 Data Science Bowl's rule):
+
+- a predicted object matches a true object when their IoU exceeds a threshold t; for t >= 0.5
+  such a match is unique, so TP = the number of pairs with IoU > t, FP = predicted - TP,
+  FN = true - TP;
+- ``map``: per image the mean over t = 0.50, 0.55, ..., 0.95 of TP / (TP + FP + FN);
+- ``ap50``: the same at t = 0.5 only; ``f1_50``: 2 TP / (2 TP + FP + FN) at t = 0.5;
+- an image with no true and no predicted object scores 1.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -84,3 +95,92 @@ class PixelScore(Metric):
 
     def compute(self) -> Tensor:
         return PIXEL_SCORES[self.score](self.counts)
+
+
+DSB_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
+
+
+def iou_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
+    """IoU of every (true object, predicted object) pair, shape (n_true, n_pred).
+
+    Labels need not be consecutive; only labels present count as objects.
+    """
+    if true_labels.shape != pred_labels.shape:
+        raise ValueError(f"label images differ: {true_labels.shape} vs {pred_labels.shape}")
+    _, t = np.unique(true_labels, return_inverse=True)
+    _, p = np.unique(pred_labels, return_inverse=True)
+    t_has_bg, p_has_bg = (true_labels == 0).any(), (pred_labels == 0).any()
+    n_t, n_p = t.max() + 1, p.max() + 1
+    overlap = np.bincount(t.ravel() * n_p + p.ravel(), minlength=n_t * n_p).reshape(n_t, n_p)
+    overlap = overlap[int(t_has_bg) :, int(p_has_bg) :]  # drop background row and column
+    area_t = np.bincount(t.ravel(), minlength=n_t)[int(t_has_bg) :]
+    area_p = np.bincount(p.ravel(), minlength=n_p)[int(p_has_bg) :]
+    union = area_t[:, None] + area_p[None, :] - overlap
+    return overlap / np.maximum(union, 1)
+
+
+def matching_counts(
+    true_labels: np.ndarray, pred_labels: np.ndarray, thresholds=DSB_THRESHOLDS
+) -> np.ndarray:
+    """``[TP, FP, FN]`` per threshold (rows), for thresholds >= 0.5 (unique matching)."""
+    thresholds = np.atleast_1d(thresholds)
+    if (thresholds < 0.5).any():
+        raise ValueError("matching by IoU > t is only unique for t >= 0.5")
+    ious = iou_matrix(true_labels, pred_labels)
+    n_true, n_pred = ious.shape
+    tp = np.array([(ious > t).sum() for t in thresholds])
+    return np.stack([tp, n_pred - tp, n_true - tp], axis=1)
+
+
+def _per_threshold(counts: np.ndarray, f1: bool = False) -> np.ndarray:
+    tp, fp, fn = counts.T.astype(float)
+    num, den = (2 * tp, 2 * tp + fp + fn) if f1 else (tp, tp + fp + fn)
+    return np.where(den > 0, num / np.maximum(den, 1), 1.0)
+
+
+def dsb_score(true_labels: np.ndarray, pred_labels: np.ndarray) -> float:
+    """The 2018 Data Science Bowl score of one image (mean over t = 0.50..0.95)."""
+    return float(_per_threshold(matching_counts(true_labels, pred_labels)).mean())
+
+
+def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> dict[str, float]:
+    """``map``, ``ap50`` and ``f1_50`` of one image."""
+    counts = matching_counts(true_labels, pred_labels)  # row 0 is t = 0.5
+    return {
+        "map": float(_per_threshold(counts).mean()),
+        "ap50": float(_per_threshold(counts[:1])[0]),
+        "f1_50": float(_per_threshold(counts[:1], f1=True)[0]),
+    }
+
+
+INSTANCE_SCORES = ("map", "ap50", "f1_50")
+
+
+class InstanceScores(Metric):
+    """Per-image instance scores averaged over images: ``compute()`` -> {map, ap50, f1_50}.
+
+    ``update(true_labels, pred_labels)`` takes one label image pair or lists of them (numpy or
+    tensors). Sums and the image count reduce across processes.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("sums", default=torch.zeros(len(INSTANCE_SCORES), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("n_images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, true_labels, pred_labels) -> None:
+        if isinstance(true_labels, (np.ndarray, Tensor)) and true_labels.ndim == 2:
+            true_labels, pred_labels = [true_labels], [pred_labels]
+        for t, p in zip(true_labels, pred_labels, strict=True):
+            scores = instance_scores(np.asarray(t), np.asarray(p))
+            self.sums += torch.tensor([scores[k] for k in INSTANCE_SCORES], dtype=torch.float64)
+            self.n_images += 1
+
+    def compute(self) -> dict[str, Tensor]:
+        means = self.sums / self.n_images.clamp(min=1)
+        return {k: means[i].float() for i, k in enumerate(INSTANCE_SCORES)}

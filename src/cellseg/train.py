@@ -41,13 +41,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        tested = test_checkpoint(cfg.get("test_ckpt", "best"), best)
+        log.info("Testing the %s weights", tested or "last epoch's")
+        trainer.test(model, datamodule=datamodule, ckpt_path=tested)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()}
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), hp_metrics)
     report(trainer, metrics, best)
     return metrics
+
+
+def test_checkpoint(choice: str, best: str) -> str | None:
+    """The checkpoint path to test: ``best`` (on validation) or ``last`` (the final weights)."""
+    if choice not in ("best", "last"):
+        raise ValueError(f"test_ckpt={choice!r}; use best or last")
+    return best or None if choice == "best" else None
 
 
 def report(trainer: L.Trainer, metrics: dict[str, float], best: str) -> None:
