@@ -29,12 +29,17 @@ TINY = [
 ]
 
 
+def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
+    """Compose a config of ``configs/`` as the command line would."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
 def make_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
     """The training config with tiny synthetic data, writing only under ``tmp_path``."""
     other_data = any(o.startswith("data=") and o != "data=synthetic" for o in overrides)
     tiny = TINY if other_data else [*TINY_SYNTHETIC, *TINY]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[*tiny, *overrides])
+    cfg = compose_cfg("train", [*tiny, *overrides])
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "out")
@@ -46,3 +51,14 @@ def make_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides: make_cfg(tmp_path, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, synthetic data root) of one tiny training shared by several tests."""
+    from cellseg.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = make_cfg(tmp, ["model.net.out_channels=2", "trainer.max_epochs=1"])
+    train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", Path(cfg.data.root)

@@ -64,7 +64,7 @@ def test_img_size_must_be_a_multiple_of_16(tmp_path):
 
 def test_two_workers_draw_different_augmentations():
     image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
-    mask = np.zeros((32, 32), np.float32)
+    mask = np.zeros((32, 32, 1), np.float32)
     transform = A.Compose([A.Affine(rotate=(-180, 180), p=1.0)], seed=0)
     dataset = NucleiDataset([image] * 4, [mask] * 4, transform)
     loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker)
@@ -89,3 +89,52 @@ def test_augmentation_keeps_masks_binary(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
     assert batch["image"].shape[-2:] == (64, 64)
+
+
+def test_crop_mode_trains_on_crops_and_evaluates_whole_padded_images(tmp_path):
+    dm = NucleiDataModule(
+        str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 10, "size": 72},
+        mode="crop", crop_size=48, crops_per_image=3, batch_size=4, target_channels=2,
+    )
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.datasets["train"]) == 8 * 3
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 48, 48)
+    assert batch["mask"].shape == (4, 2, 48, 48)
+    val = next(iter(dm.val_dataloader()))
+    assert val["image"].shape == (1, 3, 80, 80)  # 72 padded to a multiple of 16
+    assert val["size"].tolist() == [[72, 72]]
+    assert val["mask"][..., 72:, :].sum() == 0  # padding is never foreground
+
+
+def test_crop_mode_pads_images_smaller_than_the_crop(tmp_path):
+    dm = NucleiDataModule(
+        str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 5, "size": 40},
+        mode="crop", crop_size=64, batch_size=2, test_size=0.4,
+    )
+    dm.prepare_data()
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 64, 64)
+
+
+def test_contour_targets_separate_touching_nuclei():
+    from cellseg.datasets import targets_from_labels
+
+    labels = np.zeros((10, 12), np.int32)
+    labels[2:8, 1:6] = 1
+    labels[2:8, 6:11] = 2  # touching at columns 5 | 6
+    t = targets_from_labels(labels, 2)
+    assert t.shape == (10, 12, 2)
+    assert t[4, 5, 1] == 1 and t[4, 6, 1] == 1  # both sides of the contact are contour
+    assert t[4, 3, 1] == 0 and t[4, 3, 0] == 1  # the interior is foreground, not contour
+    assert (t[..., 1] <= t[..., 0]).all()
+
+
+def test_invert_bright_turns_brightfield_dark():
+    from cellseg.datasets import prepare_image
+
+    bright = np.full((16, 16, 3), 230, np.uint8)
+    bright[4:8, 4:8] = 60  # a dark nucleus on a light background
+    x = prepare_image(bright, 3, "percentile", invert_bright=True)
+    assert x[5, 5].mean() > 0.9 and x[0, 0].mean() < 0.1

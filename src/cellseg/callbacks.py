@@ -22,10 +22,19 @@ class ImageGridLogger(L.Callback):
         self.n_images, self.every_n_epochs = n_images, every_n_epochs
 
     def fixed_images(self, trainer: L.Trainer, split: str) -> tuple[list, list]:
+        """The first images of a split with their foreground masks, centre-cropped to one size
+        (a multiple of 16, at most 256) when their sizes differ."""
         dataset = trainer.datamodule.datasets[split]
-        n = min(self.n_images, len(dataset))
-        images = [torch.from_numpy(dataset.images[i].transpose(2, 0, 1)) for i in range(n)]
-        masks = [torch.from_numpy(dataset.masks[i])[None] for i in range(n)]
+        n = min(self.n_images, len(dataset.images))
+        arrays = [(dataset.images[i], dataset.targets[i][..., :1]) for i in range(n)]
+        side = min(256, *(min(a.shape[:2]) for a, _ in arrays)) // 16 * 16
+        images, masks = [], []
+        for image, mask in arrays:
+            if image.shape[:2] != (side, side):
+                y, x = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+                image, mask = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
+            images.append(torch.from_numpy(image.transpose(2, 0, 1).copy()))
+            masks.append(torch.from_numpy(mask.transpose(2, 0, 1).copy()))
         return images, masks
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,7 +54,7 @@ class ImageGridLogger(L.Callback):
         images, masks = self.fixed_images(trainer, "val")
         with torch.no_grad():
             logits = pl_module(torch.stack(images).to(pl_module.device))
-        preds = list((logits.float() > 0).float().cpu())
+        preds = list((logits[:, :1].float() > 0).float().cpu())
         grid = rows_grid([images, masks, preds])
         for w in writers:
             w.add_image("val/predictions", grid, trainer.global_step)

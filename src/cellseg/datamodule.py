@@ -3,8 +3,13 @@
 The split reproduces ``sklearn.model_selection.train_test_split(ids, test_size=0.2,
 random_state=0)`` over the sorted ids (40 train / 10 test for 50 images). As in the study the
 test images also serve as validation set unless ``val_size`` > 0 splits one off the training ids.
-Images are decoded, converted to ``in_channels``, normalised and (in ``resize`` mode) resized
-once in ``setup``; the cached arrays are small, so epochs cost only augmentation and compute.
+Images are decoded, converted to ``in_channels`` and normalised once in ``setup`` and kept in
+memory, so epochs cost only augmentation and compute. Two geometries:
+
+- ``resize``: every image and target resized to ``img_size`` (the study: 64x64);
+- ``crop``: native resolution; training on random ``crop_size`` crops (smaller images
+  reflect-padded), validation and test on whole images one at a time, padded to a multiple of
+  16 and scored on the original pixels only.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellseg import synthetic
-from cellseg.datasets import Sample, normalize, read_samples, to_channels
+from cellseg.datasets import Sample, prepare_image, read_samples, targets_from_labels
 
 
 def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -43,24 +48,48 @@ def resize(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
 
 
 class NucleiDataset(Dataset):
-    """Normalised float32 (H, W, C) images and {0, 1} masks -> tensors, with augmentation."""
+    """Prepared (H, W, C) images and (H, W, K) targets -> tensors, with optional augmentation.
 
-    def __init__(self, images: list[np.ndarray], masks: list[np.ndarray], transform=None):
-        self.images, self.masks, self.transform = images, masks, transform
+    ``repeats`` visits each image several times per epoch (several random crops);
+    ``pad_multiple`` reflect-pads whole images for the network and reports their true size.
+    """
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        targets: list[np.ndarray],
+        transform=None,
+        repeats: int = 1,
+        pad_multiple: int | None = None,
+    ) -> None:
+        self.images, self.targets, self.transform = images, targets, transform
+        self.repeats, self.pad_multiple = repeats, pad_multiple
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) * self.repeats
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, mask = self.images[index], self.masks[index]
+        index %= len(self.images)
+        image, target = self.images[index], self.targets[index]
         if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
+            out = self.transform(image=image, mask=target)
+            image, target = out["image"], out["mask"]
+        size = image.shape[:2]
+        if self.pad_multiple:
+            image, target = pad_to_multiple(image, target, self.pad_multiple)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask))[None].float(),
+            "mask": torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1))),
+            "size": torch.tensor(size),
             "index": index,
         }
+
+
+def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
+    """Reflect-pad the image (zero-pad the target) at the bottom and right to a multiple."""
+    h, w = image.shape[:2]
+    pad = ((0, -h % multiple), (0, -w % multiple), (0, 0))
+    return np.pad(image, pad, mode="reflect"), np.pad(target, pad)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -87,8 +116,12 @@ class NucleiDataModule(L.LightningDataModule):
         layout: str = "dsb2018",
         mode: str = "resize",
         img_size: int = 64,
+        crop_size: int = 256,
+        crops_per_image: int = 1,
         in_channels: int = 3,
+        target_channels: int = 1,
         normalize: str = "percentile",
+        invert_bright: bool = False,
         test_size: float = 0.2,
         val_size: float = 0.0,
         split_seed: int = 0,
@@ -101,13 +134,16 @@ class NucleiDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
     ) -> None:
         super().__init__()
-        if mode != "resize":
-            raise ValueError(f"data.mode={mode!r} is not supported yet; use resize")
-        if img_size % 16:
-            raise ValueError(f"data.img_size={img_size} must be a multiple of 16 (the U-Net's)")
+        if mode not in ("resize", "crop"):
+            raise ValueError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
+        size_name, size = ("img_size", img_size) if mode == "resize" else ("crop_size", crop_size)
+        if size % 16:
+            raise ValueError(f"data.{size_name}={size} must be a multiple of 16 (the U-Net's)")
         self.root = Path(root)
-        self.layout, self.mode, self.img_size = layout, mode, img_size
-        self.in_channels, self.normalize = in_channels, normalize
+        self.layout, self.mode = layout, mode
+        self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
+        self.in_channels, self.target_channels = in_channels, target_channels
+        self.normalize, self.invert_bright = normalize, invert_bright
         self.test_size, self.val_size, self.split_seed = test_size, val_size, split_seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -131,26 +167,45 @@ class NucleiDataModule(L.LightningDataModule):
         if self.val_size:
             train, val = split_ids(train, self.val_size, self.split_seed)
         self.splits = {"train": train, "val": val, "test": test}
-        if self.augmentation is not None:
-            self.augmentation.set_random_seed(self.seed)
         for name, ids in self.splits.items():
-            images, masks = zip(*(self.prepare(self.samples[i]) for i in ids), strict=True)
-            transform = self.augmentation if name == "train" else None
-            self.datasets[name] = NucleiDataset(list(images), list(masks), transform)
+            images, targets = zip(*(self.prepare(self.samples[i]) for i in ids), strict=True)
+            self.datasets[name] = self.make_dataset(name, list(images), list(targets))
+
+    def make_dataset(self, split: str, images: list, targets: list) -> NucleiDataset:
+        if self.mode == "resize":
+            transform = self.augmentation if split == "train" else None
+            if transform is not None:
+                transform.set_random_seed(self.seed)
+            return NucleiDataset(images, targets, transform)
+        if split != "train":
+            return NucleiDataset(images, targets, pad_multiple=16)
+        crop = [
+            A.PadIfNeeded(self.crop_size, self.crop_size, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(self.crop_size, self.crop_size),
+        ]
+        extra = [self.augmentation] if self.augmentation is not None else []
+        transform = A.Compose(crop + extra, seed=self.seed)
+        return NucleiDataset(images, targets, transform, repeats=self.crops_per_image)
 
     def prepare(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised float32 (H, W, C) image and float32 {0, 1} mask at training geometry."""
-        image = normalize(to_channels(sample.image, self.in_channels), self.normalize)
-        mask = (sample.labels > 0).astype(np.float32)
-        # area-averaged mask thresholded at 0.5: the fairest binary mask at low resolution
-        image = resize(image, self.img_size)
-        mask = (resize(mask, self.img_size) > 0.5).astype(np.float32)
-        return image, mask
+        """Model input (H, W, C) and float32 {0, 1} targets (H, W, K) at training geometry."""
+        image = prepare_image(sample.image, self.in_channels, self.normalize, self.invert_bright)
+        if self.mode == "crop":
+            return image, targets_from_labels(sample.labels, self.target_channels)
+        # area-averaged foreground thresholded at 0.5: the fairest binary mask at low resolution;
+        # contours come from the nearest-resized labels so they stay one pixel wide
+        foreground = resize((sample.labels > 0).astype(np.float32), self.img_size) > 0.5
+        small_labels = resize(sample.labels, self.img_size, nearest=True)
+        targets = targets_from_labels(small_labels, self.target_channels)
+        targets[..., 0] = foreground
+        targets[..., 1:] *= foreground[..., None]
+        return resize(image, self.img_size), targets
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        whole_images = self.mode == "crop" and split != "train"
         return DataLoader(
             self.datasets[split],
-            batch_size=self.batch_size,
+            batch_size=1 if whole_images else self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,

@@ -18,6 +18,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 from skimage.measure import label as connected_components
+from skimage.segmentation import find_boundaries
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -83,6 +84,35 @@ def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
     else:
         raise ValueError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
     return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def prepare_image(
+    image: np.ndarray, in_channels: int = 3, method: str = "percentile", invert_bright: bool = False
+) -> np.ndarray:
+    """The model's input from a stored image: channels, normalisation, optional inversion.
+
+    ``invert_bright`` turns light-background images (stained brightfield: mean above 0.5 after
+    normalisation) into dark-background ones, so every image looks like fluorescence.
+    """
+    x = normalize(to_channels(image, in_channels), method)
+    if invert_bright and x.mean() > 0.5:
+        x = 1.0 - x
+    return x
+
+
+def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
+    """Float32 (H, W, channels) training targets: foreground, then (if 2) nucleus contours.
+
+    The contour channel marks each nucleus's inner boundary pixels, so touching nuclei are
+    separated by a line the network can learn to predict.
+    """
+    foreground = labels > 0
+    if channels == 1:
+        return foreground[..., None].astype(np.float32)
+    if channels == 2:
+        contours = find_boundaries(labels, mode="inner") & foreground
+        return np.stack([foreground, contours], axis=-1).astype(np.float32)
+    raise ValueError(f"model.net.out_channels={channels}; use 1 (foreground) or 2 (+ contours)")
 
 
 def labels_from_mask(mask: np.ndarray, path: Path | str = "mask") -> np.ndarray:

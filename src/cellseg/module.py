@@ -41,7 +41,9 @@ class SegmentationModule(L.LightningModule):
 
     Every argument is a primitive (dicts of numbers and strings), so checkpoints load with
     ``torch.load(weights_only=True)``; ``optimizer``/``scheduler`` are Hydra configs with
-    ``_partial_: true`` that are called with the parameters / optimiser here.
+    ``_partial_: true`` that are called with the parameters / optimiser here. ``preprocess``
+    records how the training data were prepared (mode, img_size, normalisation, inversion), so
+    evaluation and prediction prepare new images the same way.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class SegmentationModule(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         channels_last: bool = True,
+        preprocess: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -67,20 +70,25 @@ class SegmentationModule(L.LightningModule):
         return self.net(images.contiguous(memory_format=self.memory_format))
 
     def check_batch(self, images: Tensor, masks: Tensor) -> None:
-        """Input checks in one place: shapes and a {0, 1} target."""
+        """Input checks in one place: shapes and the number of target channels."""
         self.net.check_input(images)
-        if masks.shape[-2:] != images.shape[-2:] or masks.shape[1] != 1:
+        expected = (images.shape[0], self.net.head.out_channels, *images.shape[-2:])
+        if tuple(masks.shape) != expected:
             raise ValueError(
-                f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}"
+                f"targets {tuple(masks.shape)} do not match images {tuple(images.shape)}; "
+                f"expected {expected} (data.target_channels = model.net.out_channels)"
             )
 
     def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         images, masks = batch["image"], batch["mask"]
         self.check_batch(images, masks)
         logits = self(images)
+        if images.shape[0] == 1 and "size" in batch:  # a padded whole image: score its pixels
+            h, w = batch["size"][0].tolist()
+            logits, masks = logits[..., :h, :w], masks[..., :h, :w]
         loss = segmentation_loss(self.hparams.loss, logits.float(), masks)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.detach(), masks)
+        metrics.update(logits.detach()[:, :1], masks[:, :1])  # channel 0: foreground
         n = images.shape[0]
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
         show = stage != "train"

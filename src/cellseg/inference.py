@@ -1,0 +1,163 @@
+"""Whole-image prediction at any size: padding, overlapping tiles, test-time augmentation."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MULTIPLE = 16
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """The k-th of the 8 flips/rotations of (N, C, H, W) tensors (k = 0 is the identity)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+def undo_dihedral(x: Tensor, k: int) -> Tensor:
+    """The inverse of :func:`dihedral`."""
+    x = torch.flip(x, dims=(-1,)) if k >= 4 else x
+    return torch.rot90(x, -(k % 4), dims=(-2, -1))
+
+
+def predict_batch(model: nn.Module, x: Tensor, tta: bool = False) -> Tensor:
+    """Sigmoid probabilities of a batch, averaged over the 8 flips/rotations with ``tta``."""
+    if not tta:
+        return torch.sigmoid(model(x).float())
+    total = torch.zeros(())
+    for k in range(8):
+        total = total + undo_dihedral(torch.sigmoid(model(dihedral(x, k)).float()), k)
+    return total / 8
+
+
+def window(size: int, device=None) -> Tensor:
+    """A smooth 1-D blending weight (a raised sine, never exactly 0)."""
+    t = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    return torch.sin(torch.pi * t).clamp(min=1e-3)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles covering ``length`` (the last one flush with the end)."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+@torch.no_grad()
+def predict_tensor(
+    model: nn.Module,
+    image: Tensor,
+    tile_size: int = 512,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool = False,
+) -> Tensor:
+    """Probabilities (K, H, W) for one (C, H, W) image of any size.
+
+    The image is reflect-padded to a multiple of 16; above ``tile_size`` it is cut into
+    overlapping tiles, predicted ``batch_size`` tiles at a time and blended with a smooth window,
+    so memory depends on the tile size, not on the image size.
+    """
+    if tile_size % MULTIPLE:
+        raise ValueError(f"tile_size={tile_size} must be a multiple of {MULTIPLE}")
+    c, h, w = image.shape
+    mode = "reflect" if min(h, w) > MULTIPLE else "replicate"
+    x = F.pad(image[None], (0, -w % MULTIPLE, 0, -h % MULTIPLE), mode=mode)
+    ph, pw = x.shape[-2:]
+    if ph <= tile_size and pw <= tile_size:
+        return predict_batch(model, x, tta)[0, :, :h, :w]
+    th, tw = min(tile_size, ph), min(tile_size, pw)
+    weight = window(th)[:, None] * window(tw)[None, :]
+    stride = max(MULTIPLE, int(tile_size * (1 - overlap)) // MULTIPLE * MULTIPLE)
+    positions = [(y, xx) for y in tile_starts(ph, th, stride) for xx in tile_starts(pw, tw, stride)]
+    total, out_weight = None, torch.zeros(ph, pw)
+    for i in range(0, len(positions), batch_size):
+        chunk = positions[i : i + batch_size]
+        batch = torch.cat([x[..., y : y + th, xx : xx + tw] for y, xx in chunk])
+        probs = predict_batch(model, batch, tta)
+        if total is None:
+            total = torch.zeros(probs.shape[1], ph, pw)
+        for (y, xx), p in zip(chunk, probs.cpu(), strict=True):
+            total[:, y : y + th, xx : xx + tw] += p * weight
+            out_weight[y : y + th, xx : xx + tw] += weight
+    return (total / out_weight)[:, :h, :w]
+
+
+def predict_image(
+    model: nn.Module,
+    image: np.ndarray,
+    mode: str = "crop",
+    img_size: int = 64,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> np.ndarray:
+    """Probabilities (H, W, K) for a prepared (H, W, C) float image at its own size.
+
+    A model trained in ``resize`` mode predicts at its training scale (``img_size``) and the
+    result is resized back to the image's size; ``crop``-mode models predict natively.
+    """
+    h, w = image.shape[:2]
+    if mode == "resize":
+        image = cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_AREA)
+        image = image[..., None] if image.ndim == 2 else image
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
+    probs = predict_tensor(model, x, **kwargs).numpy().transpose(1, 2, 0)
+    if mode == "resize":
+        probs = cv2.resize(probs, (w, h), interpolation=cv2.INTER_LINEAR)
+        probs = probs[..., None] if probs.ndim == 2 else probs
+    return probs
+
+
+def load_model(ckpt_path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A trained ``SegmentationModule`` in eval mode; errors name the file and the fix."""
+    from pathlib import Path
+
+    from cellseg.module import SegmentationModule
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass ckpt_path=<run>/checkpoints/last.ckpt"
+        )
+    try:
+        model = SegmentationModule.load_from_checkpoint(
+            path, map_location=device, weights_only=True
+        )
+    except Exception as err:  # torch/pickle/zip errors say little about what to do
+        raise ValueError(
+            f"{path} is not a cellseg checkpoint ({type(err).__name__}: {err}); "
+            "pass a .ckpt written by python -m cellseg.train"
+        ) from err
+    return model.eval()
+
+
+def preprocessing(model: nn.Module, override: dict | None = None) -> dict:
+    """How to prepare images for this model: ``override`` if given, else the checkpoint's."""
+    pre = override or model.hparams.get("preprocess")
+    if not pre:
+        raise ValueError(
+            "the checkpoint records no preprocessing; pass it, e.g. 'preprocess={mode: resize, "
+            "img_size: 64, in_channels: 3, normalize: percentile, invert_bright: false}'"
+        )
+    return dict(pre)
+
+
+def segment(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground probabilities (H, W) and instance labels of a stored image at its own size."""
+    from cellseg.datasets import prepare_image
+    from cellseg.instances import instances
+
+    x = prepare_image(
+        image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
+    )
+    probs = predict_image(model, x, preprocess["mode"], preprocess["img_size"], **inference)
+    options = dict(instances_cfg)
+    use_contours = options.pop("use_contours", True)
+    contours = probs[..., 1] if probs.shape[-1] > 1 and use_contours else None
+    return probs[..., 0], instances(probs[..., 0], contours, **options)

@@ -1,0 +1,116 @@
+"""``cellseg.eval`` and ``cellseg.predict`` on a tiny trained checkpoint."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from omegaconf import open_dict
+from PIL import Image
+
+from cellseg.datasets import read_dsb2018
+from cellseg.eval import evaluate, write_outputs
+from cellseg.predict import find_inputs, predict, rle_decode, rle_encode
+from conftest import compose_cfg
+
+
+def eval_cfg(ckpt, root, *overrides):
+    return compose_cfg("eval", [f"ckpt_path={ckpt}", f"data.root={root}", *overrides])
+
+
+def test_eval_scores_the_test_split_at_native_resolution(trained, tmp_path):
+    ckpt, root = trained
+    metrics, rows = evaluate(eval_cfg(ckpt, root))
+    assert metrics["images"] == len(rows) == 2  # 10 images, 20 % test
+    for k in ("iou", "miou", "dice", "map", "ap50", "f1_50"):
+        assert 0.0 <= metrics[k] <= 1.0
+    assert {r["height"] for r in rows} == {64}  # the native size, not a training size
+    write_outputs(tmp_path, metrics, rows)
+    assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 2
+    with open(tmp_path / "per_image.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eval_on_all_images_with_tta(trained):
+    ckpt, root = trained
+    metrics, rows = evaluate(eval_cfg(ckpt, root, "split=all", "inference.tta=true"))
+    assert len(rows) == 10
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):
+    _, root = trained
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="model.ckpt is not a cellseg checkpoint"):
+        evaluate(eval_cfg(bogus, root))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate(eval_cfg(tmp_path / "missing.ckpt", root))
+
+
+def test_rle_matches_the_kaggle_convention_and_round_trips():
+    mask = np.array([[1, 0], [1, 1]], bool)  # column-major pixels 1, 2 (column 0) and 4
+    assert rle_encode(mask) == "1 2 4 1"
+    rng = np.random.default_rng(0)
+    random_mask = rng.random((7, 5)) > 0.5
+    np.testing.assert_array_equal(rle_decode(rle_encode(random_mask), (7, 5)), random_mask)
+
+
+def predict_cfg(ckpt, input_path, output, *overrides):
+    cfg = compose_cfg("predict", [f"ckpt_path={ckpt}", f"input={input_path}",
+                                  f"output={output}", *overrides])
+    with open_dict(cfg):
+        cfg.instances.min_size = 1
+    return cfg
+
+
+def test_predict_writes_masks_labels_overlays_and_submission(trained, tmp_path):
+    ckpt, root = trained
+    out = tmp_path / "pred"
+    summary = predict(predict_cfg(ckpt, root, out))
+    ids = sorted(find_inputs(root))
+    assert summary["images"] == len(ids) == 10
+    for sub in ("masks", "labels", "overlays"):
+        assert sorted(p.stem for p in (out / sub).glob("*.png")) == ids
+    labels = np.asarray(Image.open(out / "labels" / f"{ids[0]}.png"))
+    assert labels.dtype == np.uint16 and labels.shape == (64, 64)
+    mask = np.asarray(Image.open(out / "masks" / f"{ids[0]}.png"))
+    assert set(np.unique(mask)) <= {0, 255}
+    with open(out / "submission.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["ImageId"] == ids[0]]
+    rebuilt = np.zeros_like(labels)
+    for k, r in enumerate(rows, start=1):
+        if r["EncodedPixels"]:
+            rebuilt[rle_decode(r["EncodedPixels"], labels.shape)] = k
+    np.testing.assert_array_equal(rebuilt > 0, labels > 0)
+    assert len(rows) == max(labels.max(), 1)
+
+
+def test_predict_resumes_and_never_overwrites_unless_asked(trained, tmp_path):
+    ckpt, root = trained
+    out = tmp_path / "pred"
+    predict(predict_cfg(ckpt, root, out))
+    first = sorted((out / "labels").glob("*.png"))
+    first[0].unlink()  # as if interrupted before the last image
+    stamp = first[1].stat().st_mtime_ns
+    summary = predict(predict_cfg(ckpt, root, out))
+    assert summary["images"] == 1 and summary["skipped"] == 9
+    assert first[0].is_file() and first[1].stat().st_mtime_ns == stamp
+    assert predict(predict_cfg(ckpt, root, out, "overwrite=true"))["images"] == 10
+
+
+def test_predict_refuses_to_write_into_its_input(trained):
+    ckpt, root = trained
+    with pytest.raises(ValueError, match="inside the input folder"):
+        predict(predict_cfg(ckpt, root, root / "predictions"))
+
+
+def test_predict_single_file_and_flat_folder(trained, tmp_path):
+    ckpt, root = trained
+    sample = read_dsb2018(root)[0]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(sample.image).save(flat / "a.png")
+    Image.fromarray(sample.image[..., 0]).save(flat / "gray.png")  # grayscale works too
+    assert predict(predict_cfg(ckpt, flat, tmp_path / "o1"))["images"] == 2
+    assert predict(predict_cfg(ckpt, flat / "a.png", tmp_path / "o2"))["images"] == 1
