@@ -30,3 +30,31 @@ def test_sides_not_multiple_of_16_are_refused(shape):
 def test_wrong_channel_count_is_refused():
     with pytest.raises(ValueError, match="in_channels"):
         UNet(3)(torch.randn(1, 1, 32, 32))
+
+
+def test_keras_initialisations():
+    torch.manual_seed(0)
+    net = UNet(3, init="he_normal")
+    conv = net.encoders[1][0]  # 16 -> 32 channels, fan_in 16 * 9
+    assert conv.weight.std().item() == pytest.approx((2 / 144) ** 0.5, rel=0.05)
+    assert conv.bias.abs().max().item() == 0.0
+    assert count_parameters(UNet(3, init="glorot_uniform")) == 2_158_833
+    with pytest.raises(ValueError, match="unknown init"):
+        UNet(3, init="orthogonal")
+
+
+def test_soft_dice_loss_per_channel():
+    from cellseg.module import segmentation_loss, soft_dice_loss
+
+    target = torch.zeros(2, 2, 8, 8)
+    target[:, 0, 2:6, 2:6] = 1
+    target[:, 1, 2, 2:6] = 1
+    perfect = target * 40 - 20
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-3)
+    wrong_contours = perfect.clone()
+    wrong_contours[:, 1] = -20  # a thin channel missed entirely costs about half the loss
+    # contour Dice = eps / (8 + eps) = 1 / 9 with eps = 1; foreground Dice = 1
+    assert soft_dice_loss(wrong_contours, target).item() == pytest.approx((1 - 1 / 9) / 2)
+    assert segmentation_loss("dice_bce", perfect, target).item() < 0.01
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation_loss("focal", perfect, target)

@@ -16,10 +16,12 @@ from cellseg.unet import UNet
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
-    """1 - soft Dice of sigmoid(logits) and target over the whole batch."""
+    """1 - soft Dice of sigmoid(logits) and target over the batch, averaged over channels."""
     prob = torch.sigmoid(logits)
-    inter = (prob * target).sum()
-    return 1 - (2 * inter + eps) / (prob.sum() + target.sum() + eps)
+    dims = (0, 2, 3)
+    inter = (prob * target).sum(dims)
+    dice = (2 * inter + eps) / (prob.sum(dims) + target.sum(dims) + eps)
+    return 1 - dice.mean()
 
 
 def segmentation_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:

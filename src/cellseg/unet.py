@@ -36,6 +36,7 @@ class UNet(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         bottleneck: int = 256,
         batch_norm: bool = False,
+        init: str = "torch",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -61,6 +62,7 @@ class UNet(nn.Module):
             self.decoders.append(conv_block(2 * c, c, batch_norm))
             c_prev = c
         self.head = nn.ConvTranspose2d(c_prev, out_channels, 3, padding=1)
+        initialize(self, init)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for inputs the network cannot take."""
@@ -88,6 +90,27 @@ class UNet(nn.Module):
         for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
             x = decoder(torch.cat([up(x), skip], dim=1))
         return self.head(x)
+
+
+def initialize(model: nn.Module, scheme: str) -> None:
+    """Initialise convolution weights: ``torch`` (PyTorch's default), or Keras's
+    ``glorot_uniform`` (its default) / ``he_normal``, both with zero biases."""
+    if scheme == "torch":
+        return
+    if scheme not in ("glorot_uniform", "he_normal"):
+        raise ValueError(f"unknown init {scheme!r}; use torch, glorot_uniform or he_normal")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            if scheme == "he_normal":
+                # Keras he_normal: truncated normal, std sqrt(2 / fan_in); weight[0] spans Keras's
+                # fan_in for both layer types (in x k x k, transposed: out x k x k)
+                fan_in = m.weight[0].numel()
+                std = (2.0 / fan_in) ** 0.5 / 0.87962566103423978  # Keras: truncation-corrected
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def count_parameters(model: nn.Module) -> int:
