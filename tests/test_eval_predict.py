@@ -114,3 +114,25 @@ def test_predict_single_file_and_flat_folder(trained, tmp_path):
     Image.fromarray(sample.image[..., 0]).save(flat / "gray.png")  # grayscale works too
     assert predict(predict_cfg(ckpt, flat, tmp_path / "o1"))["images"] == 2
     assert predict(predict_cfg(ckpt, flat / "a.png", tmp_path / "o2"))["images"] == 1
+
+
+def test_eval_and_predict_command_lines(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ckpt, root = trained
+    env = {**os.environ, "CELLSEG_ROOT": str(tmp_path)}
+
+    def run(module, *args):
+        cmd = [sys.executable, "-m", module, f"ckpt_path={ckpt}", *args]
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    out = run("cellseg.eval", f"data.root={root}")
+    assert "map" in out.stdout and "all" in out.stdout
+    (run_dir,) = (tmp_path / "logs/eval/runs").iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["images"] == 2
+    run("cellseg.predict", f"input={root}", f"output={tmp_path / 'pred'}")
+    assert len(list((tmp_path / "pred/labels").glob("*.png"))) == 10

@@ -18,7 +18,7 @@ from conftest import REAL_DATA, needs_real_data
 SCALARS = {
     "train/loss", "train/iou", "train/miou", "train/dice",
     "val/loss", "val/iou", "val/miou", "val/dice", "val/iou_best",
-    "test/loss", "test/iou", "test/miou", "test/dice",
+    "test/loss", "test/iou", "test/miou", "test/dice", "perf/train_images_per_s",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -58,3 +60,21 @@ class ImageGridLogger(L.Callback):
         grid = rows_grid([images, masks, preds])
         for w in writers:
             w.add_image("val/predictions", grid, trainer.global_step)
+
+
+class Throughput(L.Callback):
+    """Log ``perf/train_images_per_s``: training images per second of each epoch, from its
+    start to its last training batch (data loading included, validation excluded)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self.last = time.perf_counter()
+        self.images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.images += len(batch["image"])
+        self.last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.images and self.last > self.start:
+            rate = self.images / (self.last - self.start)
+            pl_module.log("perf/train_images_per_s", rate, on_epoch=True, prog_bar=False)

@@ -61,7 +61,7 @@ def test_checkpoint(choice: str, best: str) -> str | None:
 
 def report(trainer: L.Trainer, metrics: dict[str, float], best: str) -> None:
     """Print the final metrics and where the logs and checkpoints are."""
-    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/", "perf/"))}
     log.info("Final metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     for writer in tensorboard_writers(trainer):
         log.info("TensorBoard logs: %s  (tensorboard --logdir logs)", writer.log_dir)
