@@ -24,14 +24,19 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - dice.mean()
 
 
+LOSSES = ("bce", "dice_bce")
+
+
+def check_loss(name: str) -> None:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
+
+
 def segmentation_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
     """``bce`` (binary cross-entropy on logits, the study's) or ``dice_bce`` (their sum)."""
+    check_loss(name)
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    if name == "bce":
-        return bce
-    if name == "dice_bce":
-        return bce + soft_dice_loss(logits, target)
-    raise ValueError(f"unknown loss {name!r}; use bce or dice_bce")
+    return bce + soft_dice_loss(logits, target) if name == "dice_bce" else bce
 
 
 def pixel_metrics(stage: str) -> MetricCollection:
@@ -59,7 +64,7 @@ class SegmentationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        segmentation_loss(loss, torch.zeros(1), torch.zeros(1))  # fail early on a bad name
+        check_loss(loss)  # fail before training, not at the first step
         self.net = UNet(**(net or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
