@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DSB2018 ?= ../shared/data/dsb2018/stage1_train
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full sweep tensorboard lint clean
+.PHONY: help install train test test-full sweep bench tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test-full: $(STAMP) ## run every test, slow ones included
 
 sweep: $(STAMP) ## baseline and augmented side by side (DATA=dsb2018 for the real data)
 	$(PY) -m cellseg.train -m experiment=baseline,augmented $(if $(DATA),data=$(DATA))
+
+bench: $(STAMP) ## measure training and prediction speed (writes bench.md and bench.json)
+	$(PY) -m cellseg.bench
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under logs/
 	$(VENV)/bin/tensorboard --logdir logs

@@ -1,0 +1,252 @@
+"""Speed next to its ceilings: ``python -m cellseg.bench`` (or ``make bench``).
+
+For each input size and precision, in one process run so that ratios hold on a noisy machine:
+
+- training images/s of the full Lightning pipeline (reader, the augmented experiment's
+  augmentation, metrics, TensorBoard) next to a plain PyTorch loop over the same network,
+  batch, size and precision;
+- the network's forward+backward GFLOP/s (counted by ``torch.utils.flop_counter``) next to the
+  machine's matrix-multiply GFLOP/s in that precision;
+- whole-image prediction megapixels/s through ``inference.predict_tensor`` (tiled) next to a
+  bare forward pass over one tile;
+- the peak resident memory of each measurement (each runs in its own child process).
+
+Medians over ``repeats``, warm-up excluded. Writes ``bench.md`` and ``bench.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from cellseg import config_dir
+
+log = logging.getLogger(__name__)
+
+
+def autocast(precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(fn, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(precision: str, n: int, warmup: int, repeats: int) -> float:
+    """The matrix-multiply rate in the precision's compute type."""
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, warmup, repeats) / 1e9
+
+
+def make_net(channels_last: bool = True):
+    from cellseg.unet import UNet
+
+    net = UNet(3)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def train_flops(size: int, batch: int) -> float:
+    """FLOPs of one forward+backward pass of a batch."""
+    net = make_net()
+    x = torch.rand(batch, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    return counter.get_total_flops()
+
+
+def plain_loop(size: int, batch: int, precision: str, steps: int, repeats: int) -> float:
+    """Training images/s of a bare PyTorch loop: forward, BCE, backward, Adam."""
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 1, size, size) > 0.5).float()
+
+    def run():
+        for _ in range(steps):
+            with autocast(precision):
+                logits = net(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return steps * batch / timed(run, 1, repeats)
+
+
+def pipeline(size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str) -> float:
+    """Training images/s of ``cellseg.train`` (median over epochs after the first)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from cellseg.train import build
+
+    mode = (
+        ["data.mode=resize", f"data.img_size={size}"]
+        if size <= 64
+        else ["data.mode=crop", f"data.crop_size={size}"]
+    )
+    overrides = [
+        "experiment=augmented",
+        *mode,
+        f"data.batch_size={batch}",
+        f"trainer.precision={precision}",
+        f"trainer.max_epochs={epochs}",
+        "trainer.accelerator=cpu",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "test=false",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_checkpointing=false",
+        "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = f"{root}/pipeline_{size}_{precision}"
+        cfg.paths.data_dir = data_dir
+    datamodule, model, trainer = build(cfg)
+    rates = []
+
+    class Recorder(L.Callback):  # collects perf/train_images_per_s of each epoch
+        def on_train_epoch_end(self, trainer, pl_module):
+            rate = trainer.callback_metrics.get("perf/train_images_per_s")
+            if rate is not None:
+                rates.append(float(rate))
+
+    trainer.callbacks.append(Recorder())
+    trainer.fit(model, datamodule=datamodule)
+    return statistics.median(rates[1:] or rates)
+
+
+def prediction(size: int, precision: str, tile: int, repeats: int) -> tuple[float, float]:
+    """Megapixels/s of tiled whole-image prediction and of a bare forward pass over a tile."""
+    from cellseg.inference import predict_tensor
+
+    net = make_net().eval()
+    image = torch.rand(3, size, size)
+    tile_x = torch.rand(1, 3, tile, tile).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(precision):
+        bare = timed(lambda: net(tile_x), 1, repeats)
+        whole = timed(lambda: predict_tensor(net, image, tile_size=tile, batch_size=1), 0, repeats)
+    return size * size / whole / 1e6, tile * tile / bare / 1e6
+
+
+def _measure(fn, args):
+    result = fn(*args)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def isolated(fn, *args):
+    """Run ``fn(*args)`` in a fresh process; return (result, peak resident MB).
+
+    A failing child raises here (a crashed one raises BrokenProcessPool), never hangs.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_measure, fn, args).result()
+
+
+def run_bench(cfg: DictConfig) -> list[dict]:
+    rows = []
+    root = str(Path(cfg.paths.output_dir))
+    for size, b in cfg.shapes:
+        for precision in cfg.precisions:
+            flops = train_flops(size, b)
+            (plain, plain_mb) = isolated(plain_loop, size, b, precision, cfg.steps, cfg.repeats)
+            (pipe, pipe_mb) = isolated(
+                pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir
+            )
+            (peak, _) = isolated(matmul_gflops, precision, cfg.matmul_n, 1, cfg.repeats)
+            ((tiled, bare), pred_mb) = isolated(
+                prediction, cfg.predict_size, precision, cfg.tile_size, cfg.repeats
+            )
+            rows.append(
+                {
+                    "size": size,
+                    "precision": precision,
+                    "batch": b,
+                    "pipeline_img_s": pipe,
+                    "plain_img_s": plain,
+                    "pipeline_vs_plain": pipe / plain,
+                    "train_gflop_s": plain * flops / b / 1e9,
+                    "matmul_gflop_s": peak,
+                    "train_vs_matmul": plain * flops / b / 1e9 / peak,
+                    "tiled_mpx_s": tiled,
+                    "bare_mpx_s": bare,
+                    "tiled_vs_bare": tiled / bare,
+                    "pipeline_peak_mb": pipe_mb,
+                    "plain_peak_mb": plain_mb,
+                    "predict_peak_mb": pred_mb,
+                }
+            )
+            log.info("%s", rows[-1])
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [
+        ("size", "size"),
+        ("precision", "precision"),
+        ("batch", "batch"),
+        ("pipeline_img_s", "pipeline img/s"),
+        ("plain_img_s", "plain loop img/s"),
+        ("pipeline_vs_plain", "ratio"),
+        ("train_gflop_s", "train GFLOP/s"),
+        ("matmul_gflop_s", "matmul GFLOP/s"),
+        ("train_vs_matmul", "ratio"),
+        ("tiled_mpx_s", "tiled predict MP/s"),
+        ("bare_mpx_s", "bare forward MP/s"),
+        ("tiled_vs_bare", "ratio"),
+        ("pipeline_peak_mb", "pipeline MB"),
+        ("predict_peak_mb", "predict MB"),
+    ]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
+def main(cfg: DictConfig) -> None:
+    rows = run_bench(cfg)
+    out = Path(cfg.paths.output_dir)
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    settings = OmegaConf.to_container(cfg, resolve=False)
+    settings.pop("paths", None)
+    (out / "bench.json").write_text(
+        json.dumps({**info, "settings": settings, "rows": rows}, indent=2)
+    )
+    table = markdown(rows)
+    (out / "bench.md").write_text(table)
+    print(table)
+    log.info("bench.md and bench.json in %s", out)
+
+
+if __name__ == "__main__":
+    main()

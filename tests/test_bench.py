@@ -1,0 +1,28 @@
+"""The benchmark runs on tiny settings and writes a well-formed table (timings not asserted)."""
+
+import json
+
+from omegaconf import open_dict
+
+from cellseg.bench import main as _  # noqa: F401  (the entry point imports)
+from cellseg.bench import markdown, run_bench
+from conftest import compose_cfg
+
+
+def test_bench_on_tiny_settings(tmp_path):
+    cfg = compose_cfg("bench", ["shapes=[[32,2]]", "precisions=[32-true]", "steps=1",
+                                "repeats=1", "epochs=2", "matmul_n=64", "predict_size=96",
+                                "tile_size=32"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+    rows = run_bench(cfg)
+    (row,) = rows
+    assert row["size"] == 32 and row["batch"] == 2
+    for key in ("pipeline_img_s", "plain_img_s", "train_gflop_s", "matmul_gflop_s",
+                "tiled_mpx_s", "bare_mpx_s", "pipeline_peak_mb", "predict_peak_mb"):
+        assert row[key] > 0, key
+    assert row["pipeline_vs_plain"] == row["pipeline_img_s"] / row["plain_img_s"]
+    table = markdown(rows)
+    assert table.count("\n") == 3 and "pipeline img/s" in table
+    json.dumps(rows)  # serialisable
