@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import hydra
@@ -13,6 +14,8 @@ from torchmetrics import MaxMetric, MetricCollection
 
 from cellseg.metrics import PIXEL_SCORES, PixelScore
 from cellseg.unet import UNet
+
+log = logging.getLogger(__name__)
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -61,10 +64,13 @@ class SegmentationModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         channels_last: bool = True,
         preprocess: dict[str, Any] | None = None,
+        nonfinite_loss: str = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_loss(loss)  # fail before training, not at the first step
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss={nonfinite_loss!r}; use raise or skip")
         self.net = UNet(**(net or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
@@ -102,8 +108,18 @@ class SegmentationModule(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=show)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        loss = self.shared_step(batch, "train")
+        if torch.isfinite(loss):  # one host sync per step: free on CPU, cheap beside a step
+            return loss
+        where = f"epoch {self.current_epoch}, step {self.global_step}, batch {batch_idx}"
+        if self.hparams.nonfinite_loss == "skip":
+            log.warning("non-finite loss at %s: batch skipped", where)
+            return None  # Lightning skips the optimiser step
+        raise FloatingPointError(
+            f"non-finite loss ({loss.item()}) at {where}; lower model.optimizer.lr, check the "
+            "input images, or set model.nonfinite_loss=skip"
+        )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self.shared_step(batch, "val")

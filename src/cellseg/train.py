@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -32,12 +34,43 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
+def resolve_ckpt(ckpt_path: str | None, log_dir: str) -> str | None:
+    """``last``: the newest ``runs/*/checkpoints/last.ckpt`` under ``log_dir``; else the path."""
+    if ckpt_path != "last":
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+        return ckpt_path
+    found = sorted(Path(log_dir).glob("train/*/*/checkpoints/last.ckpt"), key=os.path.getmtime)
+    found += sorted(Path(log_dir).glob("train/*/*/*/checkpoints/last.ckpt"), key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(f"ckpt_path=last: no run under {log_dir} has checkpoints/last.ckpt")
+    newest = max(found, key=os.path.getmtime)
+    log.info("Resuming from %s", newest)
+    return str(newest)
+
+
+def check_resumable(ckpt_path: str | None, model: L.LightningModule) -> None:
+    """Refuse to resume a checkpoint of a different network with a message, not a traceback."""
+    if not ckpt_path:
+        return
+    import torch
+
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters")
+    if saved and saved.get("net") != model.hparams.net:
+        raise ValueError(
+            f"{ckpt_path} holds a network {saved.get('net')} but the config asks for "
+            f"{dict(model.hparams.net)}; resume with the run's own model settings"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hyperparameters with the results; return the metrics."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.log_dir)
     datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    check_resumable(ckpt_path, model)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
