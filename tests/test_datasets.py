@@ -122,3 +122,20 @@ def test_labels_from_mask_splits_binary_components():
     mask[1:3, 1:3] = 255
     mask[5:7, 5:7] = 255
     assert labels_from_mask(mask).max() == 2
+
+
+def test_zero_byte_image_names_the_file(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.png"):
+        read_image(empty)
+
+
+def test_folder_without_images_says_so(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "images/readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        read_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        read_dsb2018(tmp_path / "images")
