@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DSB2018 ?= ../shared/data/dsb2018/stage1_train
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full sweep bench tensorboard lint clean
+.PHONY: help install train test test-full sweep compare bench tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ test-full: $(STAMP) ## run every test, slow ones included
 
 sweep: $(STAMP) ## baseline and augmented side by side (DATA=dsb2018 for the real data)
 	$(PY) -m cellseg.train -m experiment=baseline,augmented $(if $(DATA),data=$(DATA))
+
+NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
+REAL_DATA := $(if $(wildcard $(DSB2018)/*),data=dsb2018 data.root=$(abspath $(DSB2018)))
+compare: $(STAMP) ## baseline vs augmented (real data when $(DSB2018) exists), then their comparison
+	$(PY) -m cellseg.train -m experiment=baseline,augmented $(REAL_DATA) hydra.sweep.dir=logs/train/multiruns/compare_$(NOW)
+	$(PY) -m cellseg.compare 'runs=[logs/train/multiruns/compare_$(NOW)]'
 
 bench: $(STAMP) ## measure training and prediction speed (writes bench.md and bench.json)
 	$(PY) -m cellseg.bench

@@ -1,0 +1,210 @@
+"""Compare finished runs: ``python -m cellseg.compare runs=[DIR,...]``.
+
+A multirun folder counts as its runs. Writes into its own run directory:
+
+- ``comparison.png``: for the same test images a row of images, a row of true masks and one row
+  of predictions per run, labelled with the run's name and its iou / map on that image (the
+  study's figure 12, for any number of runs);
+- ``curves.png``: train and validation loss and iou per epoch of every run on shared axes;
+- ``results.md`` and ``results.csv``: one row per run with its experiment, the overrides that
+  distinguish it, seed, epochs, training time and native-resolution test metrics;
+- both figures in TensorBoard (``tensorboard/`` of the compare run, under ``logs/``).
+
+Runs without ``checkpoints/last.ckpt`` are listed as unfinished, not skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import hydra
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from cellseg import config_dir
+from cellseg.datasets import normalize, to_channels
+from cellseg.eval import SCORES, evaluate, select_samples
+from cellseg.inference import load_model, preprocessing, segment
+
+log = logging.getLogger(__name__)
+CURVES = ("train/loss", "val/loss", "train/iou", "val/iou")
+IGNORED_OVERRIDES = ("data.root", "paths.", "callbacks.", "hydra.", "trainer.accelerator")
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run folders (holding ``.hydra/config.yaml``); a multirun folder gives its jobs."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / ".hydra/config.yaml").is_file():
+            runs.append(p)
+        else:
+            jobs = sorted(d for d in p.iterdir() if (d / ".hydra/config.yaml").is_file())
+            if not jobs:
+                raise FileNotFoundError(f"{p} is neither a training run nor a multirun folder")
+            runs.extend(jobs)
+    return runs
+
+
+def run_info(run: Path) -> dict:
+    """Name, distinguishing overrides, seed, epochs, training time and curves of one run."""
+    cfg = OmegaConf.load(run / ".hydra/config.yaml")
+    overrides = OmegaConf.load(run / ".hydra/overrides.yaml")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
+    info = {
+        "run": run.name,
+        "experiment": cfg.get("name"),
+        "overrides": " ".join(kept),
+        "seed": cfg.get("seed"),
+        "epochs": cfg.trainer.max_epochs,
+        "cfg": cfg,
+        "ckpt": run / "checkpoints/last.ckpt",
+        "curves": {},
+        "train_s": None,
+    }
+    events = sorted(run.glob("tensorboard/**/events.out.tfevents.*"))
+    if events:
+        acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        info["curves"] = {
+            t: [(e.step, e.value) for e in acc.Scalars(t)] for t in CURVES if t in tags
+        }
+        if "train/loss" in tags:
+            walls = [e.wall_time for e in acc.Scalars("train/loss")]
+            info["train_s"] = walls[-1] - walls[0]
+    return info
+
+
+def run_data(info: dict, cfg: DictConfig) -> DictConfig:
+    """The run's data config, its root replaced by ``data_root`` when given."""
+    data = OmegaConf.masked_copy(info["cfg"], ["data"]).data
+    return OmegaConf.merge(data, {"root": cfg.data_root}) if cfg.get("data_root") else data
+
+
+def score_run(info: dict, cfg: DictConfig) -> tuple[dict, dict]:
+    """Native-resolution test metrics of a finished run and its per-image rows by id."""
+    eval_cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(info["ckpt"]),
+            "data": run_data(info, cfg),
+            "split": "test",
+            "device": cfg.device,
+            "preprocess": None,
+            "inference": cfg.inference,
+            "instances": cfg.instances,
+        }
+    )
+    metrics, rows = evaluate(eval_cfg)
+    return metrics, {r["id"]: r for r in rows}
+
+
+def comparison_figure(infos: list[dict], cfg: DictConfig) -> Figure:
+    """Images, true masks and one row of predictions per finished run."""
+    finished = [i for i in infos if "metrics" in i]
+    samples = select_samples(run_data(finished[0], cfg), "test")[: cfg.n_images]
+    rows = 2 + len(finished)
+    fig = Figure(figsize=(2.4 * len(samples), 2.4 * rows))
+    axes = fig.subplots(rows, len(samples), squeeze=False)
+    for j, s in enumerate(samples):
+        axes[0, j].imshow(normalize(to_channels(s.image, 3), "percentile"))
+        axes[0, j].set_title(s.id[:10], fontsize=8)
+        axes[1, j].imshow(s.labels > 0, cmap="gray")
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("true mask")
+    for i, info in enumerate(finished, start=2):
+        model = load_model(info["ckpt"], cfg.device)
+        pre = preprocessing(model)
+        for j, s in enumerate(samples):
+            foreground, _ = segment(model, s.image, pre, cfg.inference, cfg.instances)
+            axes[i, j].imshow(foreground > 0.5, cmap="gray")
+            r = info["per_image"][s.id]
+            axes[i, j].set_title(f"iou {r['iou']:.2f} map {r['map']:.2f}", fontsize=8)
+        axes[i, 0].set_ylabel(info["run"], fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(infos: list[dict]) -> Figure:
+    """Loss and iou per epoch, train dashed and validation solid, one colour per run."""
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_iou = fig.subplots(1, 2)
+    for k, info in enumerate(infos):
+        colour = f"C{k % 10}"
+        for tag, ax in zip(CURVES, (ax_loss, ax_loss, ax_iou, ax_iou), strict=True):
+            points = info["curves"].get(tag)
+            if points:
+                style = "--" if tag.startswith("train") else "-"
+                label = f"{info['run']} {tag.split('/')[0]}"
+                ax.plot(
+                    range(1, len(points) + 1),
+                    [v for _, v in points],
+                    style,
+                    color=colour,
+                    label=label,
+                )
+    for ax, name in ((ax_loss, "loss"), (ax_iou, "iou")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_iou.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_results(infos: list[dict], out: Path) -> None:
+    """results.csv and results.md: one row per run."""
+    columns = ["run", "experiment", "overrides", "seed", "epochs", "train_s", "status", *SCORES]
+    rows = []
+    for info in infos:
+        m = info.get("metrics", {})
+        row = {k: info.get(k) for k in columns[:6]}
+        row["train_s"] = None if info["train_s"] is None else round(info["train_s"], 1)
+        row["status"] = "finished" if m else "no finished checkpoint"
+        row.update({k: round(m[k], 4) if k in m else None for k in SCORES})
+        rows.append(row)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += [
+        "| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def compare(cfg: DictConfig) -> list[dict]:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    infos = [run_info(r) for r in find_runs(list(cfg.runs))]
+    for info in infos:
+        if info["ckpt"].is_file():
+            info["metrics"], info["per_image"] = score_run(info, cfg)
+        else:
+            log.warning("%s has no checkpoints/last.ckpt: listed as unfinished", info["run"])
+    write_results(infos, out)
+    figures = {"curves": curves_figure(infos)}
+    if any("metrics" in i for i in infos):
+        figures["comparison"] = comparison_figure(infos, cfg)
+    with SummaryWriter(str(out / "tensorboard")) as writer:
+        for name, fig in figures.items():
+            fig.savefig(out / f"{name}.png", dpi=100)
+            writer.add_figure(f"compare/{name}", fig, close=False)
+    log.info("comparison.png, curves.png, results.md and results.csv in %s", out)
+    return infos
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="compare")
+def main(cfg: DictConfig) -> None:
+    compare(cfg)
+
+
+if __name__ == "__main__":
+    main()

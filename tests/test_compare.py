@@ -1,0 +1,45 @@
+"""``cellseg.compare`` on tiny runs: figures, results rows, unfinished runs listed."""
+
+import csv
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from cellseg.compare import compare
+from cellseg.train import train
+from conftest import compose_cfg, make_cfg
+
+
+def tiny_run(tmp_path: Path, job: str, experiment: str, finished: bool = True) -> Path:
+    cfg = make_cfg(tmp_path, [f"experiment={experiment}", "trainer.max_epochs=2"])
+    run = tmp_path / "multirun" / job
+    cfg.paths.output_dir = str(run)
+    if finished:
+        train(cfg)
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra/config.yaml")
+    overrides = [f"experiment={experiment}", "seed=0", f"paths.root_dir={tmp_path}"]
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra/overrides.yaml")
+    return run
+
+
+def test_compare_two_runs_and_an_unfinished_one(tmp_path):
+    tiny_run(tmp_path, "0_baseline", "baseline")
+    tiny_run(tmp_path, "1_augmented", "augmented")
+    tiny_run(tmp_path, "2_augmented", "augmented", finished=False)
+    cfg = compose_cfg("compare", [f"runs=[{tmp_path / 'multirun'}]", "n_images=2"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "compare")
+    compare(cfg)
+    out = tmp_path / "compare"
+    assert (out / "comparison.png").stat().st_size > 10_000
+    assert (out / "curves.png").stat().st_size > 10_000
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["0_baseline", "1_augmented", "2_augmented"]
+    assert [r["status"] for r in rows] == ["finished", "finished", "no finished checkpoint"]
+    assert rows[0]["overrides"] == "experiment=baseline seed=0"  # paths.* left out
+    assert 0.0 <= float(rows[1]["map"]) <= 1.0 and rows[2]["map"] == ""
+    assert rows[0]["epochs"] == "2" and float(rows[0]["train_s"]) >= 0
+    assert (out / "results.md").read_text().count("\n") == 2 + 3
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
