@@ -116,3 +116,17 @@ def test_short_training_on_real_dsb2018(cfg_factory):
     metrics = train(cfg)
     assert 0.0 <= metrics["test/iou"] <= 1.0
     assert metrics["test/loss"] < 2.0
+
+
+def test_optuna_search_runs_two_trials_and_survives_a_failing_one(tmp_path):
+    tiny = ["debug=fast", "data.synthetic.n_images=10", "data.synthetic.size=64"]
+    # with sampler seed 1 the first trial draws lr=1e30 (a non-finite loss: the trial fails)
+    # and the second lr=0.001: the failure must not end the study
+    out = run_cli(["hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                   "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.sampler.seed=1",
+                   "model.optimizer.lr=choice(0.001,1e30)", *tiny], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Failed experiment: non-finite loss" in out.stdout + out.stderr
+    (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "model.optimizer.lr: 0.001" in results and "best_value" in results
