@@ -167,8 +167,9 @@ class NucleiDataModule(L.LightningDataModule):
         if self.val_size:
             train, val = split_ids(train, self.val_size, self.split_seed)
         self.splits = {"train": train, "val": val, "test": test}
+        prepared = {i: self.prepare(self.samples[i]) for i in sorted({*train, *val, *test})}
         for name, ids in self.splits.items():
-            images, targets = zip(*(self.prepare(self.samples[i]) for i in ids), strict=True)
+            images, targets = zip(*(prepared[i] for i in ids), strict=True)
             self.datasets[name] = self.make_dataset(name, list(images), list(targets))
 
     def make_dataset(self, split: str, images: list, targets: list) -> NucleiDataset:
