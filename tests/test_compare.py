@@ -14,6 +14,7 @@ def tiny_run(tmp_path: Path, job: str, experiment: str, finished: bool = True) -
     cfg = make_cfg(tmp_path, [f"experiment={experiment}", "trainer.max_epochs=2"])
     run = tmp_path / "multirun" / job
     cfg.paths.output_dir = str(run)
+    cfg.data.root = "${paths.data_dir}/synthetic"  # as the configs write it
     if finished:
         train(cfg)
     (run / ".hydra").mkdir(parents=True, exist_ok=True)

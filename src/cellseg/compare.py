@@ -81,7 +81,8 @@ def run_info(run: Path) -> dict:
 
 def run_data(info: dict, cfg: DictConfig) -> DictConfig:
     """The run's data config, its root replaced by ``data_root`` when given."""
-    data = OmegaConf.masked_copy(info["cfg"], ["data"]).data
+    # resolved inside the whole run config: data.root may interpolate ${paths.data_dir}
+    data = OmegaConf.create(OmegaConf.to_container(info["cfg"].data, resolve=True))
     return OmegaConf.merge(data, {"root": cfg.data_root}) if cfg.get("data_root") else data
 
 
