@@ -44,3 +44,4 @@ def test_compare_two_runs_and_an_unfinished_one(tmp_path):
     assert rows[0]["epochs"] == "2" and float(rows[0]["train_s"]) >= 0
     assert (out / "results.md").read_text().count("\n") == 2 + 3
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "multirun/comparison").glob("events.out.tfevents.*"))

@@ -8,7 +8,8 @@ A multirun folder counts as its runs. Writes into its own run directory:
 - ``curves.png``: train and validation loss and iou per epoch of every run on shared axes;
 - ``results.md`` and ``results.csv``: one row per run with its experiment, the overrides that
   distinguish it, seed, epochs, training time and native-resolution test metrics;
-- both figures in TensorBoard (``tensorboard/`` of the compare run, under ``logs/``).
+- both figures in TensorBoard: in the compare run's ``tensorboard/`` and, for a multirun
+  folder, in its ``comparison/`` beside the jobs.
 
 Runs without ``checkpoints/last.ckpt`` are listed as unfinished, not skipped.
 """
@@ -35,14 +36,18 @@ CURVES = ("train/loss", "val/loss", "train/iou", "val/iou")
 IGNORED_OVERRIDES = ("data.root", "paths.", "callbacks.", "hydra.", "trainer.accelerator")
 
 
+def run_folder(path: Path) -> bool:
+    return (path / ".hydra/config.yaml").is_file()
+
+
 def find_runs(paths: list[str]) -> list[Path]:
     """Run folders (holding ``.hydra/config.yaml``); a multirun folder gives its jobs."""
     runs = []
     for p in map(Path, paths):
-        if (p / ".hydra/config.yaml").is_file():
+        if run_folder(p):
             runs.append(p)
         else:
-            jobs = sorted(d for d in p.iterdir() if (d / ".hydra/config.yaml").is_file())
+            jobs = sorted(d for d in p.iterdir() if run_folder(d))
             if not jobs:
                 raise FileNotFoundError(f"{p} is neither a training run nor a multirun folder")
             runs.extend(jobs)
@@ -194,10 +199,14 @@ def compare(cfg: DictConfig) -> list[dict]:
     figures = {"curves": curves_figure(infos)}
     if any("metrics" in i for i in infos):
         figures["comparison"] = comparison_figure(infos, cfg)
-    with SummaryWriter(str(out / "tensorboard")) as writer:
-        for name, fig in figures.items():
-            fig.savefig(out / f"{name}.png", dpi=100)
-            writer.add_figure(f"compare/{name}", fig, close=False)
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=100)
+    # TensorBoard: in this run's folder, and inside each multirun compared, beside its jobs
+    multiruns = [Path(p) / "comparison" for p in cfg.runs if not run_folder(Path(p))]
+    for tb_dir in (out / "tensorboard", *multiruns):
+        with SummaryWriter(str(tb_dir)) as writer:
+            for name, fig in figures.items():
+                writer.add_figure(f"compare/{name}", fig, close=False)
     log.info("comparison.png, curves.png, results.md and results.csv in %s", out)
     return infos
 
