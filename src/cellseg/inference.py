@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cellseg.datasets import prepare_image
+from cellseg.instances import instances
+from cellseg.module import SegmentationModule
 
 MULTIPLE = 16
 
@@ -114,10 +120,6 @@ def predict_image(
 
 def load_model(ckpt_path: str, device: str | torch.device = "cpu") -> nn.Module:
     """A trained ``SegmentationModule`` in eval mode; errors name the file and the fix."""
-    from pathlib import Path
-
-    from cellseg.module import SegmentationModule
-
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -150,9 +152,6 @@ def segment(
     model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
 ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground probabilities (H, W) and instance labels of a stored image at its own size."""
-    from cellseg.datasets import prepare_image
-    from cellseg.instances import instances
-
     x = prepare_image(
         image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
     )
