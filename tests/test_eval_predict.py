@@ -35,7 +35,8 @@ def test_eval_scores_the_test_split_at_native_resolution(trained, tmp_path):
 def test_eval_on_all_images_with_tta(trained):
     ckpt, root = trained
     metrics, rows = evaluate(eval_cfg(ckpt, root, "split=all", "inference.tta=true"))
-    assert len(rows) == 10
+    assert len(rows) == metrics["images"] == 10
+    assert {r["height"] for r in rows} == {64} and 0.0 <= metrics["map"] <= 1.0
 
 
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):

@@ -55,16 +55,17 @@ def test_checkpoint_loads_with_weights_only_and_predicts(cfg_factory):
 
 
 def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
-    cfg = cfg_factory("trainer.max_epochs=1")
+    cfg = cfg_factory("experiment=baseline", "trainer.max_epochs=1")  # cosine LR schedule
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
-    cfg2 = cfg_factory("trainer.max_epochs=3", f"ckpt_path={last}")
+    cfg2 = cfg_factory("experiment=baseline", "trainer.max_epochs=3", f"ckpt_path={last}")
     cfg2.paths.output_dir = cfg.paths.output_dir + "_resumed"
     train(cfg2)
     resumed = torch.load(Path(cfg2.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
     assert resumed["epoch"] == 2
     assert resumed["optimizer_states"][0]["state"]  # Adam moments came back
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 3  # the schedule continued, not restarted
 
 
 def test_dice_bce_loss_and_cosine_schedule(cfg_factory):

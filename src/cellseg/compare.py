@@ -27,8 +27,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from cellseg import config_dir
-from cellseg.datasets import normalize, to_channels
 from cellseg.eval import SCORES, evaluate, select_samples
+from cellseg.figures import display_rgb
 from cellseg.inference import load_model, preprocessing, segment
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def comparison_figure(infos: list[dict], cfg: DictConfig) -> Figure:
     fig = Figure(figsize=(2.4 * len(samples), 2.4 * rows))
     axes = fig.subplots(rows, len(samples), squeeze=False)
     for j, s in enumerate(samples):
-        axes[0, j].imshow(normalize(to_channels(s.image, 3), "percentile"))
+        axes[0, j].imshow(display_rgb(s.image))
         axes[0, j].set_title(s.id[:10], fontsize=8)
         axes[1, j].imshow(s.labels > 0, cmap="gray")
     axes[0, 0].set_ylabel("image")

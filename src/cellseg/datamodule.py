@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellseg import synthetic
-from cellseg.datasets import Sample, prepare_image, read_samples, targets_from_labels
+from cellseg.datasets import Sample, prepare_image, read_samples, resize, targets_from_labels
 
 
 def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -38,13 +38,6 @@ def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str
         raise ValueError(f"a test fraction of {test_size} leaves no train or test image of {n}")
     order = np.random.RandomState(seed).permutation(n)
     return [ids[i] for i in order[n_test:]], [ids[i] for i in order[:n_test]]
-
-
-def resize(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    """Resize an (H, W[, C]) array to size x size (area averaging, or nearest for labels)."""
-    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    out = cv2.resize(array, (size, size), interpolation=interpolation)
-    return out[..., None] if array.ndim == 3 and out.ndim == 2 else out
 
 
 class NucleiDataset(Dataset):
@@ -196,7 +189,7 @@ class NucleiDataModule(L.LightningDataModule):
         # area-averaged foreground thresholded at 0.5: the fairest binary mask at low resolution;
         # contours come from the nearest-resized labels so they stay one pixel wide
         foreground = resize((sample.labels > 0).astype(np.float32), self.img_size) > 0.5
-        small_labels = resize(sample.labels, self.img_size, nearest=True)
+        small_labels = resize(sample.labels, self.img_size, "nearest")
         targets = targets_from_labels(small_labels, self.target_channels)
         targets[..., 0] = foreground
         targets[..., 1:] *= foreground[..., None]

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
@@ -113,6 +114,17 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
         contours = find_boundaries(labels, mode="inner") & foreground
         return np.stack([foreground, contours], axis=-1).astype(np.float32)
     raise ValueError(f"model.net.out_channels={channels}; use 1 (foreground) or 2 (+ contours)")
+
+
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}
+
+
+def resize(array: np.ndarray, size: int | tuple[int, int], method: str = "area") -> np.ndarray:
+    """Resize an (H, W[, C]) array to ``size`` (a side, or (H, W)); ``area`` averaging for
+    downscaling images, ``nearest`` for labels, ``linear`` for probability maps."""
+    h, w = (size, size) if isinstance(size, int) else size
+    out = cv2.resize(array, (w, h), interpolation=INTERPOLATIONS[method])
+    return out[..., None] if array.ndim == 3 and out.ndim == 2 else out
 
 
 def labels_from_mask(mask: np.ndarray, path: Path | str = "mask") -> np.ndarray:

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from cellseg.datasets import normalize, to_channels
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """A stored image of any depth and channel count as 8-bit RGB for viewing."""
+    return (normalize(to_channels(image, 3), "percentile") * 255).astype(np.uint8)
 
 
 def to_rgb(image: Tensor) -> Tensor:

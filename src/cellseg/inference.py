@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellseg.datasets import prepare_image
+from cellseg.datasets import prepare_image, resize
 from cellseg.instances import instances
 from cellseg.module import SegmentationModule
 
@@ -108,13 +107,11 @@ def predict_image(
     """
     h, w = image.shape[:2]
     if mode == "resize":
-        image = cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_AREA)
-        image = image[..., None] if image.ndim == 2 else image
+        image = resize(image, img_size)
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
     probs = predict_tensor(model, x, **kwargs).numpy().transpose(1, 2, 0)
     if mode == "resize":
-        probs = cv2.resize(probs, (w, h), interpolation=cv2.INTER_LINEAR)
-        probs = probs[..., None] if probs.ndim == 2 else probs
+        probs = resize(probs, (h, w), "linear")
     return probs
 
 

@@ -23,7 +23,8 @@ from rich.progress import track
 from skimage.segmentation import find_boundaries
 
 from cellseg import config_dir
-from cellseg.datasets import IMAGE_SUFFIXES, image_files, normalize, read_image, to_channels
+from cellseg.datasets import IMAGE_SUFFIXES, image_files, read_image
+from cellseg.figures import display_rgb
 from cellseg.inference import load_model, preprocessing, segment
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The image as 8-bit RGB with nucleus outlines in yellow."""
-    rgb = (normalize(to_channels(image, 3), "percentile") * 255).astype(np.uint8)
+    rgb = display_rgb(image)
     rgb[find_boundaries(labels, mode="inner")] = (255, 255, 0)
     return rgb
 
