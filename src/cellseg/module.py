@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 
 from cellseg.metrics import PIXEL_SCORES, PixelScore
 from cellseg.unet import UNet
@@ -51,7 +51,9 @@ class SegmentationModule(L.LightningModule):
 
     Every argument is a primitive (dicts of numbers and strings), so checkpoints load with
     ``torch.load(weights_only=True)``; ``optimizer``/``scheduler`` are Hydra configs with
-    ``_partial_: true`` that are called with the parameters / optimiser here. ``preprocess``
+    ``_partial_: true`` that are called with the parameters / optimiser here. ``compile``
+    compiles the network with ``torch.compile`` for training (slower on CPU here; see the
+    README's performance section). ``preprocess``
     records how the training data were prepared (mode, img_size, normalisation, inversion), so
     evaluation and prediction prepare new images the same way.
     """
@@ -65,6 +67,7 @@ class SegmentationModule(L.LightningModule):
         channels_last: bool = True,
         preprocess: dict[str, Any] | None = None,
         nonfinite_loss: str = "raise",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -77,7 +80,14 @@ class SegmentationModule(L.LightningModule):
         self.train_metrics = pixel_metrics("train")
         self.val_metrics = pixel_metrics("val")
         self.test_metrics = pixel_metrics("test")
+        self.train_loss = MeanMetric(nan_strategy="ignore")
+        self.val_loss = MeanMetric(nan_strategy="ignore")
+        self.test_loss = MeanMetric(nan_strategy="ignore")
         self.val_iou_best = MaxMetric()
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":  # in place: checkpoint keys stay the same
+            self.net.compile()
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -103,7 +113,9 @@ class SegmentationModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach()[:, :1], masks[:, :1])  # channel 0: foreground
         n = images.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        mean_loss = getattr(self, f"{stage}_loss")  # a Metric: exact over processes under DDP, no step sync
+        mean_loss.update(loss.detach(), weight=n)
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         show = stage != "train"
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=show)
         return loss

@@ -9,6 +9,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cellseg import config_dir
@@ -22,13 +24,42 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """Lightning's precision for the hardware at hand.
+
+    ``mixed`` picks ``bf16-mixed`` on GPUs that support it, ``16-mixed`` on older GPUs,
+    ``bf16-mixed`` on CPUs with native bf16 and ``32-true`` on other CPUs. A ``bf16-mixed`` or
+    ``mixed`` request on a CPU without native bf16 falls back to ``32-true`` with a warning.
+    """
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if gpu:
+        if precision == "mixed":
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return precision
+    if precision in ("mixed", "bf16-mixed"):
+        if cpu_has_bf16():
+            return "bf16-mixed"
+        log.warning(
+            "trainer.precision=%s: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 "
+            "is emulated and slower; training in 32-true instead", precision
+        )
+        return "32-true"
+    return precision
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data, model and trainer as the config describes them."""
+    precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     augmentation = hydra.utils.instantiate(cfg.augmentation) if cfg.get("augmentation") else None
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+        cfg.trainer, precision=precision, callbacks=instantiate_group(cfg.get("callbacks")),
         logger=instantiate_group(cfg.get("logger")) or False,
     )
     return datamodule, model, trainer
@@ -53,8 +84,6 @@ def check_resumable(ckpt_path: str | None, model: L.LightningModule) -> None:
     """Refuse to resume a checkpoint of a different network with a message, not a traceback."""
     if not ckpt_path:
         return
-    import torch
-
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters")
     if saved and saved.get("net") != model.hparams.net:
         raise ValueError(
@@ -79,8 +108,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule, ckpt_path=tested)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()}
+    params = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), hp_metrics)
+        if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab pairs them with metrics
+            logger.log_hyperparams(params, hp_metrics)
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics(hp_metrics, step=trainer.global_step)
     report(trainer, metrics, best)
     return metrics
 

@@ -1,0 +1,69 @@
+"""Speed levers: precision chosen by the hardware, torch.compile, fused Adam."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import cellseg.train as train_mod
+from cellseg.module import SegmentationModule
+from cellseg.train import build, resolve_precision
+from conftest import compose_cfg
+
+
+@pytest.mark.parametrize(
+    ("requested", "native_bf16", "expected", "warns"),
+    [
+        ("mixed", True, "bf16-mixed", False),
+        ("mixed", False, "32-true", True),
+        ("bf16-mixed", True, "bf16-mixed", False),
+        ("bf16-mixed", False, "32-true", True),
+        ("32-true", False, "32-true", False),
+    ],
+)
+def test_cpu_precision_uses_bf16_only_where_native(
+    monkeypatch, caplog, requested, native_bf16, expected, warns
+):
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: native_bf16)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_precision(requested, "cpu") == expected
+    assert ("no native bf16" in caplog.text) == warns
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_gpu_mixed_precision_follows_the_capability(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_precision("mixed", "gpu") == expected
+    assert resolve_precision("mixed", "auto") == expected
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"  # an explicit choice is kept
+
+
+def test_trainer_gpu_config_asks_for_mixed_precision():
+    cfg = compose_cfg("train", ["trainer=gpu"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "mixed"
+
+
+def test_build_passes_the_resolved_precision(monkeypatch, cfg_factory):
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
+    _, _, trainer = build(cfg_factory("trainer.precision=mixed"))
+    assert trainer.precision == "32-true"
+
+
+def test_compile_option_compiles_the_network_in_place_for_fit(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(self))
+    model = SegmentationModule(compile=True)
+    model.setup("validate")
+    assert calls == []  # evaluation and prediction run eagerly
+    model.setup("fit")
+    assert calls == [model.net]
+    assert all(k.startswith(("net.", "val_iou_best")) for k in model.state_dict())
+
+
+def test_default_optimizer_is_fused_adam(cfg_factory):
+    _, model, _ = build(cfg_factory())
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
