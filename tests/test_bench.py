@@ -12,7 +12,7 @@ from conftest import compose_cfg
 def test_bench_on_tiny_settings(tmp_path):
     cfg = compose_cfg("bench", ["shapes=[[32,2]]", "precisions=[32-true]", "steps=1",
                                 "repeats=1", "epochs=2", "matmul_n=64", "predict_size=96",
-                                "tile_size=32"])
+                                "inference.tile_size=64", "inference.overlap=8"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.data_dir = str(tmp_path / "data")

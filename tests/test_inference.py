@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from cellseg.inference import dihedral, predict_image, predict_tensor, undo_dihedral
+from cellseg.inference import (
+    dihedral,
+    predict_image,
+    predict_tensor,
+    tile_layout,
+    undo_dihedral,
+)
 from cellseg.unet import UNet
 
 
@@ -34,7 +40,7 @@ def test_tiled_prediction_equals_whole_image_for_a_local_model():
     model = Recorder()
     image = torch.rand(3, 200, 150)
     whole = predict_tensor(model, image, tile_size=256)
-    tiled = predict_tensor(model, image, tile_size=64, overlap=0.25, batch_size=3)
+    tiled = predict_tensor(model, image, tile_size=64, overlap=16, batch_size=3)
     assert whole.shape == tiled.shape == (2, 200, 150)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
     assert max(s[-1] for s in model.shapes[1:]) == 64  # tiles, never the whole image
@@ -54,7 +60,7 @@ def test_unet_predicts_odd_sizes_and_tiles_without_seams():
     model = UNet(3).eval()
     image = torch.rand(3, 150, 170)
     whole = predict_tensor(model, image, tile_size=256)
-    tiled = predict_tensor(model, image, tile_size=96, overlap=0.5)
+    tiled = predict_tensor(model, image, tile_size=96, overlap=32)
     assert whole.shape == (1, 150, 170)
     assert (tiled - whole).abs().mean() < 0.02
 
@@ -71,3 +77,19 @@ def test_resize_mode_predicts_at_training_scale_and_returns_native_size():
 def test_tile_size_must_be_a_multiple_of_16():
     with pytest.raises(ValueError, match="multiple of 16"):
         predict_tensor(Recorder(), torch.rand(3, 32, 32), tile_size=100)
+
+
+@pytest.mark.parametrize("length", [208, 500, 1024, 1040, 2048, 3000, 4096])
+@pytest.mark.parametrize(("tile", "overlap"), [(256, 32), (512, 32), (1024, 32), (1024, 128)])
+def test_tile_layout_covers_with_the_overlap_and_little_more(length, tile, overlap):
+    size, starts = tile_layout(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + size == length  # the whole side, nothing beyond
+    if len(starts) > 1:
+        assert size % 16 == 0 and size <= tile
+        assert min(a + size - b for a, b in zip(starts[:-1], starts[1:], strict=True)) >= overlap
+        fewer = len(starts) - 1  # one tile fewer of the full size could not cover the side
+        assert fewer * tile - (fewer - 1) * overlap < length
+
+
+def test_a_2048_side_takes_three_tiles_of_704():
+    assert tile_layout(2048, 1024, 32) == (704, [0, 672, 1344])

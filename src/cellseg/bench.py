@@ -79,10 +79,13 @@ def train_flops(size: int, batch: int) -> float:
     return counter.get_total_flops()
 
 
-def plain_loop(size: int, batch: int, precision: str, steps: int, repeats: int) -> float:
-    """Training images/s of a bare PyTorch loop: forward, BCE, backward, Adam."""
+def plain_loop(
+    size: int, batch: int, precision: str, steps: int, repeats: int, optimizer: dict
+) -> float:
+    """Training images/s of a bare PyTorch loop: forward, BCE, backward, the pipeline's optimizer
+    (``optimizer``: its Hydra config)."""
     net = make_net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = hydra.utils.instantiate(optimizer)(params=net.parameters())
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, size, size) > 0.5).float()
 
@@ -144,17 +147,21 @@ def pipeline(size: int, batch: int, precision: str, epochs: int, root: str, data
     return statistics.median(rates[1:] or rates)
 
 
-def prediction(size: int, precision: str, tile: int, repeats: int) -> tuple[float, float]:
-    """Megapixels/s of tiled whole-image prediction and of a bare forward pass over a tile."""
-    from cellseg.inference import predict_tensor
+def prediction(
+    size: int, precision: str, inference: dict, repeats: int
+) -> tuple[float, float, int]:
+    """Megapixels/s of tiled whole-image prediction (``inference``: its settings) and of a bare
+    forward pass over one tile of the size the tiling uses; and that tile size."""
+    from cellseg.inference import predict_tensor, tile_layout
 
     net = make_net().eval()
     image = torch.rand(3, size, size)
+    tile, _ = tile_layout(size, inference["tile_size"], inference["overlap"])
     tile_x = torch.rand(1, 3, tile, tile).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), autocast(precision):
         bare = timed(lambda: net(tile_x), 1, repeats)
-        whole = timed(lambda: predict_tensor(net, image, tile_size=tile, batch_size=1), 0, repeats)
-    return size * size / whole / 1e6, tile * tile / bare / 1e6
+        whole = timed(lambda: predict_tensor(net, image, **inference), 0, repeats)
+    return size * size / whole / 1e6, tile * tile / bare / 1e6, tile
 
 
 def _measure(fn, args):
@@ -174,16 +181,20 @@ def isolated(fn, *args):
 def run_bench(cfg: DictConfig) -> list[dict]:
     rows = []
     root = str(Path(cfg.paths.output_dir))
+    optimizer = OmegaConf.to_container(cfg.optimizer)
+    inference = OmegaConf.to_container(cfg.inference)
     for size, b in cfg.shapes:
         for precision in cfg.precisions:
             flops = train_flops(size, b)
-            (plain, plain_mb) = isolated(plain_loop, size, b, precision, cfg.steps, cfg.repeats)
+            (plain, plain_mb) = isolated(
+                plain_loop, size, b, precision, cfg.steps, cfg.repeats, optimizer
+            )
             (pipe, pipe_mb) = isolated(
                 pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir
             )
             (peak, _) = isolated(matmul_gflops, precision, cfg.matmul_n, 1, cfg.repeats)
-            ((tiled, bare), pred_mb) = isolated(
-                prediction, cfg.predict_size, precision, cfg.tile_size, cfg.repeats
+            ((tiled, bare, tile), pred_mb) = isolated(
+                prediction, cfg.predict_size, precision, inference, cfg.repeats
             )
             rows.append(
                 {
@@ -199,6 +210,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                     "tiled_mpx_s": tiled,
                     "bare_mpx_s": bare,
                     "tiled_vs_bare": tiled / bare,
+                    "predict_size": cfg.predict_size,
+                    "tile": tile,
                     "pipeline_peak_mb": pipe_mb,
                     "plain_peak_mb": plain_mb,
                     "predict_peak_mb": pred_mb,
@@ -219,6 +232,8 @@ def markdown(rows: list[dict]) -> str:
         ("train_gflop_s", "train GFLOP/s"),
         ("matmul_gflop_s", "matmul GFLOP/s"),
         ("train_vs_matmul", "ratio"),
+        ("predict_size", "predict side"),
+        ("tile", "tile"),
         ("tiled_mpx_s", "tiled predict MP/s"),
         ("bare_mpx_s", "bare forward MP/s"),
         ("tiled_vs_bare", "ratio"),

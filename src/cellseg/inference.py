@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,47 +39,59 @@ def predict_batch(model: nn.Module, x: Tensor, tta: bool = False) -> Tensor:
     return total / 8
 
 
-def window(size: int, device=None) -> Tensor:
-    """A smooth 1-D blending weight (a raised sine, never exactly 0)."""
-    t = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
-    return torch.sin(torch.pi * t).clamp(min=1e-3)
+def tile_layout(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """Tile length and start offsets covering ``length`` with at least ``overlap`` shared pixels.
 
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles covering ``length`` (the last one flush with the end)."""
+    As few tiles as ``tile`` allows, shrunk (to a multiple of 16) and spread evenly, so the
+    image is covered barely more than once: a 2048-pixel side takes three 704-pixel tiles, not
+    five 512-pixel ones.
+    """
     if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+        return length, [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = min(tile, math.ceil((length + (n - 1) * overlap) / n / MULTIPLE) * MULTIPLE)
+    return size, [round(i * (length - size) / (n - 1)) for i in range(n)]
+
+
+def ramp(size: int, overlap: int) -> Tensor:
+    """A 1-D blending weight: a raised-cosine ramp over ``overlap`` pixels at each end, 1 inside.
+
+    Where two tiles overlap, one fades out as the other fades in, so tile edges (where the
+    network lacks context) count least and no seam is visible.
+    """
+    i = torch.arange(size, dtype=torch.float32)
+    edge = torch.minimum(i + 0.5, size - i - 0.5) / max(overlap, 1)
+    return torch.sin(torch.pi / 2 * edge.clamp(max=1)) ** 2 + 1e-4
 
 
 @torch.no_grad()
 def predict_tensor(
     model: nn.Module,
     image: Tensor,
-    tile_size: int = 512,
-    overlap: float = 0.25,
-    batch_size: int = 4,
+    tile_size: int = 1024,
+    overlap: int = 32,
+    batch_size: int = 1,
     tta: bool = False,
 ) -> Tensor:
     """Probabilities (K, H, W) for one (C, H, W) image of any size.
 
-    The image is reflect-padded to a multiple of 16; above ``tile_size`` it is cut into
-    overlapping tiles, predicted ``batch_size`` tiles at a time and blended with a smooth window,
-    so memory depends on the tile size, not on the image size.
+    The image is reflect-padded to a multiple of 16; above ``tile_size`` it is cut into tiles
+    that share ``overlap`` pixels, predicted ``batch_size`` tiles at a time and blended with a
+    ramp, so memory depends on the tile size, not on the image size.
     """
     if tile_size % MULTIPLE:
         raise ValueError(f"tile_size={tile_size} must be a multiple of {MULTIPLE}")
+    if not 0 <= overlap < tile_size // 2:
+        raise ValueError(f"overlap={overlap} must be >= 0 and below half of tile_size")
     c, h, w = image.shape
     mode = "reflect" if min(h, w) > MULTIPLE else "replicate"
     x = F.pad(image[None], (0, -w % MULTIPLE, 0, -h % MULTIPLE), mode=mode)
     ph, pw = x.shape[-2:]
     if ph <= tile_size and pw <= tile_size:
         return predict_batch(model, x, tta)[0, :, :h, :w]
-    th, tw = min(tile_size, ph), min(tile_size, pw)
-    weight = window(th)[:, None] * window(tw)[None, :]
-    stride = max(MULTIPLE, int(tile_size * (1 - overlap)) // MULTIPLE * MULTIPLE)
-    positions = [(y, xx) for y in tile_starts(ph, th, stride) for xx in tile_starts(pw, tw, stride)]
+    (th, ys), (tw, xs) = tile_layout(ph, tile_size, overlap), tile_layout(pw, tile_size, overlap)
+    weight = ramp(th, overlap)[:, None] * ramp(tw, overlap)[None, :]
+    positions = [(y, xx) for y in ys for xx in xs]
     total, out_weight = None, torch.zeros(ph, pw)
     for i in range(0, len(positions), batch_size):
         chunk = positions[i : i + batch_size]
