@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,10 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     cfg = make_cfg(tmp, ["model.net.out_channels=2", "trainer.max_epochs=1"])
     train(cfg)
     return Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", Path(cfg.data.root)
+
+
+def run_cli(args: list[str], cwd: Path, module: str = "cellseg.train") -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` in ``cwd`` (its logs and data under ``cwd``)."""
+    env = {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

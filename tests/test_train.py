@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellseg.module import SegmentationModule
 from cellseg.train import train
-from conftest import REAL_DATA, needs_real_data
+from conftest import REAL_DATA, needs_real_data, run_cli
 
 SCALARS = {
     "train/loss", "train/iou", "train/miou", "train/dice",
@@ -81,12 +78,6 @@ def test_dice_bce_loss_and_cosine_schedule(cfg_factory):
 def test_one_channel_model_on_rgb_data(cfg_factory):
     metrics = train(cfg_factory("model.net.in_channels=1"))
     assert 0.0 <= metrics["test/iou"] <= 1.0
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, "-m", "cellseg.train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_multirun_of_both_experiments_lands_side_by_side(tmp_path):

@@ -24,6 +24,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellseg import synthetic
@@ -195,12 +196,32 @@ class NucleiDataModule(L.LightningDataModule):
         targets[..., 1:] *= foreground[..., None]
         return resize(image, self.img_size), targets
 
+    def device_batch_size(self) -> int:
+        """``batch_size`` is the global batch (the study's 16 however many processes train);
+        each of the trainer's ``world_size`` processes loads its share."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (the global batch) does not split over "
+                f"{world} processes; choose a multiple of {world}"
+            )
+        return self.batch_size // world
+
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """Under DDP each process gets its share of the ids: for training Lightning adds a
+        shuffling DistributedSampler; validation and test use one that repeats no image (the
+        default pads with repeats), so the scores equal the single-process ones."""
         whole_images = self.mode == "crop" and split != "train"
+        dataset = self.datasets[split]
+        sampler = None
+        if split != "train" and self.trainer is not None and self.trainer.world_size > 1:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
         return DataLoader(
-            self.datasets[split],
-            batch_size=1 if whole_images else self.batch_size,
+            dataset,
+            batch_size=1 if whole_images else self.device_batch_size(),
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,

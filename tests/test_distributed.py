@@ -1,0 +1,79 @@
+"""Scaling out with Lightning: DDP on CPU processes (gloo) scores like a single process."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from cellseg.datamodule import NucleiDataModule
+from cellseg.module import SegmentationModule
+from cellseg.train import build
+from conftest import compose_cfg, make_cfg, run_cli
+
+TINY_DDP = [
+    "data.synthetic.n_images=15",  # 3 validation images: 2 + 1 (no process repeats one)
+    "data.synthetic.size=64",
+    "data.batch_size=8",  # global: 4 per process
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "callbacks.image_grid=null",
+    "logger=csv",
+    "test=false",
+]
+SCORES = ("val/iou", "val/miou", "val/dice", "val/loss")
+
+
+def last_logged(metrics_csv: Path) -> dict[str, float]:
+    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("val/iou")]
+    return {k: float(rows[-1][k]) for k in SCORES}
+
+
+def test_two_gloo_processes_validate_like_one(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["trainer=ddp", "trainer.devices=2", *TINY_DDP, f"hydra.run.dir={run_dir}"]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
+    ddp = last_logged(run_dir / "csv/metrics.csv")
+
+    # the same weights and data, validated by one process
+    cfg = make_cfg(tmp_path, TINY_DDP)
+    cfg.data.root = str(tmp_path / "data/synthetic")
+    datamodule, _, _ = build(cfg)
+    model = SegmentationModule.load_from_checkpoint(
+        run_dir / "checkpoints/last.ckpt", weights_only=True
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    (single,) = trainer.validate(model, datamodule=datamodule)
+    for key in SCORES:
+        assert single[key] == pytest.approx(ddp[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(("world", "expected"), [(1, 16), (2, 8), (4, 4)])
+def test_batch_size_is_global_and_split_over_processes(tmp_path, world, expected):
+    dm = NucleiDataModule(str(tmp_path), batch_size=16)
+    dm.trainer = SimpleNamespace(world_size=world)
+    assert dm.device_batch_size() == expected
+
+
+def test_a_batch_that_does_not_split_names_the_fix(tmp_path):
+    dm = NucleiDataModule(str(tmp_path), batch_size=16)
+    dm.trainer = SimpleNamespace(world_size=3)
+    with pytest.raises(ValueError, match="data.batch_size=16 .* multiple of 3"):
+        dm.device_batch_size()
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_spawn"])
+def test_ddp_configs(name):
+    cfg = compose_cfg("train", [f"trainer={name}"])
+    assert cfg.trainer.strategy == name and cfg.trainer.devices == 2
+    assert cfg.trainer.use_distributed_sampler is True
+    assert torch.distributed.is_available()
