@@ -10,7 +10,7 @@ from PIL import Image
 
 from cellseg.datasets import read_dsb2018
 from cellseg.eval import evaluate, write_outputs
-from cellseg.predict import find_inputs, predict, rle_decode, rle_encode
+from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode, rle_encode
 from conftest import compose_cfg
 
 
@@ -47,6 +47,18 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):
         evaluate(eval_cfg(bogus, root))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate(eval_cfg(tmp_path / "missing.ckpt", root))
+
+
+def test_rle_of_all_labels_in_one_pass_equals_one_mask_at_a_time():
+    from skimage.measure import label
+
+    rng = np.random.default_rng(0)
+    labels = label(rng.random((37, 23)) > 0.6).astype(np.int32)
+    encoded = rle_by_label(labels)
+    assert sorted(encoded) == list(range(1, labels.max() + 1))
+    for k, rle in encoded.items():
+        assert rle == rle_encode(labels == k)
+    assert rle_by_label(np.zeros((4, 4), np.int32)) == {}
 
 
 def test_rle_matches_the_kaggle_convention_and_round_trips():
@@ -137,3 +149,22 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["images"] == 2
     run("cellseg.predict", f"input={root}", f"output={tmp_path / 'pred'}")
     assert len(list((tmp_path / "pred/labels").glob("*.png"))) == 10
+
+
+@pytest.mark.slow
+def test_predicting_a_4096_image_stays_under_2_gb(trained, tmp_path):
+    import resource
+
+    from conftest import run_cli
+
+    ckpt, root = trained
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    image = np.tile(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), (16, 16, 1))
+    Image.fromarray(image).save(tmp_path / "in/big.png")
+    out = run_cli([f"ckpt_path={ckpt}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"],
+                  tmp_path, module="cellseg.predict")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out/labels/big.png").is_file()
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert peak_mb < 2048, f"peak resident memory {peak_mb:.0f} MB"

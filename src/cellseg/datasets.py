@@ -74,17 +74,19 @@ def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
     and dim images); ``scale``: divide by the dtype's maximum (the study's /255);
     ``minmax``: per image minimum and maximum.
     """
-    x = image.astype(np.float32)
     if method == "scale":
         top = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
-        return x / top
-    if method == "percentile":
-        lo, hi = np.percentile(x, (1.0, 99.8))
+        lo, hi = 0.0, top
+    elif method == "percentile":
+        lo, hi = np.percentile(image, (1.0, 99.8))  # on the stored dtype: a smaller copy
     elif method == "minmax":
-        lo, hi = x.min(), x.max()
+        lo, hi = image.min(), image.max()
     else:
         raise ValueError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
-    return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    x = image.astype(np.float32)  # the one full-size copy; the rest is in place
+    x -= np.float32(lo)
+    x /= np.float32(max(hi - lo, 1e-6))
+    return np.clip(x, 0.0, 1.0, out=x) if method != "scale" else x
 
 
 def prepare_image(
@@ -97,7 +99,7 @@ def prepare_image(
     """
     x = normalize(to_channels(image, in_channels), method)
     if invert_bright and x.mean() > 0.5:
-        x = 1.0 - x
+        x = np.subtract(1.0, x, out=x)  # x is normalize()'s own copy
     return x
 
 

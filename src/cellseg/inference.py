@@ -84,8 +84,10 @@ def predict_tensor(
     if not 0 <= overlap < tile_size // 2:
         raise ValueError(f"overlap={overlap} must be >= 0 and below half of tile_size")
     c, h, w = image.shape
-    mode = "reflect" if min(h, w) > MULTIPLE else "replicate"
-    x = F.pad(image[None], (0, -w % MULTIPLE, 0, -h % MULTIPLE), mode=mode)
+    x = image[None]
+    if h % MULTIPLE or w % MULTIPLE:  # a copy only where padding is needed
+        mode = "reflect" if min(h, w) > MULTIPLE else "replicate"
+        x = F.pad(x, (0, -w % MULTIPLE, 0, -h % MULTIPLE), mode=mode)
     ph, pw = x.shape[-2:]
     if ph <= tile_size and pw <= tile_size:
         return predict_batch(model, x, tta)[0, :, :h, :w]
@@ -102,7 +104,7 @@ def predict_tensor(
         for (y, xx), p in zip(chunk, probs.cpu(), strict=True):
             total[:, y : y + th, xx : xx + tw] += p * weight
             out_weight[y : y + th, xx : xx + tw] += weight
-    return (total / out_weight)[:, :h, :w]
+    return total.div_(out_weight)[:, :h, :w]
 
 
 def predict_image(
@@ -121,7 +123,7 @@ def predict_image(
     h, w = image.shape[:2]
     if mode == "resize":
         image = resize(image, img_size)
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
+    x = torch.from_numpy(image).permute(2, 0, 1).to(device)  # a view: tiles are copied one by one
     probs = predict_tensor(model, x, **kwargs).numpy().transpose(1, 2, 0)
     if mode == "resize":
         probs = resize(probs, (h, w), "linear")
