@@ -1,12 +1,16 @@
-"""Lightning callbacks of cellseg's own."""
+"""Lightning callbacks and the checkpoint writer of cellseg's own."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cellseg.figures import rows_grid
 
@@ -78,3 +82,31 @@ class Throughput(L.Callback):
         if self.images and self.last > self.start:
             rate = self.images / (self.last - self.start)
             pl_module.log("perf/train_images_per_s", rate, on_epoch=True, prog_bar=False)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints that are either the old file or the complete new one, never a torn write.
+
+    Lightning stages a checkpoint in the system temp folder and moves it into place; when that
+    folder is on another filesystem (a tmpfs /tmp, a cluster's scratch) the move is a copy, and a
+    process killed during the copy leaves a truncated ``last.ckpt``. Here the file is written
+    beside its destination, flushed to disk and renamed over it (``os.replace`` is atomic).
+    Remote paths (``s3://`` ...) keep Lightning's writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""No lost work: a killed training resumes, a checkpoint is never torn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cellseg.callbacks import AtomicCheckpointIO
+from cellseg.train import build
+
+
+def test_training_uses_the_atomic_checkpoint_writer(cfg_factory):
+    _, _, trainer = build(cfg_factory())
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_sigkill_mid_training_then_ckpt_path_last_finishes_the_schedule(tmp_path):
+    args = [
+        "experiment=augmented", "trainer.max_epochs=6", "trainer.precision=32-true",
+        "data.synthetic.n_images=40", "data.synthetic.size=64", "data.img_size=64",
+        "data.batch_size=2", "trainer.accelerator=cpu", "callbacks.progress_bar=null",
+        "callbacks.model_summary=null", "test=false",
+    ]  # 16 steps of batch 2 per epoch, cosine schedule over 6 epochs
+    env = {**os.environ, "CELLSEG_ROOT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "cellseg.train", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    runs = tmp_path / "logs/train/runs"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(runs.glob("*/checkpoints/last.ckpt"))
+            if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
+                break  # two epochs done; the third is running
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    (killed_run,) = runs.iterdir()
+    at_kill = torch.load(killed_run / "checkpoints/last.ckpt", weights_only=True)
+    assert 1 <= at_kill["epoch"] < 5
+
+    out = subprocess.run([*cmd, "ckpt_path=last"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resuming from {killed_run}" in out.stdout + out.stderr
+    resumed_run = max(runs.iterdir(), key=lambda p: p.name)
+    final = torch.load(resumed_run / "checkpoints/last.ckpt", weights_only=True)
+    assert final["epoch"] == 5 and final["global_step"] == 6 * 16  # every scheduled step, once
+    assert final["lr_schedulers"][0]["last_epoch"] == 6  # the cosine schedule ran to its end
+    steps = final["optimizer_states"][0]["state"][0]["step"]
+    assert float(steps) == 6 * 16  # Adam's moments continued rather than restarted
+
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys, torch
+from cellseg.callbacks import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, sys.argv[1])
+def torn_save(obj, f):  # write part of the file, then die as a SIGKILL would
+    f.write(b"PK" + b"x" * 1000)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = torn_save
+io.save_checkpoint({"epoch": 2, "weights": torch.zeros(1000)}, sys.argv[1])
+"""
+
+
+def test_a_checkpoint_killed_while_written_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoints/last.ckpt"
+    out = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(path)], timeout=120)
+    assert out.returncode == -signal.SIGKILL
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
+
+
+def test_atomic_writer_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    for epoch in (1, 2):
+        io.save_checkpoint({"epoch": epoch}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["last.ckpt"]
