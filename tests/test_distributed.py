@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from cellseg import config_dir
 from cellseg.datamodule import NucleiDataModule
 from cellseg.module import SegmentationModule
 from cellseg.train import build
@@ -77,3 +79,26 @@ def test_ddp_configs(name):
     assert cfg.trainer.strategy == name and cfg.trainer.devices == 2
     assert cfg.trainer.use_distributed_sampler is True
     assert torch.distributed.is_available()
+
+
+def test_slurm_launcher_config_resolves_without_a_cluster():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    overrides = ["launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.submitit_folder.endswith("/.submitit/%j")
+
+
+def test_sweep_through_submitit_runs_its_jobs(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    # submitit's local executor: the same pickled-job path as on SLURM, without a cluster
+    tiny = ["debug=fast", "data.synthetic.n_images=10", "data.synthetic.size=64"]
+    out = run_cli(["-m", "hydra/launcher=submitit_local", "seed=0,1", *tiny], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
+    for job in ("0_default", "1_default"):
+        assert (sweep / job / "checkpoints/last.ckpt").is_file()
+    assert list((sweep / ".submitit").rglob("*_result.pkl"))
