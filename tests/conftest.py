@@ -67,7 +67,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", Path(cfg.data.root)
 
 
-def run_cli(args: list[str], cwd: Path, module: str = "cellseg.train") -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, module: str = "cellseg.train"
+) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` in ``cwd`` (its logs and data under ``cwd``)."""
     env = {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "-m", module, *args]

@@ -113,7 +113,7 @@ class SegmentationModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach()[:, :1], masks[:, :1])  # channel 0: foreground
         n = images.shape[0]
-        mean_loss = getattr(self, f"{stage}_loss")  # a Metric: exact over processes under DDP, no step sync
+        mean_loss = getattr(self, f"{stage}_loss")  # a Metric: exact under DDP, no step sync
         mean_loss.update(loss.detach(), weight=n)
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         show = stage != "train"
