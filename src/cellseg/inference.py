@@ -102,7 +102,7 @@ def predict_tensor(
         if total is None:
             total = torch.zeros(probs.shape[1], ph, pw)
         for (y, xx), p in zip(chunk, probs.cpu(), strict=True):
-            total[:, y : y + th, xx : xx + tw] += p * weight
+            total[:, y : y + th, xx : xx + tw].addcmul_(p, weight)
             out_weight[y : y + th, xx : xx + tw] += weight
     return total.div_(out_weight)[:, :h, :w]
 
