@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,3 +105,27 @@ def test_sweep_through_submitit_runs_its_jobs(tmp_path):
     for job in ("0_default", "1_default"):
         assert (sweep / job / "checkpoints/last.ckpt").is_file()
     assert list((sweep / ".submitit").rglob("*_result.pkl"))
+
+
+TINY_RUN = ["trainer.accelerator=cpu", "debug=fast", "data.synthetic.n_images=10",
+            "data.synthetic.size=64", "data.batch_size=4", "callbacks.progress_bar=null"]
+
+
+def test_multirun_with_ddp_spawn_trains_every_job_on_two_processes(tmp_path):
+    out = run_cli(["-m", "trainer=ddp_spawn", "seed=0,1", *TINY_RUN], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count("MEMBER: 2/2") >= 2
+    (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
+    for job in ("0_default", "1_default"):
+        assert (sweep / job / "checkpoints/last.ckpt").is_file()
+
+
+def test_torchrun_starts_the_processes_and_lightning_joins_them(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "cellseg.train",
+           "trainer=ddp", *TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "CELLSEG_ROOT": str(tmp_path)}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
