@@ -76,6 +76,14 @@ def test_a_batch_that_does_not_split_names_the_fix(tmp_path):
         dm.device_batch_size()
 
 
+def test_a_split_smaller_than_the_processes_names_the_fix(tmp_path):
+    dm = NucleiDataModule(str(tmp_path))
+    dm.datasets = {"val": list(range(3))}
+    dm.trainer = SimpleNamespace(world_size=4, global_rank=0)
+    with pytest.raises(ValueError, match="val split has 3 images for 4 processes"):
+        dm.loader("val")
+
+
 @pytest.mark.parametrize("name", ["ddp", "ddp_spawn"])
 def test_ddp_configs(name):
     cfg = compose_cfg("train", [f"trainer={name}"])

@@ -216,6 +216,11 @@ class NucleiDataModule(L.LightningDataModule):
         sampler = None
         if split != "train" and self.trainer is not None and self.trainer.world_size > 1:
             world, rank = self.trainer.world_size, self.trainer.global_rank
+            if len(dataset) < world:
+                raise ValueError(
+                    f"the {split} split has {len(dataset)} images for {world} processes; "
+                    "use fewer devices or a larger split (data.test_size, data.val_size)"
+                )
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
         return DataLoader(
             dataset,
