@@ -67,10 +67,16 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", Path(cfg.data.root)
 
 
+def cli_env(cwd: Path) -> dict[str, str]:
+    """The environment of a command-line test: logs and data under ``cwd``."""
+    return {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
+
+
 def run_cli(
-    args: list[str], cwd: Path, module: str = "cellseg.train"
+    args: list[str], cwd: Path, module: str = "cellseg.train", launcher: list[str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` in ``cwd`` (its logs and data under ``cwd``)."""
-    env = {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    """Run ``python -m module args`` (or ``launcher -m module args``, e.g. torchrun) in ``cwd``."""
+    cmd = [*(launcher or [sys.executable]), "-m", module, *args]
+    return subprocess.run(
+        cmd, cwd=cwd, env=cli_env(cwd), capture_output=True, text=True, timeout=600
+    )

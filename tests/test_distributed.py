@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from cellseg import config_dir
@@ -88,8 +85,6 @@ def test_a_split_smaller_than_the_processes_names_the_fix(tmp_path):
 def test_ddp_configs(name):
     cfg = compose_cfg("train", [f"trainer={name}"])
     assert cfg.trainer.strategy == name and cfg.trainer.devices == 2
-    assert cfg.trainer.use_distributed_sampler is True
-    assert torch.distributed.is_available()
 
 
 def test_slurm_launcher_config_resolves_without_a_cluster():
@@ -129,11 +124,10 @@ def test_multirun_with_ddp_spawn_trains_every_job_on_two_processes(tmp_path):
 
 
 def test_torchrun_starts_the_processes_and_lightning_joins_them(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "cellseg.train",
-           "trainer=ddp", *TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "CELLSEG_ROOT": str(tmp_path)}
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+                "--nproc-per-node=2"]
+    args = ["trainer=ddp", *TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    out = run_cli(args, tmp_path, launcher=torchrun)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()

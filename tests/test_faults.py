@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import torch
 
 from cellseg.callbacks import AtomicCheckpointIO
 from cellseg.train import build
+from conftest import cli_env
 
 
 def test_training_uses_the_atomic_checkpoint_writer(cfg_factory):
@@ -27,7 +27,7 @@ def test_sigkill_mid_training_then_ckpt_path_last_finishes_the_schedule(tmp_path
         "data.batch_size=2", "trainer.accelerator=cpu", "callbacks.progress_bar=null",
         "callbacks.model_summary=null", "test=false",
     ]  # 16 steps of batch 2 per epoch, cosine schedule over 6 epochs
-    env = {**os.environ, "CELLSEG_ROOT": str(tmp_path)}
+    env = cli_env(tmp_path)
     cmd = [sys.executable, "-m", "cellseg.train", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -80,6 +80,8 @@ class SegmentationModule(L.LightningModule):
         self.train_metrics = pixel_metrics("train")
         self.val_metrics = pixel_metrics("val")
         self.test_metrics = pixel_metrics("test")
+        # "ignore" drops a skipped batch's NaN; "disable" would also drop the weights (it
+        # replaces them with ones in torchmetrics 1.x), making the loss a mean of batch means
         self.train_loss = MeanMetric(nan_strategy="ignore")
         self.val_loss = MeanMetric(nan_strategy="ignore")
         self.test_loss = MeanMetric(nan_strategy="ignore")
