@@ -1,4 +1,5 @@
 import json
+import multiprocessing
 
 import numpy as np
 
@@ -42,3 +43,24 @@ def test_generate_writes_the_dsb2018_layout_once(tmp_path):
     mtime = (root / MARKER).stat().st_mtime_ns
     generate(root, n_images=3, size=64, seed=1)
     assert (root / MARKER).stat().st_mtime_ns == mtime  # not regenerated
+
+
+def _generate_in_process(root):
+    generate(root, n_images=12, size=64, seed=2)
+
+
+def test_jobs_started_together_generate_one_complete_set(tmp_path):
+    """Parallel sweep jobs (submitit, joblib) share data.root: none may see or break a half set."""
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [ctx.Process(target=_generate_in_process, args=(tmp_path / "s",)) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
+    samples = read_dsb2018(tmp_path / "s")
+    assert len(samples) == 12
+    for i in (0, 11):
+        _, labels = make_sample(2, i, 64)
+        np.testing.assert_array_equal(samples[i].labels > 0, labels > 0)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["s"]

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 from scipy import ndimage
 
@@ -119,9 +120,19 @@ def write_sample(root: Path, sample_id: str, image: np.ndarray, labels: np.ndarr
 
 
 def generate(root: str | Path, n_images: int = 50, size: int = 256, seed: int = 0) -> Path:
-    """Generate the synthetic dataset into ``root`` unless the same one is already there."""
+    """Generate the synthetic dataset into ``root`` unless the same one is already there.
+
+    Jobs started together (a parallel sweep, several processes of one run) share ``root``: a lock
+    file beside it lets one of them write while the others wait and then find the set complete.
+    """
     root = Path(root)
-    params = {"n_images": n_images, "size": size, "seed": seed, "version": 1}
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.with_name(f".{root.name}.lock")):
+        return _generate_locked(root, {"n_images": n_images, "size": size, "seed": seed})
+
+
+def _generate_locked(root: Path, params: dict) -> Path:
+    params = {**params, "version": 1}
     marker = root / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
@@ -133,9 +144,9 @@ def generate(root: str | Path, n_images: int = 50, size: int = 256, seed: int = 
             )
         shutil.rmtree(root)  # an earlier synthetic set with other parameters: regenerate
     tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for i in range(n_images):
-        image, labels = make_sample(seed, i, size)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    for i in range(params["n_images"]):
+        image, labels = make_sample(params["seed"], i, params["size"])
         write_sample(tmp, f"synth_{i:03d}", image, labels)
     (tmp / MARKER).write_text(json.dumps(params))
     tmp.rename(root)  # appears complete or not at all
