@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,14 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def cli_env(cwd: Path) -> dict[str, str]:
     """The environment of a command-line test: logs and data under ``cwd``."""
     return {**os.environ, "CELLSEG_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1"}
+
+
+def failure(out: subprocess.CompletedProcess) -> str:
+    """What a failed command printed: the lines of crashes that a long traceback would push out
+    of view (a C++ abort in a child process), then the end of its stderr."""
+    crash = re.compile(r"terminate called|what\(\)|Fatal Python error|Segmentation fault|Error:")
+    lines = [line for line in out.stderr.splitlines() if crash.search(line)]
+    return "\n".join([*lines[:20], "...", out.stderr[-3000:]])
 
 
 def run_cli(

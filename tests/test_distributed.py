@@ -15,7 +15,7 @@ from cellseg import config_dir
 from cellseg.datamodule import NucleiDataModule
 from cellseg.module import SegmentationModule
 from cellseg.train import build
-from conftest import compose_cfg, make_cfg, run_cli
+from conftest import compose_cfg, failure, make_cfg, run_cli
 
 TINY_DDP = [
     "data.synthetic.n_images=15",  # 3 validation images: 2 + 1 (no process repeats one)
@@ -42,7 +42,7 @@ def test_two_gloo_processes_validate_like_one(tmp_path):
     run_dir = tmp_path / "run"
     args = ["trainer=ddp", "trainer.devices=2", *TINY_DDP, f"hydra.run.dir={run_dir}"]
     out = run_cli(args, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
     ddp = last_logged(run_dir / "csv/metrics.csv")
 
@@ -103,7 +103,7 @@ def test_sweep_through_submitit_runs_its_jobs(tmp_path):
     # submitit's local executor: the same pickled-job path as on SLURM, without a cluster
     tiny = ["debug=fast", "data.synthetic.n_images=10", "data.synthetic.size=64"]
     out = run_cli(["-m", "hydra/launcher=submitit_local", "seed=0,1", *tiny], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     for job in ("0_default", "1_default"):
         assert (sweep / job / "checkpoints/last.ckpt").is_file()
@@ -116,7 +116,7 @@ TINY_RUN = ["trainer.accelerator=cpu", "debug=fast", "data.synthetic.n_images=10
 
 def test_multirun_with_ddp_spawn_trains_every_job_on_two_processes(tmp_path):
     out = run_cli(["-m", "trainer=ddp_spawn", "seed=0,1", *TINY_RUN], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert (out.stdout + out.stderr).count("MEMBER: 2/2") >= 2
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     for job in ("0_default", "1_default"):
@@ -128,6 +128,6 @@ def test_torchrun_starts_the_processes_and_lightning_joins_them(tmp_path):
                 "--nproc-per-node=2"]
     args = ["trainer=ddp", *TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
     out = run_cli(args, tmp_path, launcher=torchrun)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()

@@ -11,7 +11,7 @@ from PIL import Image
 from cellseg.datasets import read_dsb2018
 from cellseg.eval import evaluate, write_outputs
 from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode, rle_encode
-from conftest import compose_cfg
+from conftest import compose_cfg, failure
 
 
 def eval_cfg(ckpt, root, *overrides):
@@ -140,7 +140,7 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
     def run(module, *args):
         cmd = [sys.executable, "-m", module, f"ckpt_path={ckpt}", *args]
         out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.returncode == 0, failure(out)
         return out
 
     out = run("cellseg.eval", f"data.root={root}")
@@ -164,7 +164,7 @@ def test_predicting_a_4096_image_stays_under_2_gb(trained, tmp_path):
     Image.fromarray(image).save(tmp_path / "in/big.png")
     out = run_cli([f"ckpt_path={ckpt}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"],
                   tmp_path, module="cellseg.predict")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert (tmp_path / "out/labels/big.png").is_file()
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     assert peak_mb < 2048, f"peak resident memory {peak_mb:.0f} MB"

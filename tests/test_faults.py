@@ -12,7 +12,7 @@ import torch
 
 from cellseg.callbacks import AtomicCheckpointIO
 from cellseg.train import build
-from conftest import cli_env
+from conftest import cli_env, failure
 
 
 def test_training_uses_the_atomic_checkpoint_writer(cfg_factory):
@@ -51,7 +51,7 @@ def test_sigkill_mid_training_then_ckpt_path_last_finishes_the_schedule(tmp_path
 
     out = subprocess.run([*cmd, "ckpt_path=last"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert f"Resuming from {killed_run}" in out.stdout + out.stderr
     resumed_run = max(runs.iterdir(), key=lambda p: p.name)
     final = torch.load(resumed_run / "checkpoints/last.ckpt", weights_only=True)

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellseg.module import SegmentationModule
 from cellseg.train import train
-from conftest import REAL_DATA, needs_real_data, run_cli
+from conftest import REAL_DATA, failure, needs_real_data, run_cli
 
 SCALARS = {
     "train/loss", "train/iou", "train/miou", "train/dice",
@@ -83,7 +83,7 @@ def test_one_channel_model_on_rgb_data(cfg_factory):
 def test_multirun_of_both_experiments_lands_side_by_side(tmp_path):
     tiny = ["debug=fast", "data.synthetic.n_images=10", "data.synthetic.size=64"]
     out = run_cli(["-m", "experiment=baseline,augmented", *tiny], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0_baseline", "1_augmented"]
@@ -117,7 +117,7 @@ def test_optuna_search_runs_two_trials_and_survives_a_failing_one(tmp_path):
     out = run_cli(["hparams_search=optuna", "hydra.sweeper.n_trials=2",
                    "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.sampler.seed=1",
                    "model.optimizer.lr=choice(0.001,1e30)", *tiny], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert "Failed experiment: non-finite loss" in out.stdout + out.stderr
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     results = (sweep / "optimization_results.yaml").read_text()
