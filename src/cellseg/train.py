@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 from pathlib import Path
@@ -52,10 +54,31 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep the memory PyTorch frees for the next training step.
+
+    By default glibc hands free memory at the top of its heap back to the system once 128 KiB
+    or more is free, so every step faults the pages of its activations in again (measured here:
+    twice the page faults and kernel time of a run with this, about 10 % of a 64x64 step). A
+    high trim threshold keeps them; the mmap threshold is pinned at glibc's own maximum (32 MiB)
+    because setting either turns glibc's adaptive thresholds off. Peak memory is the same; the
+    process does not shrink after it. Returns False (logged) where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        log.info("keep_freed_memory: no glibc mallopt here; the memory allocator is left as is")
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**30))
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data, model and trainer as the config describes them."""
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    augmentation = hydra.utils.instantiate(cfg.augmentation) if cfg.get("augmentation") else None
+    augmentation = None
+    if cfg.get("augmentation"):  # plain lists, not OmegaConf ones: slow to read per image
+        augmentation = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
     trainer = hydra.utils.instantiate(
@@ -94,6 +117,8 @@ def check_resumable(ckpt_path: str | None, model: L.LightningModule) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hyperparameters with the results; return the metrics."""
+    if cfg.get("keep_freed_memory"):
+        keep_freed_memory()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.log_dir)
