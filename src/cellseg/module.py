@@ -112,15 +112,25 @@ class SegmentationModule(L.LightningModule):
             h, w = batch["size"][0].tolist()
             logits, masks = logits[..., :h, :w], masks[..., :h, :w]
         loss = segmentation_loss(self.hparams.loss, logits.float(), masks)
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.detach()[:, :1], masks[:, :1])  # channel 0: foreground
-        n = images.shape[0]
-        mean_loss = getattr(self, f"{stage}_loss")  # a Metric: exact under DDP, no step sync
-        mean_loss.update(loss.detach(), weight=n)
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
-        show = stage != "train"
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, prog_bar=show)
+        # Metrics (exact under DDP): updated per step, computed and logged once per epoch in
+        # log_epoch, since self.log of a Metric costs about 1 ms per call and step
+        getattr(self, f"{stage}_metrics").update(logits.detach()[:, :1], masks[:, :1])
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=images.shape[0])
         return loss
+
+    def log_epoch(self, stage: str) -> dict[str, Tensor]:
+        """Log the epoch's loss and pixel scores of ``stage`` (synced over processes), reset."""
+        mean_loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
+        scores = {f"{stage}/loss": mean_loss.compute(), **metrics.compute()}
+        mean_loss.reset()
+        metrics.reset()
+        # the values are already the same on every process; sync_dist only keeps Lightning
+        # from warning that they might not be
+        sync = self.trainer.world_size > 1
+        self.log(f"{stage}/loss", scores[f"{stage}/loss"], prog_bar=True, sync_dist=sync)
+        others = {k: v for k, v in scores.items() if k != f"{stage}/loss"}
+        self.log_dict(others, prog_bar=stage != "train", sync_dist=sync)
+        return scores
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.shared_step(batch, "train")
@@ -144,9 +154,16 @@ class SegmentationModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_iou_best.reset()  # forget the sanity check's untrained score
 
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch("train")
+
     def on_validation_epoch_end(self) -> None:
-        self.val_iou_best(self.val_metrics["iou"].compute())
+        scores = self.log_epoch("val")
+        self.val_iou_best(scores["val/iou"])
         self.log("val/iou_best", self.val_iou_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch("test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg = self.hparams.optimizer or {"_target_": "torch.optim.Adam", "_partial_": True}
