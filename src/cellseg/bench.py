@@ -11,7 +11,9 @@ For each input size and precision, in one process run so that ratios hold on a n
   bare forward pass over one tile;
 - the peak resident memory of each measurement (each runs in its own child process).
 
-Medians over ``repeats``, warm-up excluded. Writes ``bench.md`` and ``bench.json``.
+Medians over ``repeats``, warm-up excluded. The plain loop and the pipeline run in ``rounds``
+alternating fresh processes and report the median round: on a shared machine one process can
+run 5-10 % slower than the next with the same code. Writes ``bench.md`` and ``bench.json``.
 """
 
 from __future__ import annotations
@@ -80,10 +82,15 @@ def train_flops(size: int, batch: int) -> float:
 
 
 def plain_loop(
-    size: int, batch: int, precision: str, steps: int, repeats: int, optimizer: dict
+    size: int, batch: int, precision: str, steps: int, repeats: int, optimizer: dict,
+    keep_freed: bool,
 ) -> float:
     """Training images/s of a bare PyTorch loop: forward, BCE, backward, the pipeline's optimizer
-    (``optimizer``: its Hydra config)."""
+    (``optimizer``: its Hydra config) and its memory setting (``keep_freed``)."""
+    from cellseg.train import keep_freed_memory
+
+    if keep_freed:
+        keep_freed_memory()
     net = make_net()
     opt = hydra.utils.instantiate(optimizer)(params=net.parameters())
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -101,12 +108,17 @@ def plain_loop(
     return steps * batch / timed(run, 1, repeats)
 
 
-def pipeline(size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str) -> float:
+def pipeline(
+    size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str, keep_freed: bool
+) -> float:
     """Training images/s of ``cellseg.train`` (median over epochs after the first)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from cellseg.train import build
+    from cellseg.train import build, keep_freed_memory
+
+    if keep_freed:
+        keep_freed_memory()
 
     mode = (
         ["data.mode=resize", f"data.img_size={size}"]
@@ -183,15 +195,23 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     root = str(Path(cfg.paths.output_dir))
     optimizer = OmegaConf.to_container(cfg.optimizer)
     inference = OmegaConf.to_container(cfg.inference)
+    keep = bool(cfg.keep_freed_memory)
     for size, b in cfg.shapes:
         for precision in cfg.precisions:
             flops = train_flops(size, b)
-            (plain, plain_mb) = isolated(
-                plain_loop, size, b, precision, cfg.steps, cfg.repeats, optimizer
-            )
-            (pipe, pipe_mb) = isolated(
-                pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir
-            )
+            plains, pipes, plain_mb, pipe_mb = [], [], 0.0, 0.0
+            for _ in range(cfg.rounds):  # alternated: a slow spell of the machine hits both
+                plain_round, mb = isolated(
+                    plain_loop, size, b, precision, cfg.steps, cfg.repeats, optimizer, keep
+                )
+                plains.append(plain_round)
+                plain_mb = max(plain_mb, mb)
+                pipe_round, mb = isolated(
+                    pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep
+                )
+                pipes.append(pipe_round)
+                pipe_mb = max(pipe_mb, mb)
+            plain, pipe = statistics.median(plains), statistics.median(pipes)
             (peak, _) = isolated(matmul_gflops, precision, cfg.matmul_n, 1, cfg.repeats)
             ((tiled, bare, tile), pred_mb) = isolated(
                 prediction, cfg.predict_size, precision, inference, cfg.repeats
@@ -204,6 +224,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                     "pipeline_img_s": pipe,
                     "plain_img_s": plain,
                     "pipeline_vs_plain": pipe / plain,
+                    "rounds_plain_img_s": plains,
+                    "rounds_pipeline_img_s": pipes,
                     "train_gflop_s": plain * flops / b / 1e9,
                     "matmul_gflop_s": peak,
                     "train_vs_matmul": plain * flops / b / 1e9 / peak,
