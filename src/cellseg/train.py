@@ -70,7 +70,10 @@ def keep_freed_memory() -> bool:
         log.info("keep_freed_memory: no glibc mallopt here; the memory allocator is left as is")
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**30))
+    if mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**30):
+        return True
+    log.warning("keep_freed_memory: glibc refused mallopt; the memory allocator is left as is")
+    return False
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
