@@ -31,8 +31,8 @@ class ImageGridLogger(L.Callback):
         """The first images of a split with their foreground masks, centre-cropped to one size
         (a multiple of 16, at most 256) when their sizes differ."""
         dataset = trainer.datamodule.datasets[split]
-        n = min(self.n_images, len(dataset.images))
-        arrays = [(dataset.images[i], dataset.targets[i][..., :1]) for i in range(n)]
+        pairs = [dataset.pairs[i] for i in range(min(self.n_images, len(dataset.pairs)))]
+        arrays = [(image, target[..., :1]) for image, target in pairs]
         side = min(256, *(min(a.shape[:2]) for a, _ in arrays)) // 16 * 16
         images, masks = [], []
         for image, mask in arrays:

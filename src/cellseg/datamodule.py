@@ -4,7 +4,8 @@ The split reproduces ``sklearn.model_selection.train_test_split(ids, test_size=0
 random_state=0)`` over the sorted ids (40 train / 10 test for 50 images). As in the study the
 test images also serve as validation set unless ``val_size`` > 0 splits one off the training ids.
 Images are decoded, converted to ``in_channels`` and normalised once in ``setup`` and kept in
-memory, so epochs cost only augmentation and compute. Two geometries:
+memory, so epochs cost only augmentation and compute; with ``cache=False`` (datasets larger than
+memory) each item is read and prepared from disk when it is loaded. Two geometries:
 
 - ``resize``: every image and target resized to ``img_size`` (the study: 64x64);
 - ``crop``: native resolution; training on random ``crop_size`` crops (smaller images
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,15 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellseg import synthetic
-from cellseg.datasets import Sample, prepare_image, read_samples, resize, targets_from_labels
+from cellseg.datasets import (
+    Sample,
+    Source,
+    iter_samples,
+    list_sources,
+    prepare_image,
+    resize,
+    targets_from_labels,
+)
 
 
 def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -41,30 +51,43 @@ def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str
     return [ids[i] for i in order[n_test:]], [ids[i] for i in order[:n_test]]
 
 
-class NucleiDataset(Dataset):
-    """Prepared (H, W, C) images and (H, W, K) targets -> tensors, with optional augmentation.
+class Streamed(Sequence):
+    """Samples read from disk and prepared on every access (``data.cache=false``), for
+    datasets larger than memory: ``prepare(source.read())`` per item."""
 
+    def __init__(self, sources: list[Source], prepare: Callable[[Sample], Any]) -> None:
+        self.sources, self.prepare = sources, prepare
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.prepare(self.sources[index].read())
+
+
+class NucleiDataset(Dataset):
+    """Prepared ((H, W, C) image, (H, W, K) target) pairs -> tensors, optionally augmented.
+
+    ``pairs`` is a list held in memory or a ``Streamed`` sequence that reads each from disk;
     ``repeats`` visits each image several times per epoch (several random crops);
     ``pad_multiple`` reflect-pads whole images for the network and reports their true size.
     """
 
     def __init__(
         self,
-        images: list[np.ndarray],
-        targets: list[np.ndarray],
+        pairs: Sequence[tuple[np.ndarray, np.ndarray]],
         transform=None,
         repeats: int = 1,
         pad_multiple: int | None = None,
     ) -> None:
-        self.images, self.targets, self.transform = images, targets, transform
+        self.pairs, self.transform = pairs, transform
         self.repeats, self.pad_multiple = repeats, pad_multiple
 
     def __len__(self) -> int:
-        return len(self.images) * self.repeats
+        return len(self.pairs) * self.repeats
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index %= len(self.images)
-        image, target = self.images[index], self.targets[index]
+        image, target = self.pairs[index % len(self.pairs)]
         if self.transform is not None:
             out = self.transform(image=image, mask=target)
             image, target = out["image"], out["mask"]
@@ -75,7 +98,7 @@ class NucleiDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1))),
             "size": torch.tensor(size),
-            "index": index,
+            "index": index % len(self.pairs),
         }
 
 
@@ -126,6 +149,7 @@ class NucleiDataModule(L.LightningDataModule):
         augmentation: A.BaseCompose | None = None,
         seed: int = 0,
         synthetic: dict | None = None,
+        cache: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("resize", "crop"):
@@ -144,7 +168,7 @@ class NucleiDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.augmentation, self.seed = augmentation, seed
         self.synthetic = synthetic or {}
-        self.samples: dict[str, Sample] = {}
+        self.cache = cache
         self.splits: dict[str, list[str]] = {}
         self.datasets: dict[str, NucleiDataset] = {}
 
@@ -155,32 +179,40 @@ class NucleiDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        self.samples = {s.id: s for s in read_samples(self.root, self.layout)}
-        train, test = split_ids(sorted(self.samples), self.test_size, self.split_seed)
+        sources = {s.id: s for s in list_sources(self.root, self.layout)}
+        train, test = split_ids(sorted(sources), self.test_size, self.split_seed)
         val = test
         if self.val_size:
             train, val = split_ids(train, self.val_size, self.split_seed)
         self.splits = {"train": train, "val": val, "test": test}
-        prepared = {i: self.prepare(self.samples[i]) for i in sorted({*train, *val, *test})}
-        for name, ids in self.splits.items():
-            images, targets = zip(*(prepared[i] for i in ids), strict=True)
-            self.datasets[name] = self.make_dataset(name, list(images), list(targets))
+        if self.cache:  # decoded and prepared once; epochs cost only augmentation and compute
+            needed = [sources[i] for i in sorted({*train, *val, *test})]
+            samples = iter_samples(needed, f"Reading {self.root.name}")
+            prepared = {s.id: self.prepare(s) for s in samples}
+            pairs = {name: [prepared[i] for i in ids] for name, ids in self.splits.items()}
+        else:
+            pairs = {
+                name: Streamed([sources[i] for i in ids], self.prepare)
+                for name, ids in self.splits.items()
+            }
+        for name, split_pairs in pairs.items():
+            self.datasets[name] = self.make_dataset(name, split_pairs)
 
-    def make_dataset(self, split: str, images: list, targets: list) -> NucleiDataset:
+    def make_dataset(self, split: str, pairs: Sequence) -> NucleiDataset:
         if self.mode == "resize":
             transform = self.augmentation if split == "train" else None
             if transform is not None:
                 transform.set_random_seed(self.seed)
-            return NucleiDataset(images, targets, transform)
+            return NucleiDataset(pairs, transform)
         if split != "train":
-            return NucleiDataset(images, targets, pad_multiple=16)
+            return NucleiDataset(pairs, pad_multiple=16)
         crop = [
             A.PadIfNeeded(self.crop_size, self.crop_size, border_mode=cv2.BORDER_REFLECT_101),
             A.RandomCrop(self.crop_size, self.crop_size),
         ]
         extra = [self.augmentation] if self.augmentation is not None else []
         transform = A.Compose(crop + extra, seed=self.seed)
-        return NucleiDataset(images, targets, transform, repeats=self.crops_per_image)
+        return NucleiDataset(pairs, transform, repeats=self.crops_per_image)
 
     def prepare(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """Model input (H, W, C) and float32 {0, 1} targets (H, W, K) at training geometry."""

@@ -10,7 +10,9 @@ Layouts:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -169,18 +171,41 @@ def read_dsb2018_sample(folder: Path) -> Sample | None:
     return Sample(sample_id, image, labels)
 
 
-def read_dsb2018(root: str | Path) -> list[Sample]:
-    """Read every sample of a dsb2018-layout folder, sorted by id."""
+@dataclass(frozen=True)
+class Source:
+    """Where one sample is stored: its id, and ``read()``, which decodes it into a Sample."""
+
+    id: str
+    read: Callable[[], Sample]
+
+
+def dsb2018_sources(root: str | Path) -> list[Source]:
+    """The annotated samples of a dsb2018-layout folder, sorted by id (nothing decoded)."""
     root = _existing_dir(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"{root} holds no <id>/images/<id>.png samples (dsb2018 layout)")
-    samples = [read_dsb2018_sample(f) for f in _progress(folders, f"Reading {root.name}")]
-    return [s for s in samples if s is not None]
+    sources = []
+    for folder in folders:
+        image_path = folder / "images" / f"{folder.name}.png"
+        if not image_path.is_file():
+            raise FileNotFoundError(
+                f"{image_path} is missing (dsb2018 layout: <id>/images/<id>.png)"
+            )
+        if not (folder / "masks").is_dir():
+            warnings.warn(f"{folder} has no masks/ folder: skipped (unannotated)", stacklevel=2)
+            continue
+        sources.append(Source(folder.name, partial(read_dsb2018_sample, folder)))
+    return sources
 
 
-def read_folder(root: str | Path) -> list[Sample]:
-    """Read ``<root>/images`` and ``<root>/masks`` with matching file stems, sorted by stem."""
+def read_dsb2018(root: str | Path) -> list[Sample]:
+    """Read every annotated sample of a dsb2018-layout folder, sorted by id."""
+    return read_samples(root, "dsb2018")
+
+
+def folder_sources(root: str | Path) -> list[Source]:
+    """``<root>/images`` and ``<root>/masks`` paired by file stem, sorted (nothing decoded)."""
     root = _existing_dir(root)
     images = {p.stem: p for p in image_files(root / "images")}
     masks = {p.stem: p for p in image_files(root / "masks")}
@@ -192,13 +217,23 @@ def read_folder(root: str | Path) -> list[Sample]:
             f"{len(missing)} images in {root / 'images'} have no mask in {root / 'masks'} "
             f"with the same stem, e.g. {missing[0]}"
         )
-    samples = []
-    for stem in _progress(sorted(images), f"Reading {root.name}"):
-        image = read_image(images[stem])
-        labels = labels_from_mask(read_image(masks[stem]), masks[stem])
-        _check_same_size(image, labels, masks[stem])
-        samples.append(Sample(stem, image, labels))
-    return samples
+    return [
+        Source(stem, partial(read_folder_sample, stem, images[stem], masks[stem]))
+        for stem in sorted(images)
+    ]
+
+
+def read_folder_sample(stem: str, image_path: Path, mask_path: Path) -> Sample:
+    """One image and its label or binary mask image."""
+    image = read_image(image_path)
+    labels = labels_from_mask(read_image(mask_path), mask_path)
+    _check_same_size(image, labels, mask_path)
+    return Sample(stem, image, labels)
+
+
+def read_folder(root: str | Path) -> list[Sample]:
+    """Read ``<root>/images`` and ``<root>/masks`` with matching file stems, sorted by stem."""
+    return read_samples(root, "folder")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -210,14 +245,26 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
-READERS = {"dsb2018": read_dsb2018, "synthetic": read_dsb2018, "folder": read_folder}
+LAYOUTS = {"dsb2018": dsb2018_sources, "synthetic": dsb2018_sources, "folder": folder_sources}
+
+
+def list_sources(root: str | Path, layout: str) -> list[Source]:
+    """The samples of a dataset of the given layout, found but not decoded."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown data layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+    return LAYOUTS[layout](root)
+
+
+def iter_samples(sources: list[Source], description: str) -> Iterator[Sample]:
+    """Decode the sources one after another (a progress bar from 20 of them on)."""
+    for source in _progress(sources, description):
+        yield source.read()
 
 
 def read_samples(root: str | Path, layout: str) -> list[Sample]:
     """Read a dataset of the given layout."""
-    if layout not in READERS:
-        raise ValueError(f"unknown data layout {layout!r}; choose one of {sorted(READERS)}")
-    return READERS[layout](root)
+    sources = list_sources(root, layout)
+    return list(iter_samples(sources, f"Reading {Path(root).name}"))
 
 
 def _existing_dir(root: str | Path) -> Path:
