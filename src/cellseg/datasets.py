@@ -151,24 +151,19 @@ def _check_same_size(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
         )
 
 
-def read_dsb2018_sample(folder: Path) -> Sample | None:
+def read_dsb2018_sample(folder: Path) -> Sample:
     """Read ``<folder>/images/<id>.png`` and merge ``<folder>/masks/*.png`` into labels."""
-    sample_id = folder.name
-    image_path = folder / "images" / f"{sample_id}.png"
-    if not image_path.is_file():
-        raise FileNotFoundError(f"{image_path} is missing (dsb2018 layout: <id>/images/<id>.png)")
-    image = read_image(image_path)
+    image = read_image(folder / "images" / f"{folder.name}.png")
     mask_dir = folder / "masks"
     if not mask_dir.is_dir():
-        warnings.warn(f"{folder} has no masks/ folder: skipped (unannotated)", stacklevel=2)
-        return None
+        raise FileNotFoundError(f"{mask_dir} is missing: {folder.name} has no annotation")
     labels = np.zeros(image.shape[:2], np.int32)
     for k, mask_path in enumerate(sorted(mask_dir.glob("*.png")), start=1):
         mask = read_image(mask_path)
         mask = mask[..., 0] if mask.ndim == 3 else mask
         _check_same_size(image, mask, mask_path)
         labels[mask > 0] = k  # an empty masks/ folder means an image without nuclei
-    return Sample(sample_id, image, labels)
+    return Sample(folder.name, image, labels)
 
 
 @dataclass(frozen=True)
