@@ -117,3 +117,11 @@ def test_augmentation_holds_plain_python_values(cfg_factory):
         values = list(vars(transform).values())
         values += [v for d in values if isinstance(d, dict) for v in d.values()]
         assert not any(isinstance(v, Container) for v in values), type(transform).__name__
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_build_applies_keep_freed_memory_as_configured(monkeypatch, cfg_factory, keep):
+    calls = []
+    monkeypatch.setattr(train_mod, "keep_freed_memory", lambda: calls.append(1))
+    build(cfg_factory(f"keep_freed_memory={keep}"))
+    assert calls == ([1] if keep else [])

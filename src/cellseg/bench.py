@@ -115,10 +115,7 @@ def pipeline(
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from cellseg.train import build, keep_freed_memory
-
-    if keep_freed:
-        keep_freed_memory()
+    from cellseg.train import build
 
     mode = (
         ["data.mode=resize", f"data.img_size={size}"]
@@ -139,6 +136,7 @@ def pipeline(
         "trainer.enable_checkpointing=false",
         "callbacks.model_checkpoint=null",
         "callbacks.last_checkpoint=null",
+        f"keep_freed_memory={keep_freed}",
     ]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

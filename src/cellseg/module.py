@@ -53,9 +53,9 @@ class SegmentationModule(L.LightningModule):
     ``torch.load(weights_only=True)``; ``optimizer``/``scheduler`` are Hydra configs with
     ``_partial_: true`` that are called with the parameters / optimiser here. ``compile``
     compiles the network with ``torch.compile`` for training (slower on CPU here; see the
-    README's performance section). ``preprocess``
-    records how the training data were prepared (mode, img_size, normalisation, inversion), so
-    evaluation and prediction prepare new images the same way.
+    README's performance section). ``preprocess`` records how the training data were prepared
+    (mode, img_size, normalisation, inversion), so evaluation and prediction prepare new images
+    the same way.
     """
 
     def __init__(

@@ -77,7 +77,9 @@ def keep_freed_memory() -> bool:
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Data, model and trainer as the config describes them."""
+    """Data, model and trainer as the config describes them (and the allocator setting)."""
+    if cfg.get("keep_freed_memory"):
+        keep_freed_memory()
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     augmentation = None
     if cfg.get("augmentation"):  # plain lists, not OmegaConf ones: slow to read per image
@@ -120,8 +122,6 @@ def check_resumable(ckpt_path: str | None, model: L.LightningModule) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hyperparameters with the results; return the metrics."""
-    if cfg.get("keep_freed_memory"):
-        keep_freed_memory()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.log_dir)
