@@ -4,21 +4,22 @@ For each input size and precision, in one process run so that ratios hold on a n
 
 - training images/s of the full Lightning pipeline (reader, the augmented experiment's
   augmentation, metrics, TensorBoard) next to a plain PyTorch loop over the same network,
-  batch, size and precision;
+  batches, size and precision, run after every pipeline epoch in the same process
+  (``PlainLoopBeside``);
 - the network's forward+backward GFLOP/s (counted by ``torch.utils.flop_counter``) next to the
   machine's matrix-multiply GFLOP/s in that precision;
 - whole-image prediction megapixels/s through ``inference.predict_tensor`` (tiled) next to a
   bare forward pass over one tile;
 - the peak resident memory of each measurement (each runs in its own child process).
 
-Medians over ``repeats``, warm-up excluded. The plain loop and the pipeline run in ``rounds``
-alternating fresh processes and report the median round: on a shared machine one process can
-run 5-10 % slower than the next with the same code. Writes ``bench.md`` and ``bench.json``.
+Medians, warm-up excluded: over ``repeats`` calls, and for training over the epochs of
+``rounds`` fresh processes. Writes ``bench.md`` and ``bench.json`` (every epoch's rates too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import multiprocessing as mp
@@ -81,37 +82,43 @@ def train_flops(size: int, batch: int) -> float:
     return counter.get_total_flops()
 
 
-def plain_loop(
-    size: int, batch: int, precision: str, steps: int, repeats: int, optimizer: dict,
-    keep_freed: bool,
-) -> float:
-    """Training images/s of a bare PyTorch loop: forward, BCE, backward, the pipeline's optimizer
-    (``optimizer``: its Hydra config) and its memory setting (``keep_freed``)."""
-    from cellseg.train import keep_freed_memory
+class PlainLoopBeside(L.Callback):
+    """After each training epoch of the pipeline, one epoch of a bare PyTorch loop in the same
+    process: a copy of the network with its own optimizer (``optimizer``: the pipeline's Hydra
+    config), forward under the pipeline's precision, BCE, backward, step, over the batches of
+    one pipeline epoch held in memory (the same images and batch sizes, no loading). Epoch for
+    epoch the two share the process and the moment, so a slow spell of the machine or a slow
+    process slows both (the reason: on this VM one process can run 10 % slower than the next)."""
 
-    if keep_freed:
-        keep_freed_memory()
-    net = make_net()
-    opt = hydra.utils.instantiate(optimizer)(params=net.parameters())
-    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, 1, size, size) > 0.5).float()
+    def __init__(self, precision: str, optimizer: dict) -> None:
+        self.precision, self.optimizer, self.rates = precision, optimizer, []
 
-    def run():
-        for _ in range(steps):
-            with autocast(precision):
-                logits = net(x)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.net = copy.deepcopy(pl_module.net)
+        self.opt = hydra.utils.instantiate(self.optimizer)(params=self.net.parameters())
+        cl = torch.channels_last
+        loader = trainer.datamodule.train_dataloader()
+        self.batches = [(b["image"].contiguous(memory_format=cl), b["mask"]) for b in loader]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.perf_counter()
+        for x, y in self.batches:
+            with autocast(self.precision):
+                logits = self.net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-
-    return steps * batch / timed(run, 1, repeats)
+            self.opt.step()
+        images = sum(len(x) for x, _ in self.batches)
+        self.rates.append(images / (time.perf_counter() - start))
 
 
 def pipeline(
-    size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str, keep_freed: bool
-) -> float:
-    """Training images/s of ``cellseg.train`` (median over epochs after the first)."""
+    size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str, keep_freed: bool,
+    optimizer: dict,
+) -> tuple[list[float], list[float]]:
+    """Training images/s of ``cellseg.train`` per epoch and of the plain loop beside it (first
+    epoch left out: warm-up)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -152,9 +159,10 @@ def pipeline(
             if rate is not None:
                 rates.append(float(rate))
 
-    trainer.callbacks.append(Recorder())
+    plain = PlainLoopBeside(precision, optimizer)
+    trainer.callbacks.extend([Recorder(), plain])
     trainer.fit(model, datamodule=datamodule)
-    return statistics.median(rates[1:] or rates)
+    return rates[1:] or rates, plain.rates[1:] or plain.rates
 
 
 def prediction(
@@ -196,18 +204,15 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     keep = bool(cfg.keep_freed_memory)
     for size, b in cfg.shapes:
         for precision in cfg.precisions:
-            flops = train_flops(size, b)
-            plains, pipes, plain_mb, pipe_mb = [], [], 0.0, 0.0
-            for _ in range(cfg.rounds):  # alternated: a slow spell of the machine hits both
-                plain_round, mb = isolated(
-                    plain_loop, size, b, precision, cfg.steps, cfg.repeats, optimizer, keep
+            flops_per_image = train_flops(size, b) / b
+            pipes, plains, pipe_mb = [], [], 0.0
+            for _ in range(cfg.rounds):  # fresh processes; every epoch of each counts
+                (pipe_epochs, plain_epochs), mb = isolated(
+                    pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep,
+                    optimizer,
                 )
-                plains.append(plain_round)
-                plain_mb = max(plain_mb, mb)
-                pipe_round, mb = isolated(
-                    pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep
-                )
-                pipes.append(pipe_round)
+                pipes += pipe_epochs
+                plains += plain_epochs
                 pipe_mb = max(pipe_mb, mb)
             plain, pipe = statistics.median(plains), statistics.median(pipes)
             (peak, _) = isolated(matmul_gflops, precision, cfg.matmul_n, 1, cfg.repeats)
@@ -222,18 +227,17 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                     "pipeline_img_s": pipe,
                     "plain_img_s": plain,
                     "pipeline_vs_plain": pipe / plain,
-                    "rounds_plain_img_s": plains,
-                    "rounds_pipeline_img_s": pipes,
-                    "train_gflop_s": plain * flops / b / 1e9,
+                    "epochs_plain_img_s": plains,
+                    "epochs_pipeline_img_s": pipes,
+                    "train_gflop_s": plain * flops_per_image / 1e9,
                     "matmul_gflop_s": peak,
-                    "train_vs_matmul": plain * flops / b / 1e9 / peak,
+                    "train_vs_matmul": plain * flops_per_image / 1e9 / peak,
                     "tiled_mpx_s": tiled,
                     "bare_mpx_s": bare,
                     "tiled_vs_bare": tiled / bare,
                     "predict_size": cfg.predict_size,
                     "tile": tile,
                     "pipeline_peak_mb": pipe_mb,
-                    "plain_peak_mb": plain_mb,
                     "predict_peak_mb": pred_mb,
                 }
             )
