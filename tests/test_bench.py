@@ -5,7 +5,7 @@ import json
 from omegaconf import open_dict
 
 from cellseg.bench import main as _  # noqa: F401  (the entry point imports)
-from cellseg.bench import markdown, run_bench
+from cellseg.bench import markdown, run_bench, timed
 from conftest import compose_cfg
 
 
@@ -29,3 +29,10 @@ def test_bench_on_tiny_settings(tmp_path):
     table = markdown(rows)
     assert table.count("\n") == 3 and "pipeline img/s" in table
     json.dumps(rows)  # serialisable
+
+
+def test_timed_alternates_its_functions_and_leaves_out_the_warmup():
+    calls = []
+    medians = timed([lambda: calls.append("a"), lambda: calls.append("b")], 1, 3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, three measured, in turn
+    assert len(medians) == 2 and all(m >= 0 for m in medians)

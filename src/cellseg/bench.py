@@ -47,23 +47,25 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def timed(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fns: list, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds after ``warmup`` rounds; each
+    round calls every function once, in turn, so a slow spell of the machine slows them all."""
+    times = [[] for _ in fns]
+    for round_ in range(warmup + repeats):
+        for fn, fn_times in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def matmul_gflops(precision: str, n: int, warmup: int, repeats: int) -> float:
     """The matrix-multiply rate in the precision's compute type."""
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, warmup, repeats) / 1e9
+    (seconds,) = timed([lambda: a @ b], warmup, repeats)
+    return 2 * n**3 / seconds / 1e9
 
 
 def make_net(channels_last: bool = True):
@@ -137,6 +139,7 @@ def pipeline(
         f"trainer.max_epochs={epochs}",
         "trainer.accelerator=cpu",
         "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",  # else Lightning adds its own (a drawing thread)
         "callbacks.model_summary=null",
         "test=false",
         "trainer.limit_val_batches=1",
@@ -176,9 +179,10 @@ def prediction(
     image = torch.rand(3, size, size)
     tile, _ = tile_layout(size, inference["tile_size"], inference["overlap"])
     tile_x = torch.rand(1, 3, tile, tile).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), autocast(precision):  # whole first: it warms the allocator up too
-        whole = timed(lambda: predict_tensor(net, image, **inference), 1, repeats)
-        bare = timed(lambda: net(tile_x), 2, repeats)
+    with torch.no_grad(), autocast(precision):  # alternated, whole first (it warms up more)
+        whole, bare = timed(
+            [lambda: predict_tensor(net, image, **inference), lambda: net(tile_x)], 1, repeats
+        )
     return size * size / whole / 1e6, tile * tile / bare / 1e6, tile
 
 
