@@ -10,7 +10,8 @@ For each input size and precision, in one process run so that ratios hold on a n
   machine's matrix-multiply GFLOP/s in that precision;
 - whole-image prediction megapixels/s through ``inference.predict_tensor`` (tiled) next to a
   bare forward pass over one tile;
-- the peak resident memory of each measurement (each runs in its own child process).
+- the peak resident memory of each measurement (each runs in its own child process; the
+  pipeline's includes the plain loop's copy of the network).
 
 Medians, warm-up excluded: over ``repeats`` calls, and for training over the epochs of
 ``rounds`` fresh processes. Writes ``bench.md`` and ``bench.json`` (every epoch's rates too).
@@ -90,7 +91,8 @@ class PlainLoopBeside(L.Callback):
     config), forward under the pipeline's precision, BCE, backward, step, over the batches of
     one pipeline epoch held in memory (the same images and batch sizes, no loading). Epoch for
     epoch the two share the process and the moment, so a slow spell of the machine or a slow
-    process slows both (the reason: on this VM one process can run 10 % slower than the next)."""
+    process slows both (the reason: on this VM separate processes running the same code differed
+    by up to 15 %)."""
 
     def __init__(self, precision: str, optimizer: dict) -> None:
         self.precision, self.optimizer, self.rates = precision, optimizer, []
