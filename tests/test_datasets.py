@@ -8,8 +8,6 @@ from PIL import Image
 from cellseg.datasets import (
     labels_from_mask,
     normalize,
-    read_dsb2018,
-    read_folder,
     read_image,
     read_samples,
     to_channels,
@@ -29,7 +27,7 @@ def test_dsb2018_reader_merges_one_png_per_nucleus(tmp_path):
     image, labels = two_nuclei()
     write_sample(tmp_path, "b", image, labels)
     write_sample(tmp_path, "a", image, labels[:, ::-1].copy())
-    samples = read_dsb2018(tmp_path)
+    samples = read_samples(tmp_path, "dsb2018")
     assert [s.id for s in samples] == ["a", "b"]  # sorted ids
     assert samples[1].labels.max() == 2
     np.testing.assert_array_equal(samples[1].labels > 0, labels > 0)
@@ -39,7 +37,7 @@ def test_dsb2018_reader_merges_one_png_per_nucleus(tmp_path):
 def test_dsb2018_empty_masks_folder_is_an_image_without_nuclei(tmp_path):
     image, _ = two_nuclei()
     write_sample(tmp_path, "a", image, np.zeros((32, 40), np.int32))
-    (sample,) = read_dsb2018(tmp_path)
+    (sample,) = read_samples(tmp_path, "dsb2018")
     assert sample.labels.max() == 0
 
 
@@ -51,7 +49,7 @@ def test_dsb2018_sample_without_masks_folder_is_skipped_with_warning(tmp_path):
         f.unlink()
     (tmp_path / "b/masks").rmdir()
     with pytest.warns(UserWarning, match="no masks/ folder"):
-        samples = read_dsb2018(tmp_path)
+        samples = read_samples(tmp_path, "dsb2018")
     assert [s.id for s in samples] == ["a"]
 
 
@@ -60,7 +58,7 @@ def test_mask_of_other_size_names_the_file(tmp_path):
     write_sample(tmp_path, "a", image, labels)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "a/masks/bad.png")
     with pytest.raises(ValueError, match="bad.png"):
-        read_dsb2018(tmp_path)
+        read_samples(tmp_path, "dsb2018")
 
 
 def test_folder_reader_binary_png_and_labelled_tiff(tmp_path):
@@ -72,7 +70,7 @@ def test_folder_reader_binary_png_and_labelled_tiff(tmp_path):
     tifffile.imwrite(tmp_path / "images/y.tif", (image[..., 0].astype(np.uint16) * 200))
     tifffile.imwrite(tmp_path / "masks/y.tif", labels.astype(np.uint16))
     (tmp_path / "images/notes.txt").write_text("not an image")
-    x, y = read_folder(tmp_path)
+    x, y = read_samples(tmp_path, "folder")
     assert x.labels.max() == 2  # binary mask -> connected components
     np.testing.assert_array_equal(y.labels, labels)  # instance labels kept
     assert y.image.dtype == np.uint16
@@ -83,7 +81,7 @@ def test_folder_reader_names_images_without_masks(tmp_path):
     (tmp_path / "masks").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images/lonely.png")
     with pytest.raises(FileNotFoundError, match="lonely"):
-        read_folder(tmp_path)
+        read_samples(tmp_path, "folder")
 
 
 def test_missing_root_and_unknown_layout(tmp_path):
@@ -136,6 +134,6 @@ def test_folder_without_images_says_so(tmp_path):
     (tmp_path / "masks").mkdir()
     (tmp_path / "images/readme.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match="holds no images"):
-        read_folder(tmp_path)
+        read_samples(tmp_path, "folder")
     with pytest.raises(FileNotFoundError, match="holds no"):
-        read_dsb2018(tmp_path / "images")
+        read_samples(tmp_path / "images", "dsb2018")

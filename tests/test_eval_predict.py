@@ -8,7 +8,7 @@ import pytest
 from omegaconf import open_dict
 from PIL import Image
 
-from cellseg.datasets import read_dsb2018
+from cellseg.datasets import read_samples
 from cellseg.eval import evaluate, write_outputs
 from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode, rle_encode
 from conftest import compose_cfg, failure
@@ -120,7 +120,7 @@ def test_predict_refuses_to_write_into_its_input(trained):
 
 def test_predict_single_file_and_flat_folder(trained, tmp_path):
     ckpt, root = trained
-    sample = read_dsb2018(root)[0]
+    sample = read_samples(root, "dsb2018")[0]
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(sample.image).save(flat / "a.png")

@@ -3,7 +3,7 @@ import multiprocessing
 
 import numpy as np
 
-from cellseg.datasets import read_dsb2018
+from cellseg.datasets import read_samples
 from cellseg.synthetic import MARKER, generate, make_sample
 
 
@@ -36,7 +36,7 @@ def test_nuclei_sizes_styles_and_touching_neighbours():
 def test_generate_writes_the_dsb2018_layout_once(tmp_path):
     root = generate(tmp_path / "s", n_images=3, size=64, seed=1)
     assert json.loads((root / MARKER).read_text())["n_images"] == 3
-    samples = read_dsb2018(root)
+    samples = read_samples(root, "dsb2018")
     assert [s.id for s in samples] == ["synth_000", "synth_001", "synth_002"]
     _, labels = make_sample(1, 0, 64)
     np.testing.assert_array_equal(samples[0].labels > 0, labels > 0)
@@ -58,7 +58,7 @@ def test_jobs_started_together_generate_one_complete_set(tmp_path):
     for job in jobs:
         job.join(120)
     assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
-    samples = read_dsb2018(tmp_path / "s")
+    samples = read_samples(tmp_path / "s", "dsb2018")
     assert len(samples) == 12
     for i in (0, 11):
         _, labels = make_sample(2, i, 64)

@@ -87,19 +87,20 @@ def train_flops(size: int, batch: int) -> float:
 
 class PlainLoopBeside(L.Callback):
     """After each training epoch of the pipeline, one epoch of a bare PyTorch loop in the same
-    process: a copy of the network with its own optimizer (``optimizer``: the pipeline's Hydra
-    config), forward under the pipeline's precision, BCE, backward, step, over the batches of
-    one pipeline epoch held in memory (the same images and batch sizes, no loading). Epoch for
-    epoch the two share the process and the moment, so a slow spell of the machine or a slow
-    process slows both (the reason: on this VM separate processes running the same code differed
-    by up to 15 %)."""
+    process: a copy of the network with the pipeline's optimizer config, forward under the
+    trainer's precision, BCE, backward, step, over the batches of one pipeline epoch held in
+    memory (the same images and batch sizes, no loading). Epoch for epoch the two share the
+    process and the moment, so a slow spell of the machine or a slow process slows both (the
+    reason: on this VM separate processes running the same code differed by up to 15 %)."""
 
-    def __init__(self, precision: str, optimizer: dict) -> None:
-        self.precision, self.optimizer, self.rates = precision, optimizer, []
+    def __init__(self) -> None:
+        self.rates: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.precision = trainer.precision
         self.net = copy.deepcopy(pl_module.net)
-        self.opt = hydra.utils.instantiate(self.optimizer)(params=self.net.parameters())
+        optimizer = hydra.utils.instantiate(pl_module.hparams.optimizer)
+        self.opt = optimizer(params=self.net.parameters())
         cl = torch.channels_last
         loader = trainer.datamodule.train_dataloader()
         self.batches = [(b["image"].contiguous(memory_format=cl), b["mask"]) for b in loader]
@@ -118,8 +119,7 @@ class PlainLoopBeside(L.Callback):
 
 
 def pipeline(
-    size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str, keep_freed: bool,
-    optimizer: dict,
+    size: int, batch: int, precision: str, epochs: int, root: str, data_dir: str, keep_freed: bool
 ) -> tuple[list[float], list[float]]:
     """Training images/s of ``cellseg.train`` per epoch and of the plain loop beside it (first
     epoch left out: warm-up)."""
@@ -164,7 +164,7 @@ def pipeline(
             if rate is not None:
                 rates.append(float(rate))
 
-    plain = PlainLoopBeside(precision, optimizer)
+    plain = PlainLoopBeside()
     trainer.callbacks.extend([Recorder(), plain])
     trainer.fit(model, datamodule=datamodule)
     return rates[1:] or rates, plain.rates[1:] or plain.rates
@@ -205,7 +205,6 @@ def isolated(fn, *args):
 def run_bench(cfg: DictConfig) -> list[dict]:
     rows = []
     root = str(Path(cfg.paths.output_dir))
-    optimizer = OmegaConf.to_container(cfg.optimizer)
     inference = OmegaConf.to_container(cfg.inference)
     keep = bool(cfg.keep_freed_memory)
     for size, b in cfg.shapes:
@@ -214,8 +213,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
             pipes, plains, pipe_mb = [], [], 0.0
             for _ in range(cfg.rounds):  # fresh processes; every epoch of each counts
                 (pipe_epochs, plain_epochs), mb = isolated(
-                    pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep,
-                    optimizer,
+                    pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep
                 )
                 pipes += pipe_epochs
                 plains += plain_epochs

@@ -194,11 +194,6 @@ def dsb2018_sources(root: str | Path) -> list[Source]:
     return sources
 
 
-def read_dsb2018(root: str | Path) -> list[Sample]:
-    """Read every annotated sample of a dsb2018-layout folder, sorted by id."""
-    return read_samples(root, "dsb2018")
-
-
 def folder_sources(root: str | Path) -> list[Source]:
     """``<root>/images`` and ``<root>/masks`` paired by file stem, sorted (nothing decoded)."""
     root = _existing_dir(root)
@@ -224,11 +219,6 @@ def read_folder_sample(stem: str, image_path: Path, mask_path: Path) -> Sample:
     labels = labels_from_mask(read_image(mask_path), mask_path)
     _check_same_size(image, labels, mask_path)
     return Sample(stem, image, labels)
-
-
-def read_folder(root: str | Path) -> list[Sample]:
-    """Read ``<root>/images`` and ``<root>/masks`` with matching file stems, sorted by stem."""
-    return read_samples(root, "folder")
 
 
 def image_files(folder: Path) -> list[Path]:
