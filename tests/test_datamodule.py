@@ -57,9 +57,12 @@ def test_batches_have_training_geometry(synthetic_dm):
     assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
 
 
-def test_img_size_must_be_a_multiple_of_16(tmp_path):
-    with pytest.raises(ValueError, match="multiple of 16"):
-        NucleiDataModule(str(tmp_path), img_size=60)
+def test_training_size_must_be_a_multiple_of_the_networks(tmp_path):
+    with pytest.raises(ValueError, match=r"data.img_size=60 is not a multiple of 16.*img_size=48"):
+        NucleiDataModule(str(tmp_path), img_size=60).set_multiple(16)
+    with pytest.raises(ValueError, match=r"data.crop_size=48 is not a multiple of 32"):
+        NucleiDataModule(str(tmp_path), mode="crop", crop_size=48).set_multiple(32)
+    NucleiDataModule(str(tmp_path), mode="crop", crop_size=40).set_multiple(8)
 
 
 def test_two_workers_draw_different_augmentations():
@@ -96,6 +99,7 @@ def test_crop_mode_trains_on_crops_and_evaluates_whole_padded_images(tmp_path):
         str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 10, "size": 72},
         mode="crop", crop_size=48, crops_per_image=3, batch_size=4, target_channels=2,
     )
+    dm.set_multiple(16)
     dm.prepare_data()
     dm.setup()
     assert len(dm.datasets["train"]) == 8 * 3

@@ -10,18 +10,20 @@ from PIL import Image
 
 from cellseg.datasets import read_samples
 from cellseg.eval import evaluate, write_outputs
+from cellseg.inference import checkpoint_data
 from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode, rle_encode
 from conftest import compose_cfg, failure
 
 
-def eval_cfg(ckpt, root, *overrides):
-    return compose_cfg("eval", [f"ckpt_path={ckpt}", f"data.root={root}", *overrides])
+def eval_cfg(ckpt, *overrides):
+    return compose_cfg("eval", [f"ckpt_path={ckpt}", *overrides])
 
 
 def test_eval_scores_the_test_split_at_native_resolution(trained, tmp_path):
     ckpt, root = trained
-    metrics, rows = evaluate(eval_cfg(ckpt, root))
+    metrics, rows = evaluate(eval_cfg(ckpt))  # the checkpoint's data and test ids
     assert metrics["images"] == len(rows) == 2  # 10 images, 20 % test
+    assert [r["id"] for r in rows] == checkpoint_data(ckpt)["splits"]["test"]
     for k in ("iou", "miou", "dice", "map", "ap50", "f1_50"):
         assert 0.0 <= metrics[k] <= 1.0
     assert {r["height"] for r in rows} == {64}  # the native size, not a training size
@@ -34,7 +36,7 @@ def test_eval_scores_the_test_split_at_native_resolution(trained, tmp_path):
 
 def test_eval_on_all_images_with_tta(trained):
     ckpt, root = trained
-    metrics, rows = evaluate(eval_cfg(ckpt, root, "split=all", "inference.tta=true"))
+    metrics, rows = evaluate(eval_cfg(ckpt, "split=all", "inference.tta=true"))
     assert len(rows) == metrics["images"] == 10
     assert {r["height"] for r in rows} == {64} and 0.0 <= metrics["map"] <= 1.0
 
@@ -44,9 +46,9 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):
     bogus = tmp_path / "model.ckpt"
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="model.ckpt is not a cellseg checkpoint"):
-        evaluate(eval_cfg(bogus, root))
+        evaluate(eval_cfg(bogus))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate(eval_cfg(tmp_path / "missing.ckpt", root))
+        evaluate(eval_cfg(tmp_path / "missing.ckpt"))
 
 
 def test_rle_of_all_labels_in_one_pass_decodes_to_each_mask():
@@ -143,8 +145,11 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
         assert out.returncode == 0, failure(out)
         return out
 
-    out = run("cellseg.eval", f"data.root={root}")
+    out = run("cellseg.eval")
     assert "map" in out.stdout and "all" in out.stdout
+    assert f"Scoring the test split (2 images) of {root}: the checkpoint's training data" in (
+        out.stdout + out.stderr
+    )
     (run_dir,) = (tmp_path / "logs/eval/runs").iterdir()
     assert json.loads((run_dir / "metrics.json").read_text())["images"] == 2
     run("cellseg.predict", f"input={root}", f"output={tmp_path / 'pred'}")

@@ -18,6 +18,8 @@ from cellseg.unet import UNet
 class Recorder(nn.Module):
     """A per-pixel model (1x1 convolution) that records the input shapes it sees."""
 
+    multiple = 16
+
     def __init__(self, in_channels=3, out_channels=2):
         super().__init__()
         torch.manual_seed(0)
@@ -82,7 +84,7 @@ def test_tile_size_must_be_a_multiple_of_16():
 @pytest.mark.parametrize("length", [208, 500, 1024, 1040, 2048, 3000, 4096])
 @pytest.mark.parametrize(("tile", "overlap"), [(256, 32), (512, 32), (1024, 32), (1024, 128)])
 def test_tile_layout_covers_with_the_overlap_and_little_more(length, tile, overlap):
-    size, starts = tile_layout(length, tile, overlap)
+    size, starts = tile_layout(length, tile, overlap, 16)
     assert starts[0] == 0 and starts[-1] + size == length  # the whole side, nothing beyond
     if len(starts) > 1:
         assert size % 16 == 0 and size <= tile
@@ -92,4 +94,4 @@ def test_tile_layout_covers_with_the_overlap_and_little_more(length, tile, overl
 
 
 def test_a_2048_side_takes_three_tiles_of_704():
-    assert tile_layout(2048, 1024, 32) == (704, [0, 672, 1344])
+    assert tile_layout(2048, 1024, 32, 16) == (704, [0, 672, 1344])

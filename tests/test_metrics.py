@@ -12,7 +12,6 @@ from cellseg.metrics import (
     PixelScore,
     confusion_counts,
     dice,
-    dsb_score,
     foreground_iou,
     instance_scores,
     iou_matrix,
@@ -131,14 +130,14 @@ def test_split_nucleus_gives_one_match_at_most():
     assert counts[0].tolist() == [1, 1, 0]  # t = 0.50: the 60 % half matches
     assert counts[2].tolist() == [0, 2, 1]  # t = 0.60: IoU must exceed t
     expected = np.mean([1 / 2, 1 / 2] + [0.0] * 8)
-    assert dsb_score(truth, pred) == pytest.approx(expected)
+    assert instance_scores(truth, pred)["map"] == pytest.approx(expected)
 
 
 def test_merged_pair_matches_neither_when_equal_halves():
     truth = square_labels((0, 10, 0, 5), (0, 10, 5, 10))
     merged = square_labels((0, 10, 0, 10))
     assert matching_counts(truth, merged, [0.5]).tolist() == [[0, 1, 2]]  # IoU exactly 0.5
-    assert dsb_score(truth, merged) == 0.0
+    assert instance_scores(truth, merged)["map"] == 0.0
 
 
 def test_empty_truth_and_prediction():
@@ -195,7 +194,9 @@ def test_dsb_score_matches_a_direct_computation_on_jittered_labels():
     for index in range(3):
         _, truth = make_sample(0, index, 96)
         pred = jitter(truth, rng)
-        assert dsb_score(truth, pred) == pytest.approx(reference_dsb_score(truth, pred))
+        assert instance_scores(truth, pred)["map"] == pytest.approx(
+            reference_dsb_score(truth, pred)
+        )
 
 
 @needs_real_data
@@ -207,4 +208,6 @@ def test_dsb_score_matches_a_direct_computation_on_real_images():
         if truth.size > 100_000:  # keep the quadratic reference quick
             continue
         pred = jitter(truth, rng)
-        assert dsb_score(truth, pred) == pytest.approx(reference_dsb_score(truth, pred))
+        assert instance_scores(truth, pred)["map"] == pytest.approx(
+            reference_dsb_score(truth, pred)
+        )

@@ -29,11 +29,12 @@ class ImageGridLogger(L.Callback):
 
     def fixed_images(self, trainer: L.Trainer, split: str) -> tuple[list, list]:
         """The first images of a split with their foreground masks, centre-cropped to one size
-        (a multiple of 16, at most 256) when their sizes differ."""
+        (a multiple of the network's size multiple, at most 256) when their sizes differ."""
         dataset = trainer.datamodule.datasets[split]
         pairs = [dataset.pairs[i] for i in range(min(self.n_images, len(dataset.pairs)))]
         arrays = [(image, target[..., :1]) for image, target in pairs]
-        side = min(256, *(min(a.shape[:2]) for a, _ in arrays)) // 16 * 16
+        multiple = trainer.lightning_module.net.multiple
+        side = min(256, *(min(a.shape[:2]) for a, _ in arrays)) // multiple * multiple
         images, masks = [], []
         for image, mask in arrays:
             if image.shape[:2] != (side, side):

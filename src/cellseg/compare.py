@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import hydra
+import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from cellseg import config_dir
-from cellseg.eval import SCORES, evaluate, select_samples
+from cellseg.datasets import Sample
+from cellseg.eval import SCORES, evaluate
 from cellseg.figures import display_rgb
-from cellseg.inference import load_model, preprocessing, segment
+from cellseg.inference import checkpoint_data
 
 log = logging.getLogger(__name__)
 CURVES = ("train/loss", "val/loss", "train/iou", "val/iou")
@@ -84,19 +87,14 @@ def run_info(run: Path) -> dict:
     return info
 
 
-def run_data(info: dict, cfg: DictConfig) -> DictConfig:
-    """The run's data config, its root replaced by ``data_root`` when given."""
-    # resolved inside the whole run config: data.root may interpolate ${paths.data_dir}
-    data = OmegaConf.create(OmegaConf.to_container(info["cfg"].data, resolve=True))
-    return OmegaConf.merge(data, {"root": cfg.data_root}) if cfg.get("data_root") else data
-
-
-def score_run(info: dict, cfg: DictConfig) -> tuple[dict, dict]:
-    """Native-resolution test metrics of a finished run and its per-image rows by id."""
+def score_run(info: dict, cfg: DictConfig, keep: Collection[str] = ()) -> tuple[dict, dict]:
+    """Native-resolution test metrics of a finished run (on the data and split its checkpoint
+    records) and its per-image rows by id; the images and foregrounds of the ``keep`` ids are
+    stored in ``info["kept"]`` for the figure, so nothing is segmented twice."""
     eval_cfg = OmegaConf.create(
         {
             "ckpt_path": str(info["ckpt"]),
-            "data": run_data(info, cfg),
+            "data_root": cfg.get("data_root"),
             "split": "test",
             "device": cfg.device,
             "preprocess": None,
@@ -104,14 +102,26 @@ def score_run(info: dict, cfg: DictConfig) -> tuple[dict, dict]:
             "instances": cfg.instances,
         }
     )
-    metrics, rows = evaluate(eval_cfg)
+    info["kept"] = {}
+
+    def keep_image(sample: Sample, foreground: np.ndarray, _labels: np.ndarray) -> None:
+        if sample.id in keep:
+            info["kept"][sample.id] = (sample, foreground)
+
+    metrics, rows = evaluate(eval_cfg, keep_image)
     return metrics, {r["id"]: r for r in rows}
 
 
-def comparison_figure(infos: list[dict], cfg: DictConfig) -> Figure:
-    """Images, true masks and one row of predictions per finished run."""
+def shown_ids(infos: list[dict], n_images: int) -> list[str]:
+    """The first test images of the first finished run: the figure's columns."""
+    first = next((i for i in infos if i["ckpt"].is_file()), None)
+    return checkpoint_data(first["ckpt"])["splits"].get("test", [])[:n_images] if first else []
+
+
+def comparison_figure(infos: list[dict], ids: list[str]) -> Figure:
+    """Images, true masks and one row of predictions per finished run (as scored)."""
     finished = [i for i in infos if "metrics" in i]
-    samples = select_samples(run_data(finished[0], cfg), "test")[: cfg.n_images]
+    samples = [next(i["kept"][k][0] for i in finished if k in i["kept"]) for k in ids]
     rows = 2 + len(finished)
     fig = Figure(figsize=(2.4 * len(samples), 2.4 * rows))
     axes = fig.subplots(rows, len(samples), squeeze=False)
@@ -122,11 +132,11 @@ def comparison_figure(infos: list[dict], cfg: DictConfig) -> Figure:
     axes[0, 0].set_ylabel("image")
     axes[1, 0].set_ylabel("true mask")
     for i, info in enumerate(finished, start=2):
-        model = load_model(info["ckpt"], cfg.device)
-        pre = preprocessing(model)
         for j, s in enumerate(samples):
-            foreground, _ = segment(model, s.image, pre, cfg.inference, cfg.instances)
-            axes[i, j].imshow(foreground > 0.5, cmap="gray")
+            if s.id not in info["kept"]:  # the run was split otherwise
+                axes[i, j].set_title("not in its test split", fontsize=8)
+                continue
+            axes[i, j].imshow(info["kept"][s.id][1] > 0.5, cmap="gray")
             r = info["per_image"][s.id]
             axes[i, j].set_title(f"iou {r['iou']:.2f} map {r['map']:.2f}", fontsize=8)
         axes[i, 0].set_ylabel(info["run"], fontsize=8)
@@ -190,15 +200,16 @@ def compare(cfg: DictConfig) -> list[dict]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     infos = [run_info(r) for r in find_runs(list(cfg.runs))]
+    ids = shown_ids(infos, cfg.n_images)
     for info in infos:
         if info["ckpt"].is_file():
-            info["metrics"], info["per_image"] = score_run(info, cfg)
+            info["metrics"], info["per_image"] = score_run(info, cfg, ids)
         else:
             log.warning("%s has no checkpoints/last.ckpt: listed as unfinished", info["run"])
     write_results(infos, out)
     figures = {"curves": curves_figure(infos)}
-    if any("metrics" in i for i in infos):
-        figures["comparison"] = comparison_figure(infos, cfg)
+    if ids and any("metrics" in i for i in infos):
+        figures["comparison"] = comparison_figure(infos, ids)
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=100)
     # TensorBoard: in this run's folder, and inside each multirun compared, beside its jobs

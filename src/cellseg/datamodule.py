@@ -9,12 +9,17 @@ memory) each item is read and prepared from disk when it is loaded. Two geometri
 
 - ``resize``: every image and target resized to ``img_size`` (the study: 64x64);
 - ``crop``: native resolution; training on random ``crop_size`` crops (smaller images
-  reflect-padded), validation and test on whole images one at a time, padded to a multiple of
-  16 and scored on the original pixels only.
+  reflect-padded), validation and test on whole images one at a time, padded to the network's
+  size multiple and scored on the original pixels only.
+
+The checkpoint describes its data (Lightning's own mechanism): the constructor's arguments
+(less the augmentation object) are saved as ``datamodule_hyper_parameters`` and ``state_dict()``
+holds the split ids and the training nuclei's median diameter; ``cellseg.inference`` reads both.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -40,15 +45,32 @@ from cellseg.datasets import (
     targets_from_labels,
 )
 
+log = logging.getLogger(__name__)
+
 
 def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Split like ``train_test_split(ids, test_size=test_size, random_state=seed)``."""
     n = len(ids)
     n_test = math.ceil(test_size * n) if isinstance(test_size, float) else int(test_size)
     if not 0 < n_test < n:
-        raise ValueError(f"a test fraction of {test_size} leaves no train or test image of {n}")
+        raise ValueError(
+            f"a held-out fraction of {test_size} leaves no image on one side of {n}; "
+            "change data.test_size / data.val_size or add images"
+        )
     order = np.random.RandomState(seed).permutation(n)
     return [ids[i] for i in order[n_test:]], [ids[i] for i in order[:n_test]]
+
+
+def make_splits(
+    ids: list[str], test_size: float, val_size: float, seed: int
+) -> dict[str, list[str]]:
+    """Train / val / test ids: the test split first, then ``val_size`` off the training ids;
+    without ``val_size`` the test images also validate (the study)."""
+    train, test = split_ids(ids, test_size, seed)
+    val = test
+    if val_size:
+        train, val = split_ids(train, val_size, seed)
+    return {"train": train, "val": val, "test": test}
 
 
 class Streamed(Sequence):
@@ -98,7 +120,6 @@ class NucleiDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1))),
             "size": torch.tensor(size),
-            "index": index % len(self.pairs),
         }
 
 
@@ -107,6 +128,23 @@ def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
     h, w = image.shape[:2]
     pad = ((0, -h % multiple), (0, -w % multiple), (0, 0))
     return np.pad(image, pad, mode="reflect"), np.pad(target, pad)
+
+
+def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
+    """The diameter of the disk of the same area, in pixels, of every object of a label image."""
+    areas = np.bincount(labels.ravel())[1:]
+    return np.sqrt(4 * areas[areas > 0] / np.pi)
+
+
+def describe_data(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The data description in a checkpoint: the datamodule's hyperparameters, split ids and
+    median training nucleus diameter (empty for checkpoints that predate them)."""
+    state = checkpoint.get(NucleiDataModule.__qualname__) or {}
+    return {
+        "hparams": dict(checkpoint.get(NucleiDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}),
+        "splits": dict(state.get("splits") or {}),
+        "diameter": state.get("diameter"),
+    }
 
 
 def seed_worker(worker_id: int) -> None:
@@ -152,11 +190,10 @@ class NucleiDataModule(L.LightningDataModule):
         cache: bool = True,
     ) -> None:
         super().__init__()
+        # primitives only: the checkpoint's description of its data (weights_only loading)
+        self.save_hyperparameters(ignore=["augmentation"], logger=False)
         if mode not in ("resize", "crop"):
             raise ValueError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
-        size_name, size = ("img_size", img_size) if mode == "resize" else ("crop_size", crop_size)
-        if size % 16:
-            raise ValueError(f"data.{size_name}={size} must be a multiple of 16 (the U-Net's)")
         self.root = Path(root)
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
@@ -170,7 +207,38 @@ class NucleiDataModule(L.LightningDataModule):
         self.synthetic = synthetic or {}
         self.cache = cache
         self.splits: dict[str, list[str]] = {}
+        self.diameter: float | None = None
+        self.multiple: int | None = None  # the network's size multiple, see set_multiple
         self.datasets: dict[str, NucleiDataset] = {}
+
+    def set_multiple(self, multiple: int) -> None:
+        """Take the network's size multiple: ``img_size`` / ``crop_size`` must be one, and
+        whole validation/test images are padded to it. ``setup`` takes it from the trainer's
+        model; call this to check the geometry before a trainer exists."""
+        resize_mode = self.mode == "resize"
+        name, size = ("img_size", self.img_size) if resize_mode else ("crop_size", self.crop_size)
+        if size % multiple:
+            fit = max(multiple, size // multiple * multiple)
+            raise ValueError(
+                f"data.{name}={size} is not a multiple of {multiple}, the network's size multiple "
+                f"(2^levels of model.net.channels); choose e.g. data.{name}={fit}"
+            )
+        self.multiple = multiple
+
+    def state_dict(self) -> dict[str, Any]:
+        """The split ids and the training nuclei's median diameter, saved in checkpoints."""
+        return {"splits": self.splits, "diameter": self.diameter}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (resuming a run keeps its split)."""
+        if self.splits and state_dict.get("splits") and state_dict["splits"] != self.splits:
+            log.warning(
+                "the checkpoint's split differs from this data config's (data.test_size, "
+                "data.val_size, data.split_seed or the images changed); the new split is used"
+            )
+            return
+        self.splits = state_dict.get("splits") or self.splits
+        self.diameter = state_dict.get("diameter", self.diameter)
 
     def prepare_data(self) -> None:
         if self.layout == "synthetic":
@@ -179,24 +247,53 @@ class NucleiDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and hasattr(getattr(module, "net", None), "multiple"):
+            self.set_multiple(module.net.multiple)
         sources = {s.id: s for s in list_sources(self.root, self.layout)}
-        train, test = split_ids(sorted(sources), self.test_size, self.split_seed)
-        val = test
-        if self.val_size:
-            train, val = split_ids(train, self.val_size, self.split_seed)
-        self.splits = {"train": train, "val": val, "test": test}
+        self.splits = make_splits(sorted(sources), self.test_size, self.val_size, self.split_seed)
+        train, val, test = (self.splits[k] for k in ("train", "val", "test"))
+        self.log_split()
+        diameters, train_ids = [], set(train)
+
+        def prepare(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+            if sample.id in train_ids:  # measured once, at the geometry the network sees
+                diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
+            return self.prepare(sample)
+
         if self.cache:  # decoded and prepared once; epochs cost only augmentation and compute
             needed = [sources[i] for i in sorted({*train, *val, *test})]
             samples = iter_samples(needed, f"Reading {self.root.name}")
-            prepared = {s.id: self.prepare(s) for s in samples}
+            prepared = {s.id: prepare(s) for s in samples}
             pairs = {name: [prepared[i] for i in ids] for name, ids in self.splits.items()}
         else:
+            for sample in iter_samples([sources[i] for i in train], "Measuring nuclei"):
+                diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
             pairs = {
                 name: Streamed([sources[i] for i in ids], self.prepare)
                 for name, ids in self.splits.items()
             }
+        all_diameters = np.concatenate(diameters) if diameters else np.zeros(0)
+        self.diameter = float(np.median(all_diameters)) if all_diameters.size else None
         for name, split_pairs in pairs.items():
             self.datasets[name] = self.make_dataset(name, split_pairs)
+
+    def log_split(self) -> None:
+        """Say which images validate (and so choose the 'best' checkpoint)."""
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        s = self.splits
+        sizes = f"{len(s['train'])} train / {len(s['test'])} test images"
+        if s["val"] == s["test"]:
+            log.info(
+                "Data %s: %s; validation = the test split (data.val_size=0, as the study): "
+                "choose checkpoints with test_ckpt=last, or set data.val_size", self.root, sizes
+            )
+        else:
+            log.info(
+                "Data %s: %s; validation: %d images held out from training (data.val_size=%s)",
+                self.root, sizes, len(s["val"]), self.val_size,
+            )
 
     def make_dataset(self, split: str, pairs: Sequence) -> NucleiDataset:
         if self.mode == "resize":
@@ -205,7 +302,7 @@ class NucleiDataModule(L.LightningDataModule):
                 transform.set_random_seed(self.seed)
             return NucleiDataset(pairs, transform)
         if split != "train":
-            return NucleiDataset(pairs, pad_multiple=16)
+            return NucleiDataset(pairs, pad_multiple=self.multiple)
         crop = [
             A.PadIfNeeded(self.crop_size, self.crop_size, border_mode=cv2.BORDER_REFLECT_101),
             A.RandomCrop(self.crop_size, self.crop_size),
@@ -214,19 +311,34 @@ class NucleiDataModule(L.LightningDataModule):
         transform = A.Compose(crop + extra, seed=self.seed)
         return NucleiDataset(pairs, transform, repeats=self.crops_per_image)
 
+    def training_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Instance labels at the geometry the network sees: native, or resized to img_size."""
+        return labels if self.mode == "crop" else resize(labels, self.img_size, "nearest")
+
     def prepare(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """Model input (H, W, C) and float32 {0, 1} targets (H, W, K) at training geometry."""
+        self.check_size(sample)
         image = prepare_image(sample.image, self.in_channels, self.normalize, self.invert_bright)
         if self.mode == "crop":
             return image, targets_from_labels(sample.labels, self.target_channels)
         # area-averaged foreground thresholded at 0.5: the fairest binary mask at low resolution;
         # contours come from the nearest-resized labels so they stay one pixel wide
         foreground = resize((sample.labels > 0).astype(np.float32), self.img_size) > 0.5
-        small_labels = resize(sample.labels, self.img_size, "nearest")
+        small_labels = self.training_labels(sample.labels)
         targets = targets_from_labels(small_labels, self.target_channels)
         targets[..., 0] = foreground
         targets[..., 1:] *= foreground[..., None]
         return resize(image, self.img_size), targets
+
+    def check_size(self, sample: Sample) -> None:
+        """Refuse images smaller than the network's size multiple (nothing to learn there)."""
+        minimum = self.multiple or 1
+        if min(sample.labels.shape) < minimum:
+            h, w = sample.labels.shape
+            raise ValueError(
+                f"image {sample.id} in {self.root} is {h}x{w} pixels, below the network's size "
+                f"multiple {minimum}; remove it from the dataset"
+            )
 
     def device_batch_size(self) -> int:
         """``batch_size`` is the global batch (the study's 16 however many processes train);

@@ -1,8 +1,12 @@
-"""Score a checkpoint at native resolution: ``python -m cellseg.eval ckpt_path=... data=...``.
+"""Score a checkpoint at native resolution: ``python -m cellseg.eval ckpt_path=...``.
 
-Whatever geometry the model was trained in, predictions are made for whole images at their own
-size (resize-mode models predict at their training scale and are resized back) and compared
-with the original masks: pixel scores (iou, miou, dice) and instance scores (map, ap50, f1_50).
+By default the data the checkpoint was trained on (its root, layout and split ids are in the
+checkpoint) and its test split; ``data_root=`` where that data has moved, ``data=NAME
+data.root=DIR`` other data, ``split=train|val|test|all``. Whatever geometry the model was
+trained in, predictions are made for whole images at their own size (resize-mode models predict
+at their training scale and are resized back) and compared with the original masks: pixel
+scores (iou, miou, dice) and instance scores (map, ap50, f1_50), through the same metric
+classes training logs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -22,38 +27,82 @@ from rich.progress import track
 from rich.table import Table
 
 from cellseg import config_dir
-from cellseg.datamodule import split_ids
-from cellseg.datasets import Sample, read_samples
-from cellseg.inference import load_model, preprocessing, segment
-from cellseg.metrics import PIXEL_SCORES, confusion_counts, instance_scores
+from cellseg.datamodule import make_splits
+from cellseg.datasets import Sample, iter_samples, list_sources
+from cellseg.inference import checkpoint_data, load_model, preprocessing, segment
+from cellseg.metrics import InstanceScores, pixel_metrics
 
 log = logging.getLogger(__name__)
 SCORES = ("iou", "miou", "dice", "map", "ap50", "f1_50")
+SPLITS = ("train", "val", "test", "all")
 
 
-def select_samples(data: DictConfig, split: str) -> list[Sample]:
-    """The images to score: the training run's test split, or ``all``."""
-    samples = {s.id: s for s in read_samples(data.root, data.layout)}
+def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
+    """Root and layout of the data to score, and where they come from (for the log)."""
+    if cfg.get("data"):
+        root, layout, origin = cfg.data.root, cfg.data.layout, "given as data="
+    elif description["hparams"]:
+        hp = description["hparams"]
+        root, layout, origin = hp["root"], hp["layout"], "the checkpoint's training data"
+    else:
+        raise ValueError(
+            f"{cfg.ckpt_path} predates cellseg's data description: pass the data it was trained "
+            "on, e.g. data=dsb2018 data.root=DIR"
+        )
+    if cfg.get("data_root"):
+        root, origin = cfg.data_root, f"{origin}, moved (data_root=)"
+    return str(root), layout, origin
+
+
+def select_ids(ids: list[str], split: str, description: dict, data: DictConfig | None) -> list[str]:
+    """The ids of ``split`` (the checkpoint's own split ids), or every id for ``all``."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; use one of {', '.join(SPLITS)}")
     if split == "all":
-        return [samples[i] for i in sorted(samples)]
-    if split != "test":
-        raise ValueError(f"split={split!r}; use test (the training split's test images) or all")
-    _, test = split_ids(sorted(samples), data.test_size, data.split_seed)
-    return [samples[i] for i in test]
+        return sorted(ids)
+    splits = description["splits"]
+    if not splits:  # an old checkpoint: the split recomputed as training did
+        if data is None:
+            raise ValueError("the checkpoint records no split: pass data=... or split=all")
+        log.warning(
+            "the checkpoint records no split ids: recomputing the %s split from data.test_size, "
+            "data.val_size and data.split_seed, which must be the training run's", split
+        )
+        splits = make_splits(sorted(ids), data.test_size, data.val_size, data.split_seed)
+    missing = sorted(set(splits[split]) - set(ids))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the checkpoint's {len(splits[split])} {split} images are not in "
+            f"the data (e.g. {missing[0]}); pass data_root=<where they are now> or split=all"
+        )
+    return list(splits[split])
 
 
-def evaluate(cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
-    """Scores over the selected images and one row of scores per image."""
+def select_samples(root: str, layout: str, ids: list[str]) -> list[Sample]:
+    """Decode only the samples with these ids, in this order."""
+    sources = {s.id: s for s in list_sources(root, layout)}
+    return list(iter_samples([sources[i] for i in ids], f"Reading {Path(root).name}"))
+
+
+def evaluate(
+    cfg: DictConfig, on_image: Callable[[Sample, np.ndarray, np.ndarray], None] | None = None
+) -> tuple[dict[str, float], list[dict]]:
+    """Scores over the selected images and one row of scores per image; ``on_image(sample,
+    foreground, labels)`` sees each segmentation (compare keeps some for its figure)."""
     model = load_model(cfg.ckpt_path, cfg.device)
     pre = preprocessing(model, cfg.get("preprocess"))
-    samples = select_samples(cfg.data, cfg.split)
-    counts, rows, start = torch.zeros(4, dtype=torch.long), [], time.perf_counter()
+    description = checkpoint_data(model)
+    root, layout, origin = scored_data(cfg, description)
+    sources = list_sources(root, layout)
+    ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
+    log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
+    samples = select_samples(root, layout, ids)
+    pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
+    rows, start = [], time.perf_counter()
     for sample in track(samples, description="Evaluating", transient=True):
         foreground, labels = segment(model, sample.image, pre, cfg.inference, cfg.instances)
-        c = confusion_counts(
-            torch.from_numpy(foreground > 0.5), torch.from_numpy(sample.labels > 0)
-        )
-        counts += c
+        if on_image is not None:
+            on_image(sample, foreground, labels)
         row = {
             "id": sample.id,
             "height": sample.labels.shape[0],
@@ -61,12 +110,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
             "true_nuclei": int(sample.labels.max()),
             "pred_nuclei": int(labels.max()),
         }
-        row.update({k: float(f(c)) for k, f in PIXEL_SCORES.items()})
-        row.update(instance_scores(sample.labels, labels))
-        rows.append(row)
+        # calling a metric scores this image and adds it to the whole set's
+        row.update(pixel(torch.from_numpy(foreground), torch.from_numpy(sample.labels > 0)))
+        row.update(instance(sample.labels, labels))
+        rows.append({k: v if isinstance(v, (str, int)) else float(v) for k, v in row.items()})
     seconds = time.perf_counter() - start
-    metrics = {k: float(f(counts)) for k, f in PIXEL_SCORES.items()}  # over all pixels
-    metrics.update({k: float(np.mean([r[k] for r in rows])) for k in ("map", "ap50", "f1_50")})
+    metrics = {k: float(v) for k, v in {**pixel.compute(), **instance.compute()}.items()}
     megapixels = sum(r["height"] * r["width"] for r in rows) / 1e6
     metrics.update(
         {"images": len(rows), "seconds": seconds, "megapixels_per_s": megapixels / seconds}
@@ -106,7 +155,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     metrics, rows = evaluate(cfg)
     out_dir = Path(cfg.paths.output_dir)
     write_outputs(out_dir, metrics, rows)
-    print_table(metrics, rows, f"{cfg.ckpt_path} on {cfg.data.root} ({cfg.split})")
+    print_table(metrics, rows, f"{cfg.ckpt_path}: {cfg.split} split, {metrics['images']} images")
     log.info(
         "%d images, %.1f megapixels/s; metrics.json and per_image.csv in %s",
         metrics["images"],

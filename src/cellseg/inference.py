@@ -1,20 +1,31 @@
-"""Whole-image prediction at any size: padding, overlapping tiles, test-time augmentation."""
+"""Whole-image prediction at any size: padding, overlapping tiles, test-time augmentation.
+
+The contract with the rest of cellseg: :func:`load_model` gives the trained module,
+:func:`checkpoint_data` what its checkpoint says about the data it was trained on (the
+datamodule's hyperparameters, split ids and nucleus diameter), :func:`preprocessing` the dict
+:func:`segment` consumes, and :func:`segment` returns numpy arrays in CPU memory whatever device
+runs the network (as MONAI, the network's device is not the device that accumulates the result).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cellseg.datamodule import describe_data
 from cellseg.datasets import prepare_image, resize
 from cellseg.instances import instances
 from cellseg.module import SegmentationModule
 
-MULTIPLE = 16
+log = logging.getLogger(__name__)
+PREPROCESS_KEYS = ("mode", "img_size", "in_channels", "normalize", "invert_bright")
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:
@@ -39,17 +50,19 @@ def predict_batch(model: nn.Module, x: Tensor, tta: bool = False) -> Tensor:
     return total / 8
 
 
-def tile_layout(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+def tile_layout(
+    length: int, tile: int, overlap: int, multiple: int
+) -> tuple[int, list[int]]:
     """Tile length and start offsets covering ``length`` with at least ``overlap`` shared pixels.
 
-    As few tiles as ``tile`` allows, shrunk (to a multiple of 16) and spread evenly, so the
-    image is covered barely more than once: a 2048-pixel side takes three 704-pixel tiles, not
-    five 512-pixel ones.
+    As few tiles as ``tile`` allows, shrunk (to a ``multiple``, the network's) and spread evenly,
+    so the image is covered barely more than once: a 2048-pixel side takes three 704-pixel
+    tiles, not five 512-pixel ones.
     """
     if length <= tile:
         return length, [0]
     n = math.ceil((length - overlap) / (tile - overlap))
-    size = min(tile, math.ceil((length + (n - 1) * overlap) / n / MULTIPLE) * MULTIPLE)
+    size = min(tile, math.ceil((length + (n - 1) * overlap) / n / multiple) * multiple)
     return size, [round(i * (length - size) / (n - 1)) for i in range(n)]
 
 
@@ -64,6 +77,21 @@ def ramp(size: int, overlap: int) -> Tensor:
     return torch.sin(torch.pi / 2 * edge.clamp(max=1)) ** 2 + 1e-4
 
 
+def network_device(model: nn.Module) -> torch.device:
+    """The device of a module's parameters (CPU for a callable without any)."""
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def network_multiple(model: nn.Module) -> int:
+    """The size multiple of a ``UNet`` or of a module holding one as ``net``."""
+    net = getattr(model, "net", model)
+    multiple = getattr(model, "multiple", None) or getattr(net, "multiple", None)
+    if not multiple:
+        raise ValueError(f"{type(model).__name__} has no size multiple: pass multiple=")
+    return multiple
+
+
 @torch.no_grad()
 def predict_tensor(
     model: nn.Module,
@@ -72,33 +100,43 @@ def predict_tensor(
     overlap: int = 32,
     batch_size: int = 1,
     tta: bool = False,
+    multiple: int | None = None,
+    device: str | torch.device | None = None,
 ) -> Tensor:
-    """Probabilities (K, H, W) for one (C, H, W) image of any size.
+    """Probabilities (K, H, W) in CPU memory for one (C, H, W) image of any size.
 
-    The image is reflect-padded to a multiple of 16; above ``tile_size`` it is cut into tiles
-    that share ``overlap`` pixels, predicted ``batch_size`` tiles at a time and blended with a
-    ramp, so memory depends on the tile size, not on the image size.
+    The image is reflect-padded to ``multiple`` (the network's size multiple; by default the
+    model's ``multiple`` or ``net.multiple``, to be given for other callables); above
+    ``tile_size`` it is cut into tiles that share ``overlap`` pixels, predicted ``batch_size``
+    tiles at a time and blended with a ramp, so memory depends on the tile size, not on the
+    image size. Tiles are sent to ``device`` (default: the model's) and the result is gathered
+    on the CPU, so every path returns CPU memory.
     """
-    if tile_size % MULTIPLE:
-        raise ValueError(f"tile_size={tile_size} must be a multiple of {MULTIPLE}")
+    multiple = multiple or network_multiple(model)
+    if tile_size % multiple:
+        raise ValueError(
+            f"inference.tile_size={tile_size} must be a multiple of {multiple}, the network's"
+        )
     if not 0 <= overlap < tile_size // 2:
         raise ValueError(f"overlap={overlap} must be >= 0 and below half of tile_size")
+    device = torch.device(device) if device is not None else network_device(model)
     c, h, w = image.shape
     x = image[None]
-    if h % MULTIPLE or w % MULTIPLE:  # a copy only where padding is needed
-        mode = "reflect" if min(h, w) > MULTIPLE else "replicate"
-        x = F.pad(x, (0, -w % MULTIPLE, 0, -h % MULTIPLE), mode=mode)
+    if h % multiple or w % multiple:  # a copy only where padding is needed
+        mode = "reflect" if min(h, w) > multiple else "replicate"
+        x = F.pad(x, (0, -w % multiple, 0, -h % multiple), mode=mode)
     ph, pw = x.shape[-2:]
     if ph <= tile_size and pw <= tile_size:
-        return predict_batch(model, x, tta)[0, :, :h, :w]
-    (th, ys), (tw, xs) = tile_layout(ph, tile_size, overlap), tile_layout(pw, tile_size, overlap)
+        return predict_batch(model, x.to(device), tta)[0, :, :h, :w].cpu()
+    (th, ys) = tile_layout(ph, tile_size, overlap, multiple)
+    (tw, xs) = tile_layout(pw, tile_size, overlap, multiple)
     weight = ramp(th, overlap)[:, None] * ramp(tw, overlap)[None, :]
     positions = [(y, xx) for y in ys for xx in xs]
     total, out_weight = None, torch.zeros(ph, pw)
     for i in range(0, len(positions), batch_size):
         chunk = positions[i : i + batch_size]
         batch = torch.cat([x[..., y : y + th, xx : xx + tw] for y, xx in chunk])
-        probs = predict_batch(model, batch, tta)
+        probs = predict_batch(model, batch.to(device), tta)
         if total is None:
             total = torch.zeros(probs.shape[1], ph, pw)
         for (y, xx), p in zip(chunk, probs.cpu(), strict=True):
@@ -107,31 +145,54 @@ def predict_tensor(
     return total.div_(out_weight)[:, :h, :w]
 
 
+def resize_shape(h: int, w: int, img_size: int, max_squash: float) -> tuple[int, int]:
+    """The size a resize-mode model predicts an h x w image at.
+
+    Images up to ``max_squash`` times longer than wide are resized to img_size x img_size, as
+    the training images were; longer ones keep their aspect ratio, scaled so the short side is
+    img_size (the scale such an image would have had in training), and are tiled: squashing
+    a 5000 x 300 strip to 64 x 64 would shrink its nuclei 80-fold along one axis.
+    """
+    if max(h, w) <= max_squash * min(h, w):
+        return img_size, img_size
+    scale = img_size / min(h, w)
+    return max(img_size, round(h * scale)), max(img_size, round(w * scale))
+
+
 def predict_image(
     model: nn.Module,
     image: np.ndarray,
     mode: str = "crop",
     img_size: int = 64,
-    device: str | torch.device = "cpu",
+    max_squash: float = 2.0,
     **kwargs,
 ) -> np.ndarray:
     """Probabilities (H, W, K) for a prepared (H, W, C) float image at its own size.
 
-    A model trained in ``resize`` mode predicts at its training scale (``img_size``) and the
-    result is resized back to the image's size; ``crop``-mode models predict natively.
+    A model trained in ``resize`` mode predicts at its training scale (see
+    :func:`resize_shape`) and the result is resized back to the image's size; ``crop``-mode
+    models predict natively. ``kwargs`` go to :func:`predict_tensor`.
     """
     h, w = image.shape[:2]
     if mode == "resize":
-        image = resize(image, img_size)
-    x = torch.from_numpy(image).permute(2, 0, 1).to(device)  # a view: tiles are copied one by one
+        shape = resize_shape(h, w, img_size, max_squash)
+        if shape != (img_size, img_size):
+            log.info(
+                "a %dx%d image is more than %g times longer than wide: predicted at %dx%d "
+                "(aspect ratio kept), not squashed to %dx%d", h, w, max_squash, *shape,
+                img_size, img_size,
+            )
+        image = resize(image, shape)
+    x = torch.from_numpy(image).permute(2, 0, 1)  # a view: tiles are copied one by one
     probs = predict_tensor(model, x, **kwargs).numpy().transpose(1, 2, 0)
     if mode == "resize":
         probs = resize(probs, (h, w), "linear")
     return probs
 
 
-def load_model(ckpt_path: str, device: str | torch.device = "cpu") -> nn.Module:
-    """A trained ``SegmentationModule`` in eval mode; errors name the file and the fix."""
+def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> SegmentationModule:
+    """A trained ``SegmentationModule`` in eval mode on ``device``; errors name the file and the
+    fix. Its checkpoint's data description is kept for :func:`checkpoint_data`."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -149,25 +210,70 @@ def load_model(ckpt_path: str, device: str | torch.device = "cpu") -> nn.Module:
     return model.eval()
 
 
-def preprocessing(model: nn.Module, override: dict | None = None) -> dict:
-    """How to prepare images for this model: ``override`` if given, else the checkpoint's."""
-    pre = override or model.hparams.get("preprocess")
-    if not pre:
+def checkpoint_data(source: SegmentationModule | str | Path) -> dict[str, Any]:
+    """What a checkpoint says about its training data: ``{"hparams": the datamodule's
+    arguments (root, layout, mode, img_size, normalize, test_size, ...), "splits": {"train",
+    "val", "test": ids}, "diameter": median training nucleus diameter in px or None}``.
+
+    ``source`` is a model from :func:`load_model` or a checkpoint path. Checkpoints written
+    before cellseg saved its data description give empty ``hparams`` and ``splits``.
+    """
+    if isinstance(source, nn.Module):
+        return getattr(source, "data_description", None) or describe_data({})
+    checkpoint = torch.load(Path(source).expanduser(), map_location="cpu", weights_only=True)
+    return describe_data(checkpoint)
+
+
+def preprocessing(model: SegmentationModule, override: dict | None = None) -> dict[str, Any]:
+    """The dict :func:`segment` consumes, from the checkpoint; ``override``'s keys win (logged).
+
+    Keys: ``mode``, ``img_size``, ``in_channels``, ``normalize``, ``invert_bright`` (the
+    datamodule's hyperparameters), ``channel`` (the input channel chosen, None for all),
+    ``multiple`` (the network's size multiple, ``UNet.multiple``) and ``diameter`` (the training
+    split's median equivalent nucleus diameter in pixels at the geometry the network saw them:
+    native px in crop mode, resized px in resize mode; None for old checkpoints). Checkpoints
+    older than the data description fall back to the model's ``preprocess`` hyperparameter.
+    """
+    data = checkpoint_data(model)
+    hp = data["hparams"]
+    if hp:
+        pre = {k: hp[k] for k in PREPROCESS_KEYS}
+        pre["channel"] = hp.get("channel")
+    else:
+        pre = dict(model.hparams.get("preprocess") or {})
+        if pre:
+            log.info("the checkpoint predates cellseg's data description: using its preprocess")
+    pre.setdefault("channel", None)
+    pre.update(multiple=model.net.multiple, diameter=data["diameter"])
+    if override:
+        log.info("preprocess overridden: %s", dict(override))
+        pre.update(override)
+    missing = [k for k in PREPROCESS_KEYS if k not in pre]
+    if missing:
         raise ValueError(
-            "the checkpoint records no preprocessing; pass it, e.g. 'preprocess={mode: resize, "
-            "img_size: 64, in_channels: 3, normalize: percentile, invert_bright: false}'"
+            f"the checkpoint records no {', '.join(missing)}; pass them, e.g. 'preprocess={{mode: "
+            "resize, img_size: 64, in_channels: 3, normalize: percentile, invert_bright: false}'"
         )
-    return dict(pre)
+    return pre
 
 
 def segment(
     model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground probabilities (H, W) and instance labels of a stored image at its own size."""
+    """Foreground probabilities (H, W) and instance labels of a stored image at its own size,
+    both numpy arrays in CPU memory whatever the model's device."""
+    multiple = preprocess["multiple"]
+    if min(image.shape[:2]) < multiple:
+        raise ValueError(
+            f"the image is {image.shape[0]}x{image.shape[1]} pixels, smaller than the network's "
+            f"size multiple {multiple}: too small to segment"
+        )
     x = prepare_image(
         image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
     )
-    probs = predict_image(model, x, preprocess["mode"], preprocess["img_size"], **inference)
+    probs = predict_image(
+        model, x, preprocess["mode"], preprocess["img_size"], multiple=multiple, **inference
+    )
     options = dict(instances_cfg)
     use_contours = options.pop("use_contours", True)
     contours = probs[..., 1] if probs.shape[-1] > 1 and use_contours else None

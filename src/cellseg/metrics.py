@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 
 def confusion_counts(pred: Tensor, target: Tensor) -> Tensor:
@@ -75,26 +75,34 @@ PIXEL_SCORES = {"iou": foreground_iou, "miou": mean_iou, "dice": dice}
 class PixelScore(Metric):
     """One pixel score (``iou``, ``miou`` or ``dice``) accumulated over a whole set.
 
-    ``update(logits, target)`` takes logits of any shape and a {0, 1} target of the same shape.
-    Instances with the same state share their update inside a ``MetricCollection``.
+    ``update(preds, target)`` takes predictions of any shape, foreground where above
+    ``threshold`` (0 for logits, 0.5 for probabilities), and a {0, 1} target of the same shape.
+    Instances with the same state share their update inside a ``MetricCollection``; calling
+    the metric returns the score of that one update and accumulates it.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, score: str = "iou", **kwargs) -> None:
+    def __init__(self, score: str = "iou", threshold: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if score not in PIXEL_SCORES:
             raise ValueError(f"unknown pixel score {score!r}; choose from {sorted(PIXEL_SCORES)}")
-        self.score = score
+        self.score, self.threshold = score, threshold
         self.add_state("counts", default=torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        self.counts += confusion_counts(logits > 0, target > 0.5)
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.counts += confusion_counts(preds > self.threshold, target > 0.5)
 
     def compute(self) -> Tensor:
         return PIXEL_SCORES[self.score](self.counts)
+
+
+def pixel_metrics(prefix: str = "", threshold: float = 0.0) -> MetricCollection:
+    """Every pixel score in one collection (one shared update), names prefixed by ``prefix``."""
+    scores = {k: PixelScore(k, threshold) for k in PIXEL_SCORES}
+    return MetricCollection(scores, prefix=prefix)
 
 
 DSB_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
@@ -138,11 +146,6 @@ def _per_threshold(counts: np.ndarray, f1: bool = False) -> np.ndarray:
     return np.where(den > 0, num / np.maximum(den, 1), 1.0)
 
 
-def dsb_score(true_labels: np.ndarray, pred_labels: np.ndarray) -> float:
-    """The 2018 Data Science Bowl score of one image (mean over t = 0.50..0.95)."""
-    return float(_per_threshold(matching_counts(true_labels, pred_labels)).mean())
-
-
 def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> dict[str, float]:
     """``map``, ``ap50`` and ``f1_50`` of one image."""
     counts = matching_counts(true_labels, pred_labels)  # row 0 is t = 0.5
@@ -160,7 +163,8 @@ class InstanceScores(Metric):
     """Per-image instance scores averaged over images: ``compute()`` -> {map, ap50, f1_50}.
 
     ``update(true_labels, pred_labels)`` takes one label image pair or lists of them (numpy or
-    tensors). Sums and the image count reduce across processes.
+    tensors); calling the metric returns the scores of that update and accumulates them. Sums
+    and the image count reduce across processes.
     """
 
     is_differentiable = False

@@ -10,9 +10,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric
 
-from cellseg.metrics import PIXEL_SCORES, PixelScore
+from cellseg.datamodule import describe_data
+from cellseg.metrics import pixel_metrics
 from cellseg.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ def segmentation_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
     return bce + soft_dice_loss(logits, target) if name == "dice_bce" else bce
 
 
-def pixel_metrics(stage: str) -> MetricCollection:
-    return MetricCollection({k: PixelScore(k) for k in PIXEL_SCORES}, prefix=f"{stage}/")
-
-
 class SegmentationModule(L.LightningModule):
     """Binary nucleus segmentation with the study's U-Net.
 
@@ -53,9 +50,9 @@ class SegmentationModule(L.LightningModule):
     ``torch.load(weights_only=True)``; ``optimizer``/``scheduler`` are Hydra configs with
     ``_partial_: true`` that are called with the parameters / optimiser here. ``compile``
     compiles the network with ``torch.compile`` for training (slower on CPU here; see the
-    README's performance section). ``preprocess`` records how the training data were prepared
-    (mode, img_size, normalisation, inversion), so evaluation and prediction prepare new images
-    the same way.
+    README's performance section). ``preprocess`` is read only from checkpoints older than the
+    data description (``cellseg.inference.preprocessing`` reads the datamodule's hyperparameters
+    and state, which ``on_load_checkpoint`` keeps as ``data_description``).
     """
 
     def __init__(
@@ -77,15 +74,18 @@ class SegmentationModule(L.LightningModule):
         self.net = UNet(**(net or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
-        self.train_metrics = pixel_metrics("train")
-        self.val_metrics = pixel_metrics("val")
-        self.test_metrics = pixel_metrics("test")
+        self.train_metrics = pixel_metrics("train/")
+        self.val_metrics = pixel_metrics("val/")
+        self.test_metrics = pixel_metrics("test/")
         # "ignore" drops a skipped batch's NaN; "disable" would also drop the weights (it
         # replaces them with ones in torchmetrics 1.x), making the loss a mean of batch means
         self.train_loss = MeanMetric(nan_strategy="ignore")
         self.val_loss = MeanMetric(nan_strategy="ignore")
         self.test_loss = MeanMetric(nan_strategy="ignore")
         self.val_iou_best = MaxMetric()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.data_description = describe_data(checkpoint)
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":  # in place: checkpoint keys stay the same
