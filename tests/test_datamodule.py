@@ -157,3 +157,48 @@ def test_streaming_serves_the_same_batches_as_the_cache(tmp_path):
     for split in ("train", "test"):
         for a, b in zip(cached.loader(split), streamed.loader(split), strict=True):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_equivalent_diameters_of_label_images():
+    from cellseg.datamodule import equivalent_diameters
+
+    labels = np.zeros((10, 10), np.int32)
+    labels[:4, :4] = 1  # 16 px: the disk of 16 px has diameter sqrt(64 / pi)
+    labels[6:, 6:] = 3  # label 2 absent: no object of area 0
+    np.testing.assert_allclose(equivalent_diameters(labels), [np.sqrt(64 / np.pi)] * 2)
+    assert equivalent_diameters(np.zeros((3, 3), np.int32)).size == 0
+
+
+def test_checkpoint_state_holds_the_split_and_the_resized_nuclei_diameter(synthetic_dm):
+    from cellseg.datamodule import describe_data
+
+    state = synthetic_dm.state_dict()
+    assert state["splits"] == synthetic_dm.splits and state["diameter"] > 0
+    restored = NucleiDataModule(**synthetic_dm.hparams)
+    restored.load_state_dict(state)
+    assert restored.splits == synthetic_dm.splits and restored.diameter == state["diameter"]
+    assert "augmentation" not in synthetic_dm.hparams  # primitives only
+    checkpoint = {"datamodule_hyper_parameters": dict(synthetic_dm.hparams),
+                  "NucleiDataModule": state}
+    assert describe_data(checkpoint)["splits"] == synthetic_dm.splits
+    assert describe_data({}) == {"hparams": {}, "splits": {}, "diameter": None}
+
+
+def test_an_image_below_the_networks_multiple_is_refused_naming_it(tmp_path):
+    from PIL import Image
+
+    for stem, size in (("ok", 32), ("tiny", 1)):
+        for sub in ("images", "masks"):
+            (tmp_path / sub).mkdir(exist_ok=True)
+            Image.fromarray(np.zeros((size, size), np.uint8)).save(tmp_path / sub / f"{stem}.png")
+    dm = NucleiDataModule(str(tmp_path), layout="folder", test_size=0.5)
+    dm.set_multiple(16)
+    with pytest.raises(ValueError, match="image tiny in .* is 1x1 pixels, below the network's"):
+        dm.setup()
+
+
+def test_own_data_holds_out_validation_from_training_by_default():
+    from conftest import compose_cfg
+
+    assert compose_cfg("train", ["data=folder"]).data.val_size == 0.2
+    assert compose_cfg("train", ["data=dsb2018"]).data.val_size == 0.0  # the study

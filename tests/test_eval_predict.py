@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,108 @@ def test_predicting_a_4096_image_stays_under_2_gb(trained, tmp_path):
     assert (tmp_path / "out/labels/big.png").is_file()
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     assert peak_mb < 2048, f"peak resident memory {peak_mb:.0f} MB"
+
+
+def test_eval_scores_the_runs_own_split_whatever_its_own_defaults(cfg_factory):
+    from cellseg.datamodule import make_splits
+    from cellseg.train import train
+
+    cfg = cfg_factory("data.val_size=0.2", "data.split_seed=3", "trainer.max_epochs=1")
+    train(cfg)
+    ckpt = f"{cfg.paths.output_dir}/checkpoints/last.ckpt"
+    ids = sorted(p.name for p in Path(cfg.data.root).iterdir() if p.is_dir())
+    run_splits = make_splits(ids, 0.2, 0.2, 3)
+    assert checkpoint_data(ckpt)["splits"] == run_splits
+    assert run_splits["test"] != make_splits(ids, 0.2, 0.0, 0)["test"]  # eval's old guess
+    _, rows = evaluate(eval_cfg(ckpt))
+    assert [r["id"] for r in rows] == run_splits["test"]
+    _, rows = evaluate(eval_cfg(ckpt, "split=val"))
+    assert [r["id"] for r in rows] == run_splits["val"]
+
+
+def test_preprocessing_comes_from_the_checkpoint(trained):
+    from cellseg.inference import load_model, preprocessing
+
+    ckpt, root = trained
+    model = load_model(ckpt)
+    pre = preprocessing(model)
+    assert {k: pre[k] for k in ("mode", "img_size", "in_channels", "multiple", "channel")} == {
+        "mode": "resize", "img_size": 64, "in_channels": 3, "multiple": 16, "channel": None
+    }
+    # the training split's nuclei, at 64 px as stored and as trained: median equivalent diameter
+    train = {s.id: s for s in read_samples(root, "dsb2018")}
+    areas = [np.unique(train[i].labels, return_counts=True)[1][1:]
+             for i in checkpoint_data(model)["splits"]["train"]]
+    assert pre["diameter"] == pytest.approx(np.median(np.sqrt(4 * np.concatenate(areas) / np.pi)))
+    assert checkpoint_data(model)["hparams"]["root"] == str(root)
+    assert preprocessing(model, {"img_size": 128})["img_size"] == 128  # an override wins
+
+
+def test_an_old_checkpoint_works_through_its_preprocess_or_an_override(trained, tmp_path):
+    import torch
+
+    from cellseg.inference import load_model, preprocessing
+
+    ckpt, root = trained
+    raw = torch.load(ckpt, weights_only=True)
+    for key in ("datamodule_hyper_parameters", "NucleiDataModule"):
+        del raw[key]
+    old = {"mode": "resize", "img_size": 64, "in_channels": 3, "normalize": "percentile",
+           "invert_bright": False}
+    raw["hyper_parameters"]["preprocess"] = old
+    torch.save(raw, tmp_path / "old.ckpt")
+    model = load_model(tmp_path / "old.ckpt")
+    assert preprocessing(model) == {**old, "channel": None, "multiple": 16, "diameter": None}
+    del raw["hyper_parameters"]["preprocess"]
+    torch.save(raw, tmp_path / "older.ckpt")
+    with pytest.raises(ValueError, match="records no mode, img_size"):
+        preprocessing(load_model(tmp_path / "older.ckpt"))
+    assert preprocessing(load_model(tmp_path / "older.ckpt"), old)["img_size"] == 64
+    with pytest.raises(ValueError, match="predates cellseg's data description: pass the data"):
+        evaluate(eval_cfg(tmp_path / "old.ckpt"))
+    cfg = eval_cfg(tmp_path / "old.ckpt", "data=synthetic", f"data.root={root}")
+    assert evaluate(cfg)[0]["images"] == 2  # the split recomputed from data.test_size
+
+
+def test_eval_of_moved_or_other_data_scores_the_ids_or_says_what_is_missing(trained, tmp_path):
+    import shutil
+
+    ckpt, root = trained
+    test_ids = checkpoint_data(ckpt)["splits"]["test"]
+    for folder in (p for p in root.iterdir() if p.is_dir()):
+        shutil.copytree(folder, tmp_path / "moved" / folder.name)
+        if folder.name not in test_ids:
+            shutil.copytree(folder, tmp_path / "other" / folder.name)
+    _, rows = evaluate(eval_cfg(ckpt, f"data_root={tmp_path / 'moved'}"))
+    assert [r["id"] for r in rows] == test_ids
+    with pytest.raises(ValueError, match="2 of the checkpoint's 2 test images are not in"):
+        evaluate(eval_cfg(ckpt, "data=synthetic", f"data.root={tmp_path / 'other'}"))
+    assert evaluate(eval_cfg(ckpt, f"data_root={tmp_path / 'other'}", "split=all"))[0][
+        "images"] == 8
+
+
+@pytest.mark.parametrize("channels", [[8, 16, 32], [4, 8, 16, 32, 64]])
+def test_three_and_five_level_networks_train_crop_evaluate_and_predict(cfg_factory, channels):
+    from cellseg.train import train
+
+    cfg = cfg_factory(
+        f"model.net.channels=[{','.join(map(str, channels))}]", "model.net.bottleneck=64",
+        "data.mode=crop", "data.crop_size=32", "data.synthetic.size=72", "trainer.max_epochs=1",
+    )
+    train(cfg)  # validation pads 72 to the multiple (72 for 8, 96 for 32)
+    ckpt = f"{cfg.paths.output_dir}/checkpoints/last.ckpt"
+    metrics, rows = evaluate(eval_cfg(ckpt))
+    assert metrics["images"] == 2 and {(r["height"], r["width"]) for r in rows} == {(72, 72)}
+    out = Path(cfg.paths.output_dir) / "pred"
+    assert predict(predict_cfg(ckpt, cfg.data.root, out, "inference.tile_size=64",
+                           "inference.overlap=16"))["images"] == 10
+    assert np.asarray(Image.open(next((out / "labels").glob("*.png")))).shape == (72, 72)
+
+
+def test_images_below_the_networks_multiple_are_refused(trained):
+    from cellseg.inference import load_model, preprocessing, segment
+
+    ckpt, _ = trained
+    model = load_model(ckpt)
+    with pytest.raises(ValueError, match="is 8x40 pixels, smaller than the network's size"):
+        segment(model, np.zeros((8, 40, 3), np.uint8), preprocessing(model), {}, {})

@@ -9,6 +9,7 @@ from cellseg.inference import (
     dihedral,
     predict_image,
     predict_tensor,
+    resize_shape,
     tile_layout,
     undo_dihedral,
 )
@@ -95,3 +96,64 @@ def test_tile_layout_covers_with_the_overlap_and_little_more(length, tile, overl
 
 def test_a_2048_side_takes_three_tiles_of_704():
     assert tile_layout(2048, 1024, 32, 16) == (704, [0, 672, 1344])
+
+
+class OnDevice(torch.Tensor):
+    """A tensor that behaves as one in accelerator memory: ``numpy()`` fails until ``cpu()``."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert a device tensor to numpy; use .cpu() first")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+class DeviceModel(Recorder):
+    """A per-pixel model whose outputs live 'on the device'."""
+
+    def forward(self, x):
+        return super().forward(x).as_subclass(OnDevice)
+
+
+@pytest.mark.parametrize(("mode", "tile_size"), [("resize", 1024), ("crop", 1024), ("crop", 64)])
+def test_every_prediction_path_returns_cpu_memory(mode, tile_size):
+    image = np.random.default_rng(0).random((100, 130, 3)).astype(np.float32)
+    probs = predict_image(DeviceModel(3, 1), image, mode=mode, tile_size=tile_size, overlap=16)
+    assert type(probs) is np.ndarray and probs.shape == (100, 130, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_model_on_cuda_gives_numpy_back():
+    model = UNet(3).eval().cuda()
+    image = np.random.default_rng(0).random((100, 130, 3)).astype(np.float32)
+    for mode, tile in (("resize", 1024), ("crop", 1024), ("crop", 64)):
+        probs = predict_image(model, image, mode=mode, tile_size=tile, overlap=16)
+        assert type(probs) is np.ndarray and probs.shape == (100, 130, 1)
+
+
+def test_the_network_multiple_sets_padding_and_tiles():
+    model = UNet(3, channels=(4, 8, 16, 32, 64), bottleneck=64).eval()  # 5 levels: 32
+    assert model.multiple == 32
+    image = torch.rand(3, 70, 90)
+    assert predict_tensor(model, image).shape == (1, 70, 90)  # padded to 96 x 96 inside
+    assert predict_tensor(model, image, tile_size=64, overlap=16).shape == (1, 70, 90)
+    with pytest.raises(ValueError, match="tile_size=48 must be a multiple of 32"):
+        predict_tensor(model, image, tile_size=48)
+    with pytest.raises(ValueError, match="pass multiple="):
+        predict_tensor(nn.Conv2d(3, 1, 1), image)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "expected"),
+    [(256, 256, (64, 64)), (520, 696, (64, 64)), (300, 5000, (64, 1067)), (5000, 300, (1067, 64))],
+)
+def test_resize_mode_squashes_like_training_only_near_square_images(h, w, expected):
+    assert resize_shape(h, w, 64, max_squash=2.0) == expected
+
+
+def test_a_long_strip_keeps_its_aspect_ratio_in_resize_mode():
+    model = Recorder(3, 1)
+    image = np.random.default_rng(0).random((40, 400, 3)).astype(np.float32)
+    probs = predict_image(model, image, mode="resize", img_size=64, max_squash=2.0)
+    assert probs.shape == (40, 400, 1)
+    assert model.shapes == [(1, 3, 64, 640)]  # 10:1 kept, short side at the training size
