@@ -31,8 +31,17 @@ def test_bench_on_tiny_settings(tmp_path):
     json.dumps(rows)  # serialisable
 
 
-def test_timed_alternates_its_functions_and_leaves_out_the_warmup():
-    calls = []
-    medians = timed([lambda: calls.append("a"), lambda: calls.append("b")], 1, 3)
+def test_timed_alternates_its_functions_and_leaves_out_the_warmup(monkeypatch):
+    import cellseg.bench
+
+    clock, calls = [0.0], []
+    durations = {"a": [100.0, 3.0, 1.0, 2.0], "b": [50.0, 10.0, 30.0, 20.0]}  # warm-up first
+
+    def call(name):
+        calls.append(name)
+        clock[0] += durations[name][calls.count(name) - 1]
+
+    monkeypatch.setattr(cellseg.bench.time, "perf_counter", lambda: clock[0])
+    medians = timed([lambda: call("a"), lambda: call("b")], 1, 3)
     assert calls == ["a", "b"] * 4  # one warm-up round, three measured, in turn
-    assert len(medians) == 2 and all(m >= 0 for m in medians)
+    assert medians == [2.0, 20.0]  # the medians of the measured rounds only

@@ -137,3 +137,12 @@ def test_folder_without_images_says_so(tmp_path):
         read_samples(tmp_path, "folder")
     with pytest.raises(FileNotFoundError, match="holds no"):
         read_samples(tmp_path / "images", "dsb2018")
+
+
+def test_to_channels_pixel_values():
+    rgba = np.array([[[10, 20, 30, 255], [200, 100, 0, 255]]], np.uint8)
+    np.testing.assert_array_equal(to_channels(rgba, 3), rgba[..., :3])  # alpha dropped
+    gray = to_channels(rgba, 1)  # ITU-R 601 luma: 0.299 R + 0.587 G + 0.114 B
+    np.testing.assert_allclose(gray[..., 0], [[18.15, 118.5]], rtol=1e-6)
+    gray_to_rgb = to_channels(np.array([[7, 9]], np.uint8), 3)
+    np.testing.assert_array_equal(gray_to_rgb, [[[7, 7, 7], [9, 9, 9]]])

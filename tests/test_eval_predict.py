@@ -12,7 +12,7 @@ from PIL import Image
 from cellseg.datasets import read_samples
 from cellseg.eval import evaluate, write_outputs
 from cellseg.inference import checkpoint_data
-from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode, rle_encode
+from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode
 from conftest import compose_cfg, failure
 
 
@@ -66,10 +66,11 @@ def test_rle_of_all_labels_in_one_pass_decodes_to_each_mask():
 
 def test_rle_matches_the_kaggle_convention_and_round_trips():
     mask = np.array([[1, 0], [1, 1]], bool)  # column-major pixels 1, 2 (column 0) and 4
-    assert rle_encode(mask) == "1 2 4 1"
+    assert rle_by_label(mask.astype(np.uint8)) == {1: "1 2 4 1"}
     rng = np.random.default_rng(0)
     random_mask = rng.random((7, 5)) > 0.5
-    np.testing.assert_array_equal(rle_decode(rle_encode(random_mask), (7, 5)), random_mask)
+    (rle,) = rle_by_label(random_mask.astype(np.uint8)).values()
+    np.testing.assert_array_equal(rle_decode(rle, (7, 5)), random_mask)
 
 
 def predict_cfg(ckpt, input_path, output, *overrides):

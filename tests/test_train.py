@@ -65,14 +65,34 @@ def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
     assert resumed["lr_schedulers"][0]["last_epoch"] == 3  # the schedule continued, not restarted
 
 
-def test_dice_bce_loss_and_cosine_schedule(cfg_factory):
+def test_cosine_schedule_anneals_to_zero_over_the_run(cfg_factory):
     cfg = cfg_factory(
         "model.loss=dice_bce",
         "+model.scheduler={_target_: torch.optim.lr_scheduler.CosineAnnealingLR,"
         " _partial_: true, T_max: 2}",
     )
     metrics = train(cfg)
-    assert metrics["train/loss"] > 0 and "lr-Adam" in metrics
+    # logged at each epoch's start: 1e-3, then 1e-3 x (1 + cos(pi / 2)) / 2; after the last, 0
+    assert metrics["lr-Adam"] == pytest.approx(5e-4)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    assert last["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_native_validation_on_padded_images_equals_eval_on_the_unpadded_ones(cfg_factory):
+    from cellseg.eval import evaluate
+    from conftest import compose_cfg
+
+    cfg = cfg_factory(
+        "experiment=native", "data.synthetic.size=72", "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=null",
+        "trainer.precision=32-true",
+    )
+    metrics = train(cfg)  # validation: 72 x 72 images padded to 80 x 80, scored on 72 x 72
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
+    scores, rows = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "split=val"]))
+    assert {(r["height"], r["width"]) for r in rows} == {(72, 72)} and len(rows) == 2
+    for k in ("iou", "miou", "dice"):
+        assert scores[k] == pytest.approx(metrics[f"val/{k}"], rel=1e-5), k
 
 
 def test_one_channel_model_on_rgb_data(cfg_factory):

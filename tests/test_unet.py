@@ -1,7 +1,13 @@
+import math
+
 import pytest
 import torch
 
-from cellseg.unet import UNet, count_parameters
+from cellseg.unet import UNet
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
 
 
 @pytest.mark.parametrize(("in_channels", "expected"), [(3, 2_158_833), (1, 2_158_545)])
@@ -17,7 +23,9 @@ def test_output_has_input_size_and_one_channel(h, w):
 
 def test_batch_norm_option_adds_parameters_and_runs():
     net = UNet(3, batch_norm=True)
-    assert count_parameters(net) != 2_158_833
+    # each of the 18 block convolutions drops its bias (out) and gains a scale and a shift
+    # (2 out): + out per convolution, 2 x (16+32+64+128) + 2 x 256 + 2 x (128+64+32+16) = 1472
+    assert count_parameters(net) == 2_158_833 + 1472
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1, 32, 32)
 
 
@@ -58,3 +66,15 @@ def test_soft_dice_loss_per_channel():
     assert segmentation_loss("dice_bce", perfect, target).item() < 0.01
     with pytest.raises(ValueError, match="unknown loss"):
         segmentation_loss("focal", perfect, target)
+
+
+def test_dice_bce_is_bce_plus_one_minus_soft_dice_by_hand():
+    from cellseg.module import segmentation_loss
+
+    logits = torch.zeros(1, 1, 2, 2)  # p = 0.5 everywhere: BCE = ln 2 per pixel
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    # soft Dice with eps = 1: (2 x 0.5 x 2 + 1) / (2 + 2 + 1) = 3/5
+    assert segmentation_loss("bce", logits, target).item() == pytest.approx(math.log(2))
+    assert segmentation_loss("dice_bce", logits, target).item() == pytest.approx(
+        math.log(2) + 1 - 3 / 5
+    )

@@ -56,14 +56,10 @@ def check_output(output: Path, input_path: Path) -> None:
         raise ValueError(f"output={output} lies inside the input folder {source}; choose another")
 
 
-def rle_encode(mask: np.ndarray) -> str:
-    """Kaggle run-length encoding: 'start length ...' over column-major pixels numbered from 1."""
-    return rle_by_label(np.asarray(mask, bool).astype(np.uint8)).get(1, "")
-
-
 def rle_by_label(labels: np.ndarray) -> dict[int, str]:
-    """The Kaggle run-length encoding of every object of a label image, in one pass (not one
-    per object: a 4096² image holds thousands of nuclei)."""
+    """The Kaggle run-length encoding ('start length ...' over column-major pixels numbered from
+    1) of every object of a label image, in one pass (not one per object: a 4096² image holds
+    thousands of nuclei)."""
     flat = labels.T.ravel()
     where = np.flatnonzero(flat)
     order = np.argsort(flat[where], kind="stable")  # column-major order kept within a label
@@ -81,7 +77,7 @@ def rle_by_label(labels: np.ndarray) -> dict[int, str]:
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """The inverse of :func:`rle_encode`."""
+    """One mask from its run-length encoding (the inverse of :func:`rle_by_label`)."""
     flat = np.zeros(shape[0] * shape[1], bool)
     numbers = np.array(rle.split(), int)
     for start, length in zip(numbers[::2], numbers[1::2], strict=True):
