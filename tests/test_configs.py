@@ -1,0 +1,113 @@
+"""Every option of every config group composes and instantiates (as the lightning-hydra-template's
+``test_configs.py``): a typo in a ``_target_`` or an interpolation fails here, not in a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from cellseg import config_dir
+from cellseg.inference import predict_image
+from cellseg.instances import instances
+from cellseg.train import build
+from cellseg.unet import UNet
+from conftest import TINY_SYNTHETIC, compose_cfg, make_cfg
+
+GROUPS = Path(config_dir())
+NEEDS_GPU = {("trainer", "gpu")}
+# Hydra's own groups: composed with the hydra config, their sweeper/launcher instantiated
+HYDRA_GROUPS = ("hparams_search", "launcher", "hydra")
+TOP_LEVEL = ("train", "eval", "predict", "compare", "bench")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (GROUPS / group).glob("*.yaml"))
+
+
+TRAIN_OPTIONS = [
+    (group.name, option)
+    for group in sorted(p for p in GROUPS.iterdir() if p.is_dir())
+    if group.name not in (*HYDRA_GROUPS, "inference", "instances")
+    for option in options(group.name)
+]
+
+
+def test_every_group_is_covered():
+    covered = {g for g, _ in TRAIN_OPTIONS} | {*HYDRA_GROUPS, "inference", "instances"}
+    assert covered == {p.name for p in GROUPS.iterdir() if p.is_dir()}
+    assert len(TRAIN_OPTIONS) >= 20
+
+
+@pytest.mark.parametrize(("group", "option"), TRAIN_OPTIONS,
+                         ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
+def test_train_option_composes_and_builds(tmp_path, group, option):
+    if (group, option) in NEEDS_GPU and not torch.cuda.is_available():
+        pytest.skip(f"{group}={option} needs a CUDA device")
+    if group == "callbacks":  # the shrunk config sets callbacks.* that callbacks=none lacks
+        cfg = compose_cfg("train", [f"callbacks={option}", *TINY_SYNTHETIC, "data.num_workers=0"])
+        with open_dict(cfg):
+            cfg.paths.root_dir = cfg.paths.output_dir = str(tmp_path)
+            cfg.data.root = str(tmp_path / "data")
+    else:
+        cfg = make_cfg(tmp_path, [f"{group}={option}"])
+    datamodule, model, trainer = build(cfg)
+    assert model.net.multiple == 2 ** len(cfg.model.net.channels)
+    assert datamodule.hparams.layout == cfg.data.layout
+    if group == "trainer":
+        assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL)
+def test_top_level_config_composes(name):
+    required = {"eval": ["ckpt_path=x"], "predict": ["ckpt_path=x", "input=x", "output=y"],
+                "compare": ["runs=[x]"]}
+    cfg = compose_cfg(name, required.get(name, []))
+    assert cfg.task_name == name
+
+
+@pytest.mark.parametrize("option", options("inference"))
+def test_inference_option_runs(option):
+    cfg = compose_cfg("eval", ["ckpt_path=x", f"inference={option}"])
+    image = np.random.default_rng(0).random((40, 200, 3)).astype(np.float32)
+    probs = predict_image(UNet(3).eval(), image, mode="resize", img_size=32, **cfg.inference)
+    assert probs.shape == (40, 200, 1)
+
+
+@pytest.mark.parametrize("option", options("instances"))
+def test_instances_option_runs(option):
+    cfg = compose_cfg("eval", ["ckpt_path=x", f"instances={option}"])
+    opts = dict(cfg.instances)
+    opts.pop("use_contours")
+    probs = np.zeros((32, 32), np.float32)
+    probs[4:14, 4:14] = probs[20:30, 18:28] = 1.0
+    assert instances(probs, None, **opts).max() == 2
+
+
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "override", [f"hparams_search={o}" for o in options("hparams_search")]
+    + [f"launcher={o}" for o in options("launcher")] + ["hydra=default"],
+)
+def test_hydra_option_composes_and_its_plugin_instantiates(override, tmp_path):
+    cfg = compose_with_hydra([override, f"paths.root_dir={tmp_path}"])
+    assert cfg.hydra.run.dir and cfg.hydra.sweep.dir
+    if override.startswith("hparams_search"):
+        sweeper = hydra.utils.instantiate(cfg.hydra.sweeper, _recursive_=False)
+        assert type(sweeper).__name__ == "OptunaSweeper"
+    if override.startswith("launcher"):
+        launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+        assert type(launcher).__name__ == "SlurmLauncher"
