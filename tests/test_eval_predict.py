@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import open_dict
 from PIL import Image
 
@@ -213,8 +214,6 @@ def test_preprocessing_comes_from_the_checkpoint(trained):
 
 
 def test_an_old_checkpoint_works_through_its_preprocess_or_an_override(trained, tmp_path):
-    import torch
-
     from cellseg.inference import load_model, preprocessing
 
     ckpt, root = trained
@@ -280,3 +279,12 @@ def test_images_below_the_networks_multiple_are_refused(trained):
     model = load_model(ckpt)
     with pytest.raises(ValueError, match="is 8x40 pixels, smaller than the network's size"):
         segment(model, np.zeros((8, 40, 3), np.uint8), preprocessing(model), {}, {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_eval_and_predict_on_cuda(trained, tmp_path):
+    ckpt, root = trained
+    cpu, _ = evaluate(eval_cfg(ckpt))
+    cuda, _ = evaluate(eval_cfg(ckpt, "device=cuda"))
+    assert cuda["iou"] == pytest.approx(cpu["iou"], abs=0.01)
+    assert predict(predict_cfg(ckpt, root, tmp_path / "p", "device=cuda"))["images"] == 10
