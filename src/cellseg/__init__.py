@@ -15,6 +15,17 @@ __version__ = "0.1.0"
 OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 
+def run_name(name: str, layout: str = "", root: str = "", overrides: str = "") -> str:
+    """A run folder's name: the experiment, the data unless it is the default synthetic set
+    (the folder's own name for ``data=folder``), and the overrides that distinguish the run."""
+    data = Path(root).name if layout == "folder" else layout
+    parts = [name, "" if data in ("synthetic", name) else data, overrides]
+    return "_".join(p for p in parts if p).replace("/", "-")[:120]
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
 def config_dir() -> str:
     """The Hydra config folder: inside the installed package, or ``configs/`` of a checkout."""
     here = Path(__file__).resolve().parent
