@@ -1,6 +1,7 @@
 """cellseg: nucleus segmentation with a U-Net, PyTorch Lightning and Hydra."""
 
 import os
+import re
 from pathlib import Path
 
 # albumentations otherwise asks the network for a newer release on every import
@@ -17,10 +18,13 @@ OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 def run_name(name: str, layout: str = "", root: str = "", overrides: str = "") -> str:
     """A run folder's name: the experiment, the data unless it is the default synthetic set
-    (the folder's own name for ``data=folder``), and the overrides that distinguish the run."""
+    (the folder's own name for ``data=folder``), and the overrides that distinguish the run
+    (``model.loss=dice_bce,seed=1`` written ``model.loss-dice_bce+seed-1``: a path a Hydra
+    override such as ``ckpt_path=<run>/...`` accepts without quotes)."""
     data = Path(root).name if layout == "folder" else layout
+    overrides = overrides.replace("=", "-").replace(",", "+")
     parts = [name, "" if data in ("synthetic", name) else data, overrides]
-    return "_".join(p for p in parts if p).replace("/", "-")[:120]
+    return re.sub(r"[^\w.+@%-]", "", "_".join(p for p in parts if p))[:120]
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
