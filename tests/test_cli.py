@@ -100,6 +100,18 @@ def test_run_names_tell_runs_apart_and_are_valid_override_values():
     assert override.value() == f"/logs/{trial}/last.ckpt"
 
 
+def test_only_the_first_ddp_process_logs_the_run_messages(monkeypatch, caplog):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from cellseg.train import log
+
+    with caplog.at_level(logging.INFO):
+        for rank in (0, 1):
+            monkeypatch.setattr(rank_zero_only, "rank", rank)
+            log.info("message of rank %d", rank)
+    assert "message of rank 0" in caplog.text and "message of rank 1" not in caplog.text
+
+
 def test_a_torch_without_the_private_bf16_checks_trains_in_fp32(monkeypatch, caplog):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     with caplog.at_level(logging.WARNING):

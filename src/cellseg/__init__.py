@@ -24,7 +24,7 @@ def run_name(name: str, layout: str = "", root: str = "", overrides: str = "") -
     data = Path(root).name if layout == "folder" else layout
     overrides = overrides.replace("=", "-").replace(",", "+")
     parts = [name, "" if data in ("synthetic", name) else data, overrides]
-    return re.sub(r"[^\w.+@%-]", "", "_".join(p for p in parts if p))[:120]
+    return re.sub(r"[^\w.+@%-]", "", "_".join(p for p in parts if p))[:200]
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)

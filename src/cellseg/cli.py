@@ -99,9 +99,9 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def quiet_console() -> None:
-    """Leave the console to cellseg's own lines: Lightning's set-up notices (device list, tips,
+    """Leave the console to cellseg's own lines: Lightning's trainer notices (device list, tips,
     batch limits) go below its warning level, and one deprecation of Lightning's own code
-    that a newer torch reports on every run is filtered."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    that a newer torch reports on every run is filtered. (``lightning.fabric`` keeps its
+    level: it says when DDP processes join.)"""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
