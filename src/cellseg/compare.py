@@ -28,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from cellseg import config_dir
+from cellseg.cli import one_line_errors
 from cellseg.eval import SCORES, evaluate, select_samples
 from cellseg.figures import display_rgb
 from cellseg.inference import load_model, preprocessing, segment
@@ -228,6 +229,7 @@ def compare(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="compare")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     compare(cfg)
 

@@ -232,9 +232,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException:
-        if trainer.current_epoch == 0:  # no epoch finished: no run to list in TensorBoard
-            for writer_dir in {w.log_dir for w in tensorboard_writers(trainer)}:
-                shutil.rmtree(writer_dir, ignore_errors=True)
+        if trainer.current_epoch == 0 and trainer.is_global_zero:  # no run to list in TensorBoard
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    shutil.rmtree(logger.log_dir, ignore_errors=True)
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -251,7 +252,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         else:
             logger.log_hyperparams(params)
             logger.log_metrics(hp_metrics, step=trainer.global_step)
-    report(trainer, metrics, tested or last_checkpoint(trainer))
+    report(trainer, metrics, tested or last_checkpoint(trainer), bool(cfg.get("test")))
     return metrics
 
 
@@ -273,14 +274,16 @@ def checkpoint_to_test(choice: str, best: str, trainer: L.Trainer) -> str | None
     return None
 
 
-def report(trainer: L.Trainer, metrics: dict[str, float], tested: str | None) -> None:
-    """Print the final scores and where the logs and checkpoints are."""
+def report(
+    trainer: L.Trainer, metrics: dict[str, float], checkpoint: str | None, tested: bool
+) -> None:
+    """Print the final scores and where the logs are; last, the checkpoint (the tested one)."""
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     log.info("Final scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     for writer in tensorboard_writers(trainer):
         log.info("TensorBoard: %s  (tensorboard --logdir logs)", writer.log_dir)
-    if tested:
-        log.info("Tested checkpoint: %s", tested)
+    if checkpoint:
+        log.info("%s checkpoint: %s", "Tested" if tested else "Last", checkpoint)
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
