@@ -90,4 +90,3 @@ def test_atomic_writer_replaces_and_leaves_no_temporary(tmp_path):
         io.save_checkpoint({"epoch": epoch}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["last.ckpt"]
-
