@@ -9,7 +9,7 @@ DSB2018 ?= ../shared/data/dsb2018/stage1_train
 .PHONY: help install train test test-full sweep compare bench tensorboard lint clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's|$$(DSB2018)|$(DSB2018)|g' | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install cellseg with its dev tools
 
-train: $(STAMP) ## train the augmented study on the embedded synthetic data
+train: $(STAMP) ## train the augmented study on the embedded synthetic data (ends with its checkpoint)
 	$(PY) -m cellseg.train experiment=augmented
 
 test: $(STAMP) ## run the test suite (without slow tests)

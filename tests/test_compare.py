@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from cellseg.compare import compare
+from cellseg.compare import compare, curves_figure
 from cellseg.train import train
 from conftest import compose_cfg, make_cfg
 
@@ -19,19 +19,19 @@ def tiny_run(tmp_path: Path, job: str, experiment: str, finished: bool = True) -
         train(cfg)
     (run / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run / ".hydra/config.yaml")
-    overrides = [f"experiment={experiment}", "seed=0", f"paths.root_dir={tmp_path}"]
+    overrides = [f"experiment={experiment}", "debug=fast", "seed=0", f"paths.root_dir={tmp_path}"]
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra/overrides.yaml")
     return run
 
 
-def test_compare_two_runs_and_an_unfinished_one(tmp_path):
+def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys):
     tiny_run(tmp_path, "0_baseline", "baseline")
     tiny_run(tmp_path, "1_augmented", "augmented")
     tiny_run(tmp_path, "2_augmented", "augmented", finished=False)
     cfg = compose_cfg("compare", [f"runs=[{tmp_path / 'multirun'}]", "n_images=2"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "compare")
-    compare(cfg)
+    infos = compare(cfg)
     out = tmp_path / "compare"
     assert (out / "comparison.png").stat().st_size > 10_000
     assert (out / "curves.png").stat().st_size > 10_000
@@ -39,9 +39,17 @@ def test_compare_two_runs_and_an_unfinished_one(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["0_baseline", "1_augmented", "2_augmented"]
     assert [r["status"] for r in rows] == ["finished", "finished", "no finished checkpoint"]
-    assert rows[0]["overrides"] == "experiment=baseline seed=0"  # paths.* left out
+    assert rows[0]["overrides"] == "experiment=baseline"  # not paths.*, not what all share
     assert 0.0 <= float(rows[1]["map"]) <= 1.0 and rows[2]["map"] == ""
     assert rows[0]["epochs"] == "2" and float(rows[0]["train_s"]) >= 0
     assert (out / "results.md").read_text().count("\n") == 2 + 3
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert list((tmp_path / "multirun/comparison").glob("events.out.tfevents.*"))
+    printed = capsys.readouterr().out  # the table on the console too
+    assert "| 0_baseline | baseline | experiment=baseline | 0 | 2 |" in printed
+    figure = curves_figure(infos)
+    assert [ax.get_ylabel() for ax in figure.axes] == ["loss (bce)", "iou"]
+    for ax in figure.axes:
+        assert ax.get_legend() is not None
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # whole epochs only

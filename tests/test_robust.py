@@ -1,6 +1,7 @@
 """Faults without lost work: resume from 'last', mismatched checkpoints, non-finite losses,
 reproducible runs."""
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -8,10 +9,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from cellseg.cli import one_line_errors
 from cellseg.module import SegmentationModule
-from cellseg.train import resolve_ckpt, train
+from cellseg.train import metric_value, read_checkpoint, resolve_ckpt, train
 
 
 def test_ckpt_path_last_finds_the_newest_run(tmp_path):
@@ -72,3 +75,79 @@ def test_same_seed_gives_the_same_metrics(cfg_factory):
         runs.append(train(cfg))
     keys = ("train/loss", "val/loss", "val/iou", "test/iou")
     assert [runs[0][k] for k in keys] == [runs[1][k] for k in keys]
+
+
+def saved_run(log_dir: Path, name: str, cfg, age: float) -> Path:
+    """A run folder as Hydra and training leave it: its config and a last.ckpt of a given age."""
+    run = log_dir / "train/runs" / name
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra/config.yaml")
+    last = run / "checkpoints/last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    os.utime(last, (time.time() - age, time.time() - age))
+    return last
+
+
+def test_ckpt_path_last_takes_the_newest_run_of_the_same_config_or_lists_the_others(cfg_factory):
+    baseline, augmented = cfg_factory("experiment=baseline"), cfg_factory("experiment=augmented")
+    log_dir = Path(baseline.paths.log_dir)
+    old_baseline = saved_run(log_dir, "old_baseline", baseline, age=100)
+    newer_augmented = saved_run(log_dir, "newer_augmented", augmented, age=10)
+    assert resolve_ckpt("last", str(log_dir), baseline) == str(old_baseline)
+    assert resolve_ckpt("last", str(log_dir), augmented) == str(newer_augmented)
+    other_data = cfg_factory("experiment=baseline")
+    other_data.data.root = "/elsewhere"
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_ckpt("last", str(log_dir), other_data)
+    message = str(err.value)
+    assert "no run under" in message and "(baseline, synthetic /elsewhere)" in message
+    assert str(newer_augmented.parents[1]) in message and str(old_baseline.parents[1]) in message
+
+
+def test_resuming_a_finished_run_says_it_is_complete(cfg_factory, caplog):
+    cfg = cfg_factory("trainer.max_epochs=1")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
+    again = cfg_factory("trainer.max_epochs=1", f"ckpt_path={last}")
+    again.paths.output_dir += "_again"
+    with caplog.at_level(logging.INFO):
+        assert train(again) == {}
+    assert f"{last}: the run is complete (1 of trainer.max_epochs=1 epochs)" in caplog.text
+    assert not Path(again.paths.output_dir).exists()  # nothing trained, nothing tested
+
+
+@pytest.mark.parametrize("content", [b"epoch 3", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])
+def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(tmp_path, content, caplog):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        read_checkpoint(str(path))
+    assert str(err.value).startswith(f"ckpt_path={path} is not a cellseg checkpoint")
+    assert "KeyError" not in str(err.value) and "pop from" not in str(err.value)
+    with pytest.raises(SystemExit) as exit_:
+        one_line_errors(read_checkpoint)(str(path))  # as every entry point reports it
+    assert exit_.value.code == 1
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "\n" not in record.getMessage() and "HYDRA_FULL_ERROR=1" in record.getMessage()
+
+
+def test_a_run_that_fails_in_its_first_epoch_leaves_no_tensorboard_run(cfg_factory, monkeypatch):
+    def fails(*args):
+        raise FloatingPointError("non-finite loss")
+
+    monkeypatch.setattr(SegmentationModule, "training_step", fails)
+    cfg = cfg_factory()
+    with pytest.raises(FloatingPointError):
+        train(cfg)  # after the image grid callback wrote the training samples
+    out = Path(cfg.paths.output_dir)
+    assert out.is_dir() and not list(out.rglob("events.out.tfevents.*"))
+
+
+def test_native_writes_last_ckpt_every_epoch_though_it_validates_every_fifth(cfg_factory):
+    cfg = cfg_factory("experiment=native", "trainer.max_epochs=2", "data.crop_size=32",
+                      "trainer.check_val_every_n_epoch=5")
+    metrics = train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and "val/iou" not in metrics
+    assert metric_value(metrics, "val/iou_best") is None  # a warning outside a sweep, no crash

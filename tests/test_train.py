@@ -106,7 +106,9 @@ def test_multirun_of_both_experiments_lands_side_by_side(tmp_path):
     assert out.returncode == 0, failure(out)
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert jobs == ["0_baseline", "1_augmented"]
+    # named after the experiment and the job's overrides (debug=fast tells nothing apart)
+    tiny_name = "data.synthetic.n_images-10+data.synthetic.size-64"
+    assert jobs == [f"0_baseline_{tiny_name}", f"1_augmented_{tiny_name}"]
     for job in jobs:
         assert list((sweep / job / "tensorboard").rglob("events.out.tfevents.*"))
         assert (sweep / job / "checkpoints/last.ckpt").is_file()
@@ -142,3 +144,7 @@ def test_optuna_search_runs_two_trials_and_survives_a_failing_one(tmp_path):
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     results = (sweep / "optimization_results.yaml").read_text()
     assert "model.optimizer.lr: 0.001" in results and "best_value" in results
+    trials = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [t.split("_")[0] for t in trials] == ["0", "1"]
+    assert trials[0].endswith("model.optimizer.lr-1e+30")  # the trials tell apart by name
+    assert trials[1].endswith("model.optimizer.lr-0.001")

@@ -1,6 +1,7 @@
 """cellseg: nucleus segmentation with a U-Net, PyTorch Lightning and Hydra."""
 
 import os
+import re
 from pathlib import Path
 
 # albumentations otherwise asks the network for a newer release on every import
@@ -13,6 +14,20 @@ __version__ = "0.1.0"
 # ${cwd:} in configs: the directory cellseg was started from (also where Hydra's own
 # ${hydra:runtime.cwd} is not yet set, e.g. while it resolves a sweep directory)
 OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
+
+
+def run_name(name: str, layout: str = "", root: str = "", overrides: str = "") -> str:
+    """A run folder's name: the experiment, the data unless it is the default synthetic set
+    (the folder's own name for ``data=folder``), and the overrides that distinguish the run
+    (``model.loss=dice_bce,seed=1`` written ``model.loss-dice_bce+seed-1``: a path a Hydra
+    override such as ``ckpt_path=<run>/...`` accepts without quotes)."""
+    data = Path(root).name if layout == "folder" else layout
+    overrides = overrides.replace("=", "-").replace(",", "+")
+    parts = [name, "" if data in ("synthetic", name) else data, overrides]
+    return re.sub(r"[^\w.+@%-]", "", "_".join(p for p in parts if p))[:200]
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 def config_dir() -> str:

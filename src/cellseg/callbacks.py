@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cellseg.cli import rank_zero_logger
 from cellseg.figures import rows_grid
+
+log = rank_zero_logger(__name__)
+EPOCH_SCORES = ("train/loss", "val/loss", "val/iou", "val/dice", "val/iou_best")
 
 
 def tensorboard_writers(trainer: L.Trainer) -> list:
@@ -83,6 +89,91 @@ class Throughput(L.Callback):
         if self.images and self.last > self.start:
             rate = self.images / (self.last - self.start)
             pl_module.log("perf/train_images_per_s", rate, on_epoch=True, prog_bar=False)
+
+
+def progress_bar() -> ProgressBar:
+    """A live progress bar on a terminal; one log line per epoch elsewhere (a log file, nohup,
+    a SLURM job), where a bar would print nothing until the end."""
+    return TerminalProgressBar() if sys.stdout.isatty() else EpochLines()
+
+
+class TerminalProgressBar(RichProgressBar):
+    """Lightning's rich bar for training and validation, without the run version (``v_num``)
+    and without a bar for the few test batches (the final scores follow)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def on_test_start(self, *args: Any) -> None:
+        pass
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        pass
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        pass
+
+    def on_test_end(self, *args: Any) -> None:
+        pass
+
+
+class EpochLines(ProgressBar):
+    """One line per epoch in the run's log (console and ``train.log``): the epoch, its losses,
+    the validation scores of epochs that validated, training images/s and the time left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.finished: int | None = None  # the epoch whose line is due once its scores are in
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start, self.first_epoch = time.perf_counter(), trainer.current_epoch
+        self.validated = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validated = not trainer.sanity_checking
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the module logs the epoch's training scores after this hook: print at the next one
+        self.finished = trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.print_epoch(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.print_epoch(trainer)
+
+    def print_epoch(self, trainer: L.Trainer) -> None:
+        if self.finished is None or not self.enabled:
+            return
+        metrics = trainer.callback_metrics
+        fresh = [k for k in EPOCH_SCORES if self.validated or k.startswith("train")]
+        shown = [k for k in fresh if k in metrics]
+        parts = [f"Epoch {self.finished + 1}/{trainer.max_epochs}"]
+        parts += [f"{k} {float(metrics[k]):.4f}" for k in shown]
+        if "perf/train_images_per_s" in metrics:
+            parts.append(f"{float(metrics['perf/train_images_per_s']):.1f} images/s")
+        done = self.finished + 1 - self.first_epoch
+        per_epoch = (time.perf_counter() - self.start) / max(done, 1)
+        left = per_epoch * max((trainer.max_epochs or 0) - self.finished - 1, 0)
+        parts.append(f"{per_epoch:.1f} s/epoch, {duration(left)} left")
+        log.info("  ".join(parts))
+        self.finished, self.validated = None, False
+
+
+def duration(seconds: float) -> str:
+    """``1h 02m``, ``3m 05s`` or ``42s``."""
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m" if hours else f"{m}m {s:02d}s" if m else f"{s}s"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -24,17 +24,20 @@ from pathlib import Path
 import hydra
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from cellseg import config_dir
+from cellseg.cli import one_line_errors
 from cellseg.datasets import Sample
 from cellseg.eval import SCORES, evaluate
 from cellseg.figures import display_rgb
 from cellseg.inference import checkpoint_data
 
 log = logging.getLogger(__name__)
+logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "Directory watcher advancing..."
 CURVES = ("train/loss", "val/loss", "train/iou", "val/iou")
 IGNORED_OVERRIDES = ("data.root", "paths.", "callbacks.", "hydra.", "trainer.accelerator")
 
@@ -58,14 +61,14 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def run_info(run: Path) -> dict:
-    """Name, distinguishing overrides, seed, epochs, training time and curves of one run."""
+    """Name, overrides, seed, epochs, training time and curves of one run."""
     cfg = OmegaConf.load(run / ".hydra/config.yaml")
     overrides = OmegaConf.load(run / ".hydra/overrides.yaml")
     kept = [o for o in overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
     info = {
         "run": run.name,
         "experiment": cfg.get("name"),
-        "overrides": " ".join(kept),
+        "overrides": kept,
         "seed": cfg.get("seed"),
         "epochs": cfg.trainer.max_epochs,
         "cfg": cfg,
@@ -85,6 +88,13 @@ def run_info(run: Path) -> dict:
             walls = [e.wall_time for e in acc.Scalars("train/loss")]
             info["train_s"] = walls[-1] - walls[0]
     return info
+
+
+def keep_differing_overrides(infos: list[dict]) -> None:
+    """Each run's ``overrides`` as the text of those not shared by every compared run."""
+    shared = set.intersection(*(set(i["overrides"]) for i in infos)) if len(infos) > 1 else set()
+    for info in infos:
+        info["overrides"] = " ".join(o for o in info["overrides"] if o not in shared)
 
 
 def score_run(info: dict, cfg: DictConfig, keep: Collection[str] = ()) -> tuple[dict, dict]:
@@ -148,7 +158,8 @@ def comparison_figure(infos: list[dict], ids: list[str]) -> Figure:
 
 
 def curves_figure(infos: list[dict]) -> Figure:
-    """Loss and iou per epoch, train dashed and validation solid, one colour per run."""
+    """Loss and iou per epoch, train dashed and validation solid, one colour per run; the loss
+    axis names the runs' loss function(s)."""
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_iou = fig.subplots(1, 2)
     for k, info in enumerate(infos):
@@ -165,17 +176,20 @@ def curves_figure(infos: list[dict]) -> Figure:
                     color=colour,
                     label=label,
                 )
-    for ax, name in ((ax_loss, "loss"), (ax_iou, "iou")):
+    losses = sorted({str(i["cfg"].model.get("loss", "bce")) for i in infos})
+    for ax, name in ((ax_loss, f"loss ({', '.join(losses)})"), (ax_iou, "iou")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    ax_iou.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def write_results(infos: list[dict], out: Path) -> None:
-    """results.csv and results.md: one row per run."""
+def write_results(infos: list[dict], out: Path) -> str:
+    """results.csv and results.md: one row per run; returns the markdown table."""
     columns = ["run", "experiment", "overrides", "seed", "epochs", "train_s", "status", *SCORES]
     rows = []
     for info in infos:
@@ -193,20 +207,23 @@ def write_results(infos: list[dict], out: Path) -> None:
     lines += [
         "| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    return table
 
 
 def compare(cfg: DictConfig) -> list[dict]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     infos = [run_info(r) for r in find_runs(list(cfg.runs))]
+    keep_differing_overrides(infos)
     ids = shown_ids(infos, cfg.n_images)
     for info in infos:
         if info["ckpt"].is_file():
             info["metrics"], info["per_image"] = score_run(info, cfg, ids)
         else:
             log.warning("%s has no checkpoints/last.ckpt: listed as unfinished", info["run"])
-    write_results(infos, out)
+    print(write_results(infos, out), end="")
     figures = {"curves": curves_figure(infos)}
     if ids and any("metrics" in i for i in infos):
         figures["comparison"] = comparison_figure(infos, ids)
@@ -223,6 +240,7 @@ def compare(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="compare")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     compare(cfg)
 

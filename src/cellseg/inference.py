@@ -204,8 +204,8 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Seg
         )
     except Exception as err:  # torch/pickle/zip errors say little about what to do
         raise ValueError(
-            f"{path} is not a cellseg checkpoint ({type(err).__name__}: {err}); "
-            "pass a .ckpt written by python -m cellseg.train"
+            f"{path} is not a cellseg checkpoint (torch.load cannot read it as one); "
+            "pass a .ckpt written by python -m cellseg.train, e.g. <run>/checkpoints/last.ckpt"
         ) from err
     return model.eval()
 

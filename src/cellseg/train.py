@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cellseg import config_dir
 from cellseg.callbacks import tensorboard_writers
+from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger
+from cellseg.unet import count_parameters
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
+PRIVATE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -27,8 +31,18 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere it is emulated.
+
+    torch answers through private functions; a torch without them counts as no (fp32).
+    """
+    checks = [getattr(torch.cpu, name, None) for name in PRIVATE_BF16_CHECKS]
+    if not all(callable(check) for check in checks):
+        log.warning(
+            "torch %s cannot tell whether this CPU has native bf16 (no torch.cpu.%s)",
+            torch.__version__, " or ".join(PRIVATE_BF16_CHECKS),
+        )
+        return False
+    return any(check() for check in checks)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -77,15 +91,13 @@ def keep_freed_memory() -> bool:
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Data, model and trainer as the config describes them (and the allocator setting)."""
+    """Data (read and checked first), model and trainer as the config describes them."""
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
-    precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    augmentation = None
-    if cfg.get("augmentation"):  # plain lists, not OmegaConf ones: slow to read per image
-        augmentation = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
-    datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
+    datamodule = build_data(cfg)
     model = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    log.info("Network: %s parameters", f"{count_parameters(model):,}")
+    precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     trainer = hydra.utils.instantiate(
         cfg.trainer, precision=precision, callbacks=instantiate_group(cfg.get("callbacks")),
         logger=instantiate_group(cfg.get("logger")) or False,
@@ -93,47 +105,144 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
-def resolve_ckpt(ckpt_path: str | None, log_dir: str) -> str | None:
-    """``last``: the newest ``runs/*/checkpoints/last.ckpt`` under ``log_dir``; else the path."""
+def build_data(cfg: DictConfig) -> L.LightningDataModule:
+    """The DataModule, its images found, read and split now: a data error arrives in seconds,
+    before the model and trainer are built (``fit`` then reuses what was read)."""
+    augmentation = None
+    if cfg.get("augmentation"):  # plain lists, not OmegaConf ones: slow to read per image
+        augmentation = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    splits = datamodule.splits
+    val = "the test images" if splits["val"] == splits["test"] else f"{len(splits['val'])}"
+    log.info(
+        "Data: %d images in %s (%d train, %d test, validation on %s)",
+        len({i for ids in splits.values() for i in ids}), cfg.data.root,
+        len(splits["train"]), len(splits["test"]), val,
+    )
+    return datamodule
+
+
+def config_line(cfg: DictConfig) -> str:
+    """The settings a researcher reads first, on one line (the rest: ``.hydra/config.yaml``)."""
+    data, model = cfg.data, cfg.model
+    geometry = f"resized to {data.img_size}" if data.mode == "resize" else f"{data.crop_size} crops"
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    optimizer = model.get("optimizer") or {}
+    return (
+        f"Run {cfg.name}: data={data.layout} ({geometry}), "
+        f"augmentation={choices.get('augmentation', '?')}, loss={model.loss}, "
+        f"{str(optimizer.get('_target_', 'Adam')).rsplit('.', 1)[-1]} lr={optimizer.get('lr')}, "
+        f"batch {data.batch_size}, {cfg.trainer.max_epochs} epochs, "
+        f"precision={cfg.trainer.precision}, seed={cfg.get('seed')}"
+    )
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint written by ``cellseg.train``; a one-line error for any other file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors (KeyError: 101 ...) say nothing useful
+        raise ValueError(
+            f"ckpt_path={path} is not a cellseg checkpoint (torch.load cannot read it); pass "
+            "a .ckpt written by python -m cellseg.train, e.g. <run>/checkpoints/last.ckpt"
+        ) from err
+    if not isinstance(ckpt, dict) or not {"state_dict", "epoch"} <= set(ckpt):
+        raise ValueError(
+            f"ckpt_path={path} is a torch file but not a Lightning checkpoint (no state_dict "
+            "and epoch); pass a .ckpt written by python -m cellseg.train"
+        )
+    return ckpt
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What makes two runs the same experiment: its name, its data and its network."""
+    return {
+        "experiment": cfg.get("name"),
+        "data": f"{cfg.data.layout} {Path(str(cfg.data.root)).expanduser().resolve()}",
+        "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+    }
+
+
+def saved_identity(run: Path) -> dict[str, Any] | None:
+    """``run_identity`` of a run folder's saved config; None where it cannot be read."""
+    try:
+        return run_identity(OmegaConf.load(run / ".hydra/config.yaml"))
+    except Exception:  # a missing or foreign config: no identity, so never a match
+        return None
+
+
+def resolve_ckpt(ckpt_path: str | None, log_dir: str, cfg: DictConfig | None = None) -> str | None:
+    """``last``: the newest ``checkpoints/last.ckpt`` under ``log_dir`` of a run of the same
+    experiment, data and network as ``cfg`` (any run if no cfg); else the path as given."""
     if ckpt_path != "last":
         if ckpt_path and not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path} does not exist; pass <run>/checkpoints/last.ckpt or last"
+            )
         return ckpt_path
-    found = sorted(Path(log_dir).glob("train/*/*/checkpoints/last.ckpt"), key=os.path.getmtime)
-    found += sorted(Path(log_dir).glob("train/*/*/*/checkpoints/last.ckpt"), key=os.path.getmtime)
+    found = [*Path(log_dir).glob("train/*/*/checkpoints/last.ckpt"),
+             *Path(log_dir).glob("train/*/*/*/checkpoints/last.ckpt")]
     if not found:
         raise FileNotFoundError(f"ckpt_path=last: no run under {log_dir} has checkpoints/last.ckpt")
-    newest = max(found, key=os.path.getmtime)
-    log.info("Resuming from %s", newest)
-    return str(newest)
+    found.sort(key=os.path.getmtime, reverse=True)
+    wanted = run_identity(cfg) if cfg is not None else None
+    same = [p for p in found if wanted is None or saved_identity(p.parents[1]) == wanted]
+    if not same:
+        others = ", ".join(str(p.parents[1]) for p in found[:3])
+        raise FileNotFoundError(
+            f"ckpt_path=last: no run under {log_dir} has the experiment, data and network of this "
+            f"one ({wanted['experiment']}, {wanted['data']}); newest of other runs: {others}; "
+            "pass ckpt_path=<run>/checkpoints/last.ckpt to resume one of them"
+        )
+    log.info("Resuming from %s", same[0])
+    return str(same[0])
 
 
-def check_resumable(ckpt_path: str | None, model: L.LightningModule) -> None:
+def check_resumable(ckpt: dict[str, Any], path: str, model: L.LightningModule) -> None:
     """Refuse to resume a checkpoint of a different network with a message, not a traceback."""
-    if not ckpt_path:
-        return
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters")
+    saved = ckpt.get("hyper_parameters")
     if saved and saved.get("net") != model.hparams.net:
         raise ValueError(
-            f"{ckpt_path} holds a network {saved.get('net')} but the config asks for "
+            f"{path} holds a network {saved.get('net')} but the config asks for "
             f"{dict(model.hparams.net)}; resume with the run's own model settings"
         )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, log hyperparameters with the results; return the metrics."""
+    """Fit, test the chosen checkpoint, log hyperparameters with the results; return the
+    metrics (none when ``ckpt_path`` holds a run that already finished its epochs)."""
+    quiet_console()
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.log_dir)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info(config_line(cfg))
+    ckpt_path = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg)
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None and ckpt["epoch"] + 1 >= cfg.trainer.max_epochs:
+        log.info(
+            "%s: the run is complete (%d of trainer.max_epochs=%d epochs); raise "
+            "trainer.max_epochs to train on, or score it: python -m cellseg.eval ckpt_path=%s",
+            ckpt_path, ckpt["epoch"] + 1, cfg.trainer.max_epochs, ckpt_path,
+        )
+        return {}
     datamodule, model, trainer = build(cfg)
-    check_resumable(ckpt_path, model)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt is not None:
+        check_resumable(ckpt, ckpt_path, model)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        if trainer.current_epoch == 0 and trainer.is_global_zero:  # no run to list in TensorBoard
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    shutil.rmtree(logger.log_dir, ignore_errors=True)
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    tested = None
     if cfg.get("test"):
-        tested = test_checkpoint(cfg.get("test_ckpt", "best"), best)
-        log.info("Testing the %s weights", tested or "last epoch's")
-        trainer.test(model, datamodule=datamodule, ckpt_path=tested)
+        tested = checkpoint_to_test(cfg.get("test_ckpt", "best"), best, trainer)
+        trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()}
     params = OmegaConf.to_container(cfg, resolve=True)
@@ -143,37 +252,55 @@ def train(cfg: DictConfig) -> dict[str, float]:
         else:
             logger.log_hyperparams(params)
             logger.log_metrics(hp_metrics, step=trainer.global_step)
-    report(trainer, metrics, best)
+    report(trainer, metrics, tested or last_checkpoint(trainer), bool(cfg.get("test")))
     return metrics
 
 
-def test_checkpoint(choice: str, best: str) -> str | None:
-    """The checkpoint path to test: ``best`` (on validation) or ``last`` (the final weights)."""
+def last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The ``last.ckpt`` this run wrote (the final weights), if any."""
+    paths = [Path(cb.dirpath) / "last.ckpt" for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    return next((str(p) for p in paths if p.is_file()), None)
+
+
+def checkpoint_to_test(choice: str, best: str, trainer: L.Trainer) -> str | None:
+    """The checkpoint to test: ``best`` (on validation) or ``last`` (the final weights, tested
+    in memory; their ``last.ckpt`` is named)."""
     if choice not in ("best", "last"):
         raise ValueError(f"test_ckpt={choice!r}; use best or last")
-    return best or None if choice == "best" else None
+    if choice == "best" and best:
+        log.info("Testing the best checkpoint on validation: %s", best)
+        return best
+    log.info("Testing the last epoch's weights")
+    return None
 
 
-def report(trainer: L.Trainer, metrics: dict[str, float], best: str) -> None:
-    """Print the final metrics and where the logs and checkpoints are."""
-    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/", "perf/"))}
-    log.info("Final metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+def report(
+    trainer: L.Trainer, metrics: dict[str, float], checkpoint: str | None, tested: bool
+) -> None:
+    """Print the final scores and where the logs are; last, the checkpoint (the tested one)."""
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
+    log.info("Final scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     for writer in tensorboard_writers(trainer):
-        log.info("TensorBoard logs: %s  (tensorboard --logdir logs)", writer.log_dir)
-    if best:
-        log.info("Best checkpoint: %s", best)
+        log.info("TensorBoard: %s  (tensorboard --logdir logs)", writer.log_dir)
+    if checkpoint:
+        log.info("%s checkpoint: %s", "Tested" if tested else "Last", checkpoint)
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a Hydra sweeper optimises; a clear error if the metric was never logged."""
-    if not name:
+    """The value a Hydra sweeper optimises; a clear error (in a sweep) if it was never logged."""
+    if not name or not metrics:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+        problem = f"optimized_metric={name} was not logged (did the run validate?)"
+        if in_multirun():
+            raise KeyError(f"{problem}; logged: {', '.join(sorted(metrics))}")
+        log.warning("%s; a sweep would need it", problem)
+        return None
     return metrics[name]
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     return metric_value(train(cfg), cfg.get("optimized_metric"))
 

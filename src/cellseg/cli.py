@@ -1,0 +1,107 @@
+"""What every entry point shares: one-line errors for people, rank-zero logging, a quiet console.
+
+Wrap each ``@hydra.main`` function with ``one_line_errors`` (below ``@hydra.main``)::
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+    @one_line_errors
+    def main(cfg: DictConfig) -> ...:
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+F = TypeVar("F", bound=Callable[..., Any])
+PACKAGE = str(Path(__file__).resolve().parent)
+log = logging.getLogger(__name__)
+
+
+def raised_by_cellseg(err: BaseException) -> bool:
+    """Whether cellseg's own code raised ``err`` (a message written for people), rather than a
+    library deep down, whose message needs its traceback to make sense."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(PACKAGE)
+
+
+def message(err: BaseException) -> str:
+    """The error's text on one line (a KeyError's without the quotes that ``str`` adds)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split())
+
+
+def in_multirun() -> bool:
+    """Whether this job is one of a Hydra sweep (whose sweeper handles a failing job itself)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def one_line_errors(main: F) -> F:
+    """Print cellseg's own errors as one line and exit with status 1.
+
+    Errors raised by cellseg's code carry a message that names the file, what was found and
+    the option that fixes it; the traceback adds only noise. ``HYDRA_FULL_ERROR=1`` shows it
+    (the error re-raised), as do errors raised elsewhere (bugs, whose traceback matters). In
+    a multirun the error is logged and re-raised, so the sweeper marks the job failed.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not raised_by_cellseg(err):
+                raise
+            log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", message(err))
+            if in_multirun():
+                raise
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RankZeroFilter(logging.Filter):
+    """Pass records of the process of global rank 0 only (one copy of each line under DDP)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return rank_zero_only.rank == 0
+
+
+def rank_zero_logger(name: str) -> logging.Logger:
+    """The module's logger, silent on every DDP process but the first."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RankZeroFilter) for f in logger.filters):
+        logger.addFilter(RankZeroFilter())
+    return logger
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``[12:34:56] message`` on the console; warnings and errors say so."""
+
+    def __init__(self) -> None:
+        super().__init__("[%(asctime)s] %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        if record.levelno >= logging.WARNING:
+            record.message = f"{record.levelname}: {record.message}"
+        return super().formatMessage(record)
+
+
+def quiet_console() -> None:
+    """Leave the console to cellseg's own lines: Lightning's trainer notices (device list, tips,
+    batch limits) go below its warning level, and one deprecation of Lightning's own code
+    that a newer torch reports on every run is filtered. (``lightning.fabric`` keeps its
+    level: it says when DDP processes join.)"""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

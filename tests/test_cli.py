@@ -1,0 +1,144 @@
+"""The first hour of a new user: what the console shows, how errors read, how runs are named."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from cellseg import config_dir, run_name
+from cellseg.train import cpu_has_bf16, resolve_precision, train
+from conftest import compose_cfg, failure
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SYNTHETIC = ["data.synthetic.n_images=10", "data.synthetic.size=64"]
+NOISE = ("Tip:", "GPU available", "model summary", "LeafSpec", "v_num", "Traceback", "it/s")
+
+
+def user_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m cellseg.train args`` as a user runs it: no HYDRA_FULL_ERROR, no terminal."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["CELLSEG_ROOT"] = str(cwd)
+    return subprocess.run([sys.executable, "-m", "cellseg.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_data_error_is_one_line_before_the_network_is_built(tmp_path):
+    out = user_cli(["data=folder", f"data.root={tmp_path / 'nope'}"], tmp_path)
+    assert out.returncode == 1
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert lines[-1].endswith(
+        f"ERROR: data.root {tmp_path / 'nope'} does not exist; point data.root at your dataset "
+        "(see data/README.md) (HYDRA_FULL_ERROR=1 shows the traceback)"
+    )
+    assert len(lines) == 2 and lines[0].split("] ", 1)[1].startswith("Run default: data=folder")
+    (run,) = (tmp_path / "logs/train/runs").iterdir()
+    assert run.name.endswith("_default_nope")  # data=folder runs are named after their folder
+    assert not list(run.rglob("events.out.tfevents.*"))  # no TensorBoard run to clutter the list
+
+
+@pytest.mark.slow
+def test_a_native_debug_run_without_a_terminal_logs_each_epoch_and_ends_with_its_checkpoint(
+    tmp_path,
+):
+    out = user_cli(["experiment=native", "debug=fast", "data.crop_size=32", *TINY_SYNTHETIC],
+                   tmp_path)
+    assert out.returncode == 0, failure(out)
+    console = out.stdout + out.stderr
+    assert not [noise for noise in NOISE if noise in console], console
+    (run,) = (tmp_path / "logs/train/runs").iterdir()
+    assert re.fullmatch(r"[\d_-]+_native_data.crop_size-32\+data.synthetic.n_images-10\+"
+                        r"data.synthetic.size-64", run.name)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    epochs = re.compile(r"Epoch (\d)/2  train/loss \d\.\d{4}  val/loss .* images/s  .* left")
+    assert [m.group(1) for m in map(epochs.search, console.splitlines()) if m] == ["1", "2"]
+    log_file = (run / "train.log").read_text()
+    assert len(epochs.findall(log_file)) == 2
+    assert "Network: 2,160,450 parameters" in console and "Data: 10 images" in console
+    last = run / "checkpoints/last.ckpt"
+    assert console.strip().splitlines()[-1].endswith(f"Tested checkpoint: {last}")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+
+    again = user_cli(["experiment=native", "debug=fast", "data.crop_size=32", *TINY_SYNTHETIC,
+                      f"ckpt_path={last}"], tmp_path)  # the path as printed, unquoted
+    assert again.returncode == 0, failure(again)
+    assert f"{last}: the run is complete (2 of trainer.max_epochs=2 epochs)" in again.stdout
+
+    other = user_cli(["experiment=baseline", "ckpt_path=last", *TINY_SYNTHETIC], tmp_path)
+    assert other.returncode == 1
+    assert "ckpt_path=last: no run under" in other.stdout and str(run) in other.stdout
+
+
+def test_debug_fast_connects_native_and_epoch_lines_carry_the_scores(cfg_factory, caplog):
+    cfg = cfg_factory("experiment=native", "debug=fast", "data.crop_size=32",
+                      "callbacks.progress_bar={_target_: cellseg.callbacks.EpochLines}")
+    with caplog.at_level(logging.INFO):
+        metrics = train(cfg)
+    assert "val/iou_best" in metrics  # native validates every 5th epoch, debug=fast every one
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert [line.split("  ")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"]
+    assert f"val/iou {metrics['val/iou']:.4f}" in lines[-1]
+    assert f"train/loss {metrics['train/loss']:.4f}" in lines[-1] and "images/s" in lines[-1]
+
+
+def test_run_names_tell_runs_apart_and_are_valid_override_values():
+    name = run_name("augmented", "folder", "/data/my cells", "model.loss=dice_bce,seed=1")
+    assert name == "augmented_mycells_model.loss-dice_bce+seed-1"
+    assert run_name("baseline", "synthetic", "/x/synthetic", "") == "baseline"
+    assert run_name("dsb2018", "dsb2018", "/x/stage1_train", "split=all") == "dsb2018_split-all"
+    trial = run_name("augmented", "dsb2018", "/x", "augmentation=light,model.optimizer.lr=0.002")
+    assert trial == "augmented_dsb2018_augmentation-light+model.optimizer.lr-0.002"
+    (override,) = OverridesParser.create().parse_overrides([f"ckpt_path=/logs/{trial}/last.ckpt"])
+    assert override.value() == f"/logs/{trial}/last.ckpt"
+
+
+def test_only_the_first_ddp_process_logs_the_run_messages(monkeypatch, caplog):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from cellseg.train import log
+
+    with caplog.at_level(logging.INFO):
+        for rank in (0, 1):
+            monkeypatch.setattr(rank_zero_only, "rank", rank)
+            log.info("message of rank %d", rank)
+    assert "message of rank 0" in caplog.text and "message of rank 1" not in caplog.text
+
+
+def test_a_torch_without_the_private_bf16_checks_trains_in_fp32(monkeypatch, caplog):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert not cpu_has_bf16()
+        assert resolve_precision("mixed", "cpu") == "32-true"
+    assert "cannot tell whether this CPU has native bf16" in caplog.text
+
+
+def test_the_study_experiments_share_one_base_and_differ_in_augmentation_only():
+    baseline, augmented = (OmegaConf.to_container(compose_cfg("train", [f"experiment={e}"]))
+                           for e in ("baseline", "augmented"))
+    assert baseline.pop("name") == "baseline" and augmented.pop("name") == "augmented"
+    assert baseline.pop("augmentation") == {} and augmented.pop("augmentation")["transforms"]
+    assert baseline == augmented and "tags" not in baseline
+    text = (Path(config_dir()) / "experiment/augmented.yaml").read_text()
+    assert "  - baseline\n" in text and "max_epochs" not in text
+
+
+def test_the_profiler_writes_the_file_its_config_names(cfg_factory):
+    cfg = cfg_factory("debug=profiler", "trainer.max_epochs=1")
+    train(cfg)
+    assert (Path(cfg.paths.output_dir) / "fit-profile.txt").is_file()
+    assert "<run>/fit-profile.txt" in (Path(config_dir()) / "debug/profiler.yaml").read_text()
+
+
+def test_make_help_shows_the_real_data_folder_it_would_use():
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "$(" not in out.stdout
+    assert "make compare" in out.stdout and "../shared/data/dsb2018/stage1_train" in out.stdout
