@@ -150,6 +150,7 @@ class NucleiDataModule(L.LightningDataModule):
         seed: int = 0,
         synthetic: dict | None = None,
         cache: bool = True,
+        channel: int | str | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("resize", "crop"):
@@ -169,6 +170,7 @@ class NucleiDataModule(L.LightningDataModule):
         self.augmentation, self.seed = augmentation, seed
         self.synthetic = synthetic or {}
         self.cache = cache
+        self.channel = channel  # the nuclei channel of multi-channel files (index or name)
         self.splits: dict[str, list[str]] = {}
         self.datasets: dict[str, NucleiDataset] = {}
 
@@ -179,7 +181,7 @@ class NucleiDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        sources = {s.id: s for s in list_sources(self.root, self.layout)}
+        sources = {s.id: s for s in list_sources(self.root, self.layout, self.channel)}
         train, test = split_ids(sorted(sources), self.test_size, self.split_seed)
         val = test
         if self.val_size:
