@@ -286,6 +286,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     pre = preprocessing(model, cfg.get("preprocess")) if todo else {}
     channel = cfg.get("channel")
     channel = pre.get("channel") if channel is None else channel
+    if todo and channel is not None:
+        log.info("nuclei channel: %s (%s)", channel,
+                 "channel=" if cfg.get("channel") is not None else "as trained")
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei, failed = time.perf_counter(), 0, {}
