@@ -133,3 +133,14 @@ def test_folder_of_ome_tiffs_trains_on_its_nuclei_channel(tmp_path, cfg_factory)
     assert "val/iou" in train(cfg)
     with pytest.raises(ImageFileError, match="has 2 channels"):
         NucleiDataModule(str(tmp_path / "data"), "folder", test_size=0.25).setup()
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_truncated_stack_names_the_file(tmp_path, compression):
+    path = tmp_path / "cut.tif"
+    data = np.random.default_rng(0).integers(0, 999, (4, 32, 32)).astype(np.uint16)
+    tifffile.imwrite(path, data, metadata={"axes": "ZYX"}, compression=compression)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ImageFileError, match="cannot read image .*cut.tif.*replace or remove"):
+        for _ in open_image(path).planes():
+            pass

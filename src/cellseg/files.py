@@ -70,8 +70,13 @@ class ImageFile:
 
     def plane(self, index: dict[str, int] | None = None) -> np.ndarray:
         """All channels of one plane as (Y, X, C), non-finite pixels replaced (with a warning)."""
-        array = self._read(index or {})
         where = f"{self.path}" + "".join(f" {a}={i}" for a, i in (index or {}).items())
+        try:
+            array = self._read(index or {})
+        except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # codecs
+            raise ImageFileError(
+                f"cannot read image {where}: {err}; replace or remove the file"
+            ) from err
         return replace_nonfinite(array, where)
 
     def planes(self) -> Iterator[tuple[dict[str, int], np.ndarray]]:
@@ -127,7 +132,13 @@ def open_image(path: str | Path, axes: str | None = None) -> ImageFile:
         return _open_pil(path)
     except ImageFileError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, tifffile.TiffFileError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        RuntimeError,
+        tifffile.TiffFileError,
+    ) as err:
         raise ImageFileError(
             f"cannot read image {path}: {err}; replace or remove the file"
         ) from err

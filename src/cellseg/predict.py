@@ -295,12 +295,12 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     for image_id, path in track(todo.items(), description="Predicting"):
         try:
             image = open_image(path, cfg.get("axes")).select(channel)
-        except ImageFileError as err:
+            nuclei += predict_file(model, image, image_id, pre, cfg, output)
+        except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
             log.warning("skipped: %s", err)
             failed[image_id] = str(err)
             error_file(output, image_id).write_text(f"{err}\n")
             continue
-        nuclei += predict_file(model, image, image_id, pre, cfg, output)
         error_file(output, image_id).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = {
