@@ -45,8 +45,8 @@ def test_ome_tiff_needs_its_channel_then_measures_every_channel(trained, tmp_pat
     (tmp_path / "in").mkdir()
     data = write_ome(tmp_path / "in/cells.ome.tif", pixel_size=0.5)
     out = tmp_path / "out"
-    with pytest.raises(ImageFileError, match=r"no image could be segmented.*cells.ome.tif has 2 "
-                       r"channels \(0=DAPI, 1=noise\); choose the nuclei channel with channel="):
+    with pytest.raises(ImageFileError, match=r"cells.ome.tif has 2 channels \(0=DAPI, 1=noise\); "
+                       r"choose the nuclei channel with channel="):
         predict(predict_cfg(ckpt, tmp_path / "in", out))
     assert "channel=" in (out / "tables/cells.error.txt").read_text()
     monkeypatch.setattr(predict_module, "segment_at_scale", threshold_segment)
@@ -133,8 +133,9 @@ def test_unreadable_file_is_skipped_listed_and_the_rest_finished(trained, tmp_pa
     assert [r["ImageId"] for r in read_csv(tmp_path / "out/submission.csv")][0] == "good"
     assert (tmp_path / "out/summary.csv").is_file()
     (tmp_path / "in/good.png").unlink()
-    with pytest.raises(ImageFileError, match="no image could be segmented; the first: cannot "
-                       "read image .*empty.png"):
+    (tmp_path / "in/zero.png").write_bytes(b"")
+    with pytest.raises(ImageFileError, match="none of the 2 images could be segmented; the "
+                       "first: cannot read image .*empty.png"):
         predict(predict_cfg(ckpt, tmp_path / "in", tmp_path / "out2"))
 
 

@@ -325,7 +325,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         log.warning("%d files could not be read: %s", len(failed), ", ".join(map(str, failed)))
         if not any(is_done(output, i) for i in mine):
             first = next(iter(failed.values()))
-            raise ImageFileError(f"no image could be segmented; the first: {first}")
+            if len(failed) > 1:
+                first = f"none of the {len(failed)} images could be segmented; the first: {first}"
+            raise ImageFileError(first)
     return summary
 
 
