@@ -80,7 +80,8 @@ def test_folder_reader_names_images_without_masks(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images/lonely.png")
-    with pytest.raises(FileNotFoundError, match="lonely"):
+    with pytest.raises(FileNotFoundError, match=r"1 images in .*images have no mask in .*masks "
+                       r"with the same stem \(lonely\); add their masks or move the images out"):
         read_samples(tmp_path, "folder")
 
 

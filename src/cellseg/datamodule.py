@@ -188,6 +188,7 @@ class NucleiDataModule(L.LightningDataModule):
         seed: int = 0,
         synthetic: dict | None = None,
         cache: bool = True,
+        channel: int | str | None = None,
     ) -> None:
         super().__init__()
         # primitives only: the checkpoint's description of its data (weights_only loading)
@@ -206,6 +207,7 @@ class NucleiDataModule(L.LightningDataModule):
         self.augmentation, self.seed = augmentation, seed
         self.synthetic = synthetic or {}
         self.cache = cache
+        self.channel = channel  # the nuclei channel of multi-channel files (index or name)
         self.splits: dict[str, list[str]] = {}
         self.diameter: float | None = None
         self.multiple: int | None = None  # the network's size multiple, see set_multiple
@@ -250,7 +252,7 @@ class NucleiDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and hasattr(getattr(module, "net", None), "multiple"):
             self.set_multiple(module.net.multiple)
-        sources = {s.id: s for s in list_sources(self.root, self.layout)}
+        sources = {s.id: s for s in list_sources(self.root, self.layout, self.channel)}
         self.splits = make_splits(sorted(sources), self.test_size, self.val_size, self.split_seed)
         train, val, test = (self.splits[k] for k in ("train", "val", "test"))
         self.log_split()

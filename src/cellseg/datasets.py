@@ -5,6 +5,9 @@ Layouts:
   per nucleus (the 2018 Data Science Bowl's Kaggle layout; also what ``synthetic`` writes).
 - ``folder``: ``<root>/images/<stem>.<ext>`` and ``<root>/masks/<stem>.<ext>`` with matching
   stems; a mask is binary (nuclei become its connected components) or instance-labelled.
+
+Files are read by :mod:`cellseg.files` (axes, channels and NaN pixels are handled there);
+``channel`` picks the nuclei channel of multi-channel images (e.g. OME-TIFFs).
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
+
+from cellseg.files import read_image, replace_nonfinite, stem
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -33,24 +36,6 @@ class Sample:
     id: str
     image: np.ndarray  # (H, W, C), as stored (uint8, uint16 or float)
     labels: np.ndarray  # (H, W) int32
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as an (H, W, C) or (H, W) array; errors name the file."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            array = tifffile.imread(path)
-        else:
-            with Image.open(path) as im:
-                array = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}; replace or remove the file") from err
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channel-first TIFF
-    if array.ndim not in (2, 3) or array.size == 0:
-        raise ValueError(f"{path} has shape {array.shape}; expected a 2-D image (H, W[, C])")
-    return array
 
 
 def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
@@ -74,8 +59,9 @@ def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
 
     ``percentile``: per image, the 1st and 99.8th percentiles map to 0 and 1 (robust to 16-bit
     and dim images); ``scale``: divide by the dtype's maximum (the study's /255);
-    ``minmax``: per image minimum and maximum.
+    ``minmax``: per image minimum and maximum. NaN/inf pixels count as the lowest finite value.
     """
+    image = replace_nonfinite(image, "an image")  # the readers have warned naming the file
     if method == "scale":
         top = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
         lo, hi = 0.0, top
@@ -151,9 +137,9 @@ def _check_same_size(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
         )
 
 
-def read_dsb2018_sample(folder: Path) -> Sample:
+def read_dsb2018_sample(folder: Path, channel: int | str | None = None) -> Sample:
     """Read ``<folder>/images/<id>.png`` and merge ``<folder>/masks/*.png`` into labels."""
-    image = read_image(folder / "images" / f"{folder.name}.png")
+    image = read_image(folder / "images" / f"{folder.name}.png", channel)
     mask_dir = folder / "masks"
     if not mask_dir.is_dir():
         raise FileNotFoundError(f"{mask_dir} is missing: {folder.name} has no annotation")
@@ -174,7 +160,7 @@ class Source:
     read: Callable[[], Sample]
 
 
-def dsb2018_sources(root: str | Path) -> list[Source]:
+def dsb2018_sources(root: str | Path, channel: int | str | None = None) -> list[Source]:
     """The annotated samples of a dsb2018-layout folder, sorted by id (nothing decoded)."""
     root = _existing_dir(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -190,32 +176,35 @@ def dsb2018_sources(root: str | Path) -> list[Source]:
         if not (folder / "masks").is_dir():
             warnings.warn(f"{folder} has no masks/ folder: skipped (unannotated)", stacklevel=2)
             continue
-        sources.append(Source(folder.name, partial(read_dsb2018_sample, folder)))
+        sources.append(Source(folder.name, partial(read_dsb2018_sample, folder, channel)))
     return sources
 
 
-def folder_sources(root: str | Path) -> list[Source]:
+def folder_sources(root: str | Path, channel: int | str | None = None) -> list[Source]:
     """``<root>/images`` and ``<root>/masks`` paired by file stem, sorted (nothing decoded)."""
     root = _existing_dir(root)
-    images = {p.stem: p for p in image_files(root / "images")}
-    masks = {p.stem: p for p in image_files(root / "masks")}
+    images = {stem(p): p for p in image_files(root / "images")}
+    masks = {stem(p): p for p in image_files(root / "masks")}
     if not images:
         raise FileNotFoundError(f"{root / 'images'} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     missing = sorted(set(images) - set(masks))
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} images in {root / 'images'} have no mask in {root / 'masks'} "
-            f"with the same stem, e.g. {missing[0]}"
+            f"with the same stem ({', '.join(missing[:5])}{', ...' * (len(missing) > 5)}); "
+            "add their masks or move the images out of images/"
         )
     return [
-        Source(stem, partial(read_folder_sample, stem, images[stem], masks[stem]))
+        Source(stem, partial(read_folder_sample, stem, images[stem], masks[stem], channel))
         for stem in sorted(images)
     ]
 
 
-def read_folder_sample(stem: str, image_path: Path, mask_path: Path) -> Sample:
-    """One image and its label or binary mask image."""
-    image = read_image(image_path)
+def read_folder_sample(
+    stem: str, image_path: Path, mask_path: Path, channel: int | str | None = None
+) -> Sample:
+    """One image (its ``channel``, if it has several) and its label or binary mask image."""
+    image = read_image(image_path, channel)
     labels = labels_from_mask(read_image(mask_path), mask_path)
     _check_same_size(image, labels, mask_path)
     return Sample(stem, image, labels)
@@ -233,11 +222,13 @@ def image_files(folder: Path) -> list[Path]:
 LAYOUTS = {"dsb2018": dsb2018_sources, "synthetic": dsb2018_sources, "folder": folder_sources}
 
 
-def list_sources(root: str | Path, layout: str) -> list[Source]:
+def list_sources(
+    root: str | Path, layout: str, channel: int | str | None = None
+) -> list[Source]:
     """The samples of a dataset of the given layout, found but not decoded."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown data layout {layout!r}; choose one of {sorted(LAYOUTS)}")
-    return LAYOUTS[layout](root)
+    return LAYOUTS[layout](root, channel)
 
 
 def iter_samples(sources: list[Source], description: str) -> Iterator[Sample]:
@@ -246,9 +237,11 @@ def iter_samples(sources: list[Source], description: str) -> Iterator[Sample]:
         yield source.read()
 
 
-def read_samples(root: str | Path, layout: str) -> list[Sample]:
+def read_samples(
+    root: str | Path, layout: str, channel: int | str | None = None
+) -> list[Sample]:
     """Read a dataset of the given layout."""
-    sources = list_sources(root, layout)
+    sources = list_sources(root, layout, channel)
     return list(iter_samples(sources, f"Reading {Path(root).name}"))
 
 

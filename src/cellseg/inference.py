@@ -278,3 +278,30 @@ def segment(
     use_contours = options.pop("use_contours", True)
     contours = probs[..., 1] if probs.shape[-1] > 1 and use_contours else None
     return probs[..., 0], instances(probs[..., 0], contours, **options)
+
+
+def segment_at_scale(
+    model: nn.Module,
+    image: np.ndarray,
+    preprocess: dict,
+    inference: dict,
+    instances_cfg: dict,
+    diameter: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`segment` with the image rescaled so that nuclei of ``diameter`` pixels appear at
+    the training data's median diameter (``preprocess["diameter"]``); the probabilities and
+    labels are mapped back to the image's own pixel grid (labels nearest)."""
+    if not diameter:
+        return segment(model, image, preprocess, inference, instances_cfg)
+    trained = preprocess.get("diameter")
+    if not trained:
+        raise ValueError(
+            f"diameter={diameter}: the checkpoint records no nucleus diameter of its training "
+            "data; retrain with this version, or leave diameter unset"
+        )
+    h, w = image.shape[:2]
+    scale = float(trained) / float(diameter)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    scaled = resize(image, size, "area" if scale < 1 else "linear")
+    foreground, labels = segment(model, scaled, preprocess, inference, instances_cfg)
+    return resize(foreground, (h, w), "linear"), resize(labels, (h, w), "nearest")

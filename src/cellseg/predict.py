@@ -1,16 +1,29 @@
 """Segment new images: ``python -m cellseg.predict ckpt_path=... input=... output=DIR``.
 
 ``input`` is an image file, a flat folder of images or a dsb2018-layout folder
-(``<id>/images/<id>.png``). For each image (id = file stem) it writes ``DIR/masks/<id>.png``
-(0/255), ``DIR/labels/<id>.png`` (16-bit instance labels), ``DIR/overlays/<id>.png`` (nucleus
-outlines over the image) and, from all label files, ``DIR/submission.csv`` in the Kaggle format.
-Images whose three files exist are skipped, so an interrupted run completes when run again;
-``overwrite=true`` predicts everything anew.
+(``<id>/images/<id>.png``); TIFF and OME-TIFF files may hold channels (``channel=`` picks the
+nuclei), Z planes and time points (segmented one 2-D plane at a time). For each image (id =
+file stem) it writes:
+
+- a 2-D image: ``masks/<id>.png`` (0/255), ``labels/<id>.png`` (16-bit instance labels) and
+  ``overlays/<id>.png`` (nucleus outlines over the nuclei channel);
+- a file with planes: ``labels/<id>.tif`` (16-bit, multi-page, the file's leading axes) and one
+  ``overlays/<id>_z<k>.png`` (``_t<k>`` ...) per plane;
+- ``tables/<id>.measurements.csv`` and ``tables/<id>.summary.csv``.
+
+From the per-image files it (re)builds ``submission.csv`` (Kaggle run-length format, 2-D images),
+``measurements.csv`` (one row per nucleus) and ``summary.csv`` (one row per image and plane).
+An image is done when its label file exists (written last), so an interrupted run completes
+when run again; ``overwrite=true`` predicts everything anew. ``shard=i/n`` predicts the images
+whose id hashes to ``i`` (separate processes or cluster jobs writing into one output folder);
+the last shard to finish merges the tables, as does ``merge_only=true``. An unreadable file is
+skipped with a warning and listed at the end; the run fails only when no image could be done.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -23,12 +36,23 @@ from rich.progress import track
 from skimage.segmentation import find_boundaries
 
 from cellseg import config_dir
-from cellseg.datasets import IMAGE_SUFFIXES, image_files, read_image
+from cellseg.datasets import IMAGE_SUFFIXES, image_files
 from cellseg.figures import display_rgb
-from cellseg.inference import load_model, preprocessing, segment
+from cellseg.files import (
+    ImageFile,
+    ImageFileError,
+    atomic,
+    open_image,
+    save_png,
+    save_stack,
+    stem,
+)
+from cellseg.inference import load_model, preprocessing, segment_at_scale
+from cellseg.measure import measure, summarize
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("masks", "labels", "overlays")
+OUTPUTS = ("masks", "labels", "overlays", "tables")
+TABLES = ("measurements", "summary")
 
 
 def find_inputs(path: str | Path) -> dict[str, Path]:
@@ -37,12 +61,12 @@ def find_inputs(path: str | Path) -> dict[str, Path]:
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
-        return {path.stem: path}
+        return {stem(path): path}
     if not path.is_dir():
         raise FileNotFoundError(f"input={path} does not exist; pass an image file or folder")
     nested = {d.name: d / "images" / f"{d.name}.png" for d in sorted(path.iterdir()) if d.is_dir()}
     found = {k: v for k, v in nested.items() if v.is_file()}
-    found = found or {p.stem: p for p in image_files(path)}
+    found = found or {stem(p): p for p in image_files(path)}
     if not found:
         raise FileNotFoundError(f"{path} holds no images (flat, or <id>/images/<id>.png)")
     return found
@@ -92,78 +116,215 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def write_submission(output: Path) -> int:
-    """``submission.csv`` from every label file: one row per nucleus, or an empty row."""
+def write_submission(output: Path, ids: list[str]) -> int:
+    """``submission.csv`` from the 2-D label files: one row per nucleus, or an empty row."""
     rows = 0
-    with open(output / "submission.csv", "w", newline="") as f:
+    with atomic(output / "submission.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["ImageId", "EncodedPixels"])
-        for path in sorted((output / "labels").glob("*.png")):
+        for image_id in ids:
+            path = output / "labels" / f"{image_id}.png"
+            if not path.is_file():
+                continue  # a file with planes (labels/<id>.tif) or not done
             encoded = rle_by_label(np.asarray(Image.open(path)))
             for rle in encoded.values():
-                writer.writerow([path.stem, rle])
+                writer.writerow([image_id, rle])
             if not encoded:
-                writer.writerow([path.stem, ""])
+                writer.writerow([image_id, ""])
             rows += max(len(encoded), 1)
     return rows
 
 
+def in_shard(image_id: str, shard: str | None) -> bool:
+    """Whether ``shard`` ("i/n") takes this image: a hash of the id, not the listing order, so
+    every process agrees whatever files it sees."""
+    if not shard:
+        return True
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise ValueError(f"shard={shard}; use i/n with 0 <= i < n, e.g. shard=0/4") from None
+    return int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % n == i
+
+
+def is_done(output: Path, image_id: str) -> bool:
+    """An image is done when its label file (written last) exists."""
+    return any((output / "labels" / f"{image_id}.{ext}").is_file() for ext in ("png", "tif"))
+
+
+def error_file(output: Path, image_id: str) -> Path:
+    return output / "tables" / f"{image_id}.error.txt"
+
+
+def segment_plane(
+    model, nuclei: np.ndarray, pre: dict, cfg: DictConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and labels of one plane; a constant plane holds no nuclei."""
+    if nuclei.min() == nuclei.max():
+        return np.zeros(nuclei.shape[:2], np.float32), np.zeros(nuclei.shape[:2], np.int32)
+    return segment_at_scale(
+        model, nuclei, pre, cfg.inference, cfg.instances, cfg.get("diameter")
+    )
+
+
+def plane_suffix(index: dict[str, int]) -> str:
+    """``_t0_z3`` for a plane index; empty for a 2-D image."""
+    return "".join(f"_{axis.lower()}{i}" for axis, i in index.items())
+
+
+def predict_file(model, image: ImageFile, image_id: str, pre: dict, cfg: DictConfig,
+                 output: Path) -> int:
+    """Segment every plane of a file, write its outputs and tables; returns its nuclei."""
+    measurements, summaries = [], []
+    nuclei_total = 0
+
+    def results():
+        nonlocal nuclei_total
+        for index, plane in image.planes():
+            nuclei = image.nuclei(plane)
+            foreground, labels = segment_plane(model, nuclei, pre, cfg)
+            if labels.max() >= 2**16:
+                raise ValueError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
+            keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
+            measurements.extend(
+                measure(labels, plane, image.channel_names, image.pixel_size, **keys)
+            )
+            summaries.append(summarize(labels, image.pixel_size, **keys))
+            nuclei_total += int(labels.max())
+            yield index, nuclei, foreground, labels.astype(np.uint16)
+
+    if not image.stacked:
+        ((_, nuclei, foreground, labels),) = list(results())
+        save_png(output / "masks" / f"{image_id}.png", ((foreground > 0.5) * 255).astype(np.uint8))
+        save_png(output / "overlays" / f"{image_id}.png", overlay(nuclei, labels))
+        write_tables(output, image_id, measurements, summaries)
+        save_png(output / "labels" / f"{image_id}.png", labels)  # last: "done"
+        return nuclei_total
+
+    def pages():
+        for index, nuclei, _, labels in results():
+            save_png(output / "overlays" / f"{image_id}{plane_suffix(index)}.png",
+                     overlay(nuclei, labels))
+            yield labels
+
+    sizes = dict(zip(image.axes, image.shape, strict=True))
+    shape = (*image.planes_shape.values(), sizes["Y"], sizes["X"])
+    axes = "".join(image.planes_shape) + "YX"
+    with atomic(output / "labels" / f"{image_id}.tif") as tmp:  # renamed last: "done"
+        save_stack(tmp, pages(), shape, axes)
+        write_tables(output, image_id, measurements, summaries)
+    return nuclei_total
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A CSV file of dict rows (columns in first-seen order), written atomically."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_tables(output: Path, image_id: str, measurements: list, summaries: list) -> None:
+    write_rows(output / "tables" / f"{image_id}.measurements.csv", measurements)
+    write_rows(output / "tables" / f"{image_id}.summary.csv", summaries)
+
+
+def merge(output: Path, ids: list[str]) -> dict[str, int]:
+    """``submission.csv``, ``measurements.csv`` and ``summary.csv`` from the per-image files,
+    in image id order (the same bytes however many shards wrote them)."""
+    result = {"submission_rows": write_submission(output, ids)}
+    for name in TABLES:
+        paths = [output / "tables" / f"{i}.{name}.csv" for i in ids]
+        paths = [p for p in paths if p.is_file()]
+        fields = {}
+        for path in paths:
+            with open(path, newline="") as f:
+                fields.update(dict.fromkeys(next(csv.reader(f), [])))
+        rows = 0
+        with atomic(output / f"{name}.csv") as tmp, open(tmp, "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(fields), restval="")
+            writer.writeheader()
+            for path in paths:
+                with open(path, newline="") as f:
+                    for row in csv.DictReader(f):
+                        writer.writerow(row)
+                        rows += 1
+        result[f"{name}_rows"] = rows
+    return result
+
+
 def predict(cfg: DictConfig) -> dict[str, float]:
-    """Write the outputs for every input image; returns a summary."""
+    """Write the outputs for every input image (of this shard); returns a summary."""
     inputs = find_inputs(cfg.input)
     output = Path(cfg.output).expanduser()
     check_output(output, Path(cfg.input).expanduser())
-    todo = {
-        k: v
-        for k, v in inputs.items()
-        if cfg.overwrite or not all((output / d / f"{k}.png").is_file() for d in OUTPUTS)
-    }
-    if len(todo) < len(inputs):
+    ids = sorted(inputs)
+    if cfg.get("merge_only"):
+        missing = [i for i in ids if not is_done(output, i)]
+        if missing:
+            log.warning("%d of %d images are not done yet, e.g. %s", len(missing), len(ids),
+                        missing[0])
+        merged = merge(output, ids)
+        log.info("merged the tables of %d images in %s", len(ids) - len(missing), output)
+        return merged
+    mine = {k: v for k, v in inputs.items() if in_shard(k, cfg.get("shard"))}
+    todo = {k: v for k, v in mine.items() if cfg.overwrite or not is_done(output, k)}
+    if len(todo) < len(mine):
         log.info(
             "%d of %d images already done in %s (overwrite=true redoes them)",
-            len(inputs) - len(todo),
-            len(inputs),
+            len(mine) - len(todo),
+            len(mine),
             output,
         )
     model = load_model(cfg.ckpt_path, cfg.device) if todo else None
     pre = preprocessing(model, cfg.get("preprocess")) if todo else {}
+    channel = cfg.get("channel")
+    channel = pre.get("channel") if channel is None else channel
+    if todo and channel is not None:
+        log.info("nuclei channel: %s (%s)", channel,
+                 "channel=" if cfg.get("channel") is not None else "as trained")
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
-    start, nuclei = time.perf_counter(), 0
+    start, nuclei, failed = time.perf_counter(), 0, {}
     for image_id, path in track(todo.items(), description="Predicting"):
-        image = read_image(path)
-        foreground, labels = segment(model, image, pre, cfg.inference, cfg.instances)
-        if labels.max() >= 2**16:
-            raise ValueError(f"{path}: {labels.max()} nuclei do not fit a 16-bit label image")
-        save_png(output / "masks" / f"{image_id}.png", ((foreground > 0.5) * 255).astype(np.uint8))
-        save_png(output / "overlays" / f"{image_id}.png", overlay(image, labels))
-        save_png(output / "labels" / f"{image_id}.png", labels.astype(np.uint16))  # last: "done"
-        nuclei += int(labels.max())
-    rows = write_submission(output)
+        try:
+            image = open_image(path, cfg.get("axes")).select(channel)
+            nuclei += predict_file(model, image, image_id, pre, cfg, output)
+        except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
+            log.warning("skipped: %s", err)
+            failed[image_id] = str(err)
+            error_file(output, image_id).write_text(f"{err}\n")
+            continue
+        error_file(output, image_id).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = {
-        "images": len(todo),
-        "skipped": len(inputs) - len(todo),
+        "images": len(todo) - len(failed),
+        "skipped": len(mine) - len(todo),
+        "failed": len(failed),
         "nuclei": nuclei,
         "seconds": seconds,
-        "submission_rows": rows,
     }
+    # the last shard to finish (every image done or failed) rebuilds the tables
+    if all(is_done(output, i) or error_file(output, i).is_file() for i in ids):
+        summary.update(merge(output, ids))
     log.info(
-        "%d images, %d nuclei, %.1f s (%d skipped); outputs in %s",
-        len(todo),
+        "%d images, %d nuclei, %.1f s (%d skipped as done); outputs in %s",
+        summary["images"],
         nuclei,
         seconds,
         summary["skipped"],
         output,
     )
+    if failed:
+        log.warning("%d files could not be read: %s", len(failed), ", ".join(map(str, failed)))
+        if not any(is_done(output, i) for i in mine):
+            first = next(iter(failed.values()))
+            if len(failed) > 1:
+                first = f"none of the {len(failed)} images could be segmented; the first: {first}"
+            raise ImageFileError(first)
     return summary
-
-
-def save_png(path: Path, array: np.ndarray) -> None:
-    """Write a PNG atomically: a half-written file never takes the final name."""
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")

@@ -1,0 +1,343 @@
+"""Reading and writing image files: axes from the file, channels, pixel size, 2-D planes.
+
+TIFF and OME-TIFF axes come from ``tifffile``'s series (``YX``, ``YXS``, ``CYX``, ``ZYX``,
+``TCZYX``, ImageJ hyperstacks ...), channel names and the pixel size from OME or ImageJ
+metadata; PNG, JPEG and BMP are 2-D gray, RGB or RGBA. A file is opened once
+(:func:`open_image`) and read one 2-D plane (all channels of one time point and Z plane) at a
+time, so memory stays bounded by a plane. Writers put a file in place atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+PLANE_AXES = "TZ"  # leading axes: segmented one 2-D plane at a time
+AXES_HELP = "T time, Z plane, C channel, Y, X"
+MICRONS = {
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "\\u00B5m": 1.0,
+    "nm": 1e-3,
+    "mm": 1e3,
+    "m": 1e6,
+}
+
+
+class ImageFileError(ValueError):
+    """An image file cellseg cannot use as it is; the message names the file and the fix."""
+
+
+@dataclass
+class ImageFile:
+    """An opened image file: its planes, channels and pixel size; nothing decoded yet."""
+
+    path: Path
+    axes: str  # as found in the file (or as given with ``axes=``)
+    shape: tuple[int, ...]  # as found in the file
+    planes_shape: dict[str, int]  # the leading axes present, e.g. {"Z": 5}; {} for a 2-D image
+    channel_names: list[str]  # one per channel
+    rgb: bool = False  # an RGB(A) colour image: channels converted as a whole, not selected
+    pixel_size: tuple[float, float] | None = None  # (y, x) micrometres per pixel
+    channel: int | None = None  # the nuclei channel, see :meth:`select`
+    _read: object = field(default=None, repr=False)  # (plane index dict) -> (Y, X, C) array
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the file holds more than one 2-D plane."""
+        return math.prod(self.planes_shape.values()) > 1
+
+    def plane_indices(self) -> list[dict[str, int]]:
+        """Every plane's index, e.g. [{"Z": 0}, {"Z": 1}, ...]; [{}] for a 2-D image."""
+        names = list(self.planes_shape)
+        return [
+            dict(zip(names, i, strict=True))
+            for i in product(*map(range, self.planes_shape.values()))
+        ]
+
+    def plane(self, index: dict[str, int] | None = None) -> np.ndarray:
+        """All channels of one plane as (Y, X, C), non-finite pixels replaced (with a warning)."""
+        where = f"{self.path}" + "".join(f" {a}={i}" for a, i in (index or {}).items())
+        try:
+            array = self._read(index or {})
+        except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # codecs
+            raise ImageFileError(
+                f"cannot read image {where}: {err}; replace or remove the file"
+            ) from err
+        return replace_nonfinite(array, where)
+
+    def planes(self) -> Iterator[tuple[dict[str, int], np.ndarray]]:
+        """(index, (Y, X, C) plane) one after another."""
+        for index in self.plane_indices():
+            yield index, self.plane(index)
+
+    def select(self, channel: int | str | None) -> ImageFile:
+        """Choose the nuclei channel by index or name; errors list the channels found."""
+        n = len(self.channel_names)
+        listing = ", ".join(f"{i}={name}" for i, name in enumerate(self.channel_names))
+        if channel is None or channel == "" or n == 1:  # one channel: nothing to choose
+            if n > 1 and not self.rgb:
+                raise ImageFileError(
+                    f"{self.path} has {n} channels ({listing}); choose the nuclei channel with "
+                    "channel=<index or name>"
+                )
+            self.channel = None
+            return self
+        names = [name.lower() for name in self.channel_names]
+        if isinstance(channel, str) and not channel.lstrip("-").isdigit():
+            if channel.lower() not in names:
+                raise ImageFileError(
+                    f"{self.path} has no channel named {channel!r} ({listing}); "
+                    "set channel= to one of these names or indices"
+                )
+            self.channel = names.index(channel.lower())
+            return self
+        if not 0 <= int(channel) < n:
+            raise ImageFileError(
+                f"{self.path} has {n} channels ({listing}); channel={channel} is not one of them"
+            )
+        self.channel = int(channel)
+        return self
+
+    def nuclei(self, plane: np.ndarray) -> np.ndarray:
+        """The network's input channels of a plane: the selected channel, or all of them."""
+        return plane if self.channel is None else plane[..., self.channel : self.channel + 1]
+
+
+def stem(path: Path) -> str:
+    """A file's image id: its name without the suffix (``.ome.tif`` counted as one)."""
+    name = path.stem
+    return name[: -len(".ome")] if name.lower().endswith(".ome") else name
+
+
+def open_image(path: str | Path, axes: str | None = None) -> ImageFile:
+    """Open an image file: axes, channels and pixel size from the file; errors name the file."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _open_tiff(path, axes)
+        return _open_pil(path)
+    except ImageFileError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        RuntimeError,
+        tifffile.TiffFileError,
+    ) as err:
+        raise ImageFileError(
+            f"cannot read image {path}: {err}; replace or remove the file"
+        ) from err
+
+
+def read_image(path: str | Path, channel: int | str | None = None) -> np.ndarray:
+    """One 2-D image as (H, W, C) (channel ``channel``, or all of gray/RGB/RGBA).
+
+    For training data and masks: files with several planes are refused with the fix.
+    """
+    image = open_image(path).select(channel)
+    if image.stacked:
+        raise ImageFileError(
+            f"{path} has axes {image.axes} and shape {image.shape}: several planes "
+            f"({image.planes_shape}); training reads 2-D images, save one file per plane"
+        )
+    return image.nuclei(image.plane())
+
+
+def replace_nonfinite(array: np.ndarray, where: str | Path) -> np.ndarray:
+    """Set NaN/inf pixels to the lowest finite value (0 if none), with a warning naming them."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count:
+        finite = array[~bad]
+        fill = finite.min() if finite.size else 0.0
+        warnings.warn(
+            f"{where}: {count} NaN/inf pixels set to the image's lowest finite value {fill:g}",
+            stacklevel=3,
+        )
+        array = np.where(bad, fill, array).astype(array.dtype, copy=False)
+    return array
+
+
+def _open_pil(path: Path) -> ImageFile:
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        array = np.asarray(im)
+    if array.size == 0:
+        raise ImageFileError(f"cannot read image {path}: it holds no pixels; replace or remove it")
+    if array.ndim == 2:
+        array = array[..., None]
+    names = list(mode) if mode in ("RGB", "RGBA", "LA") else ["gray"]
+    rgb = mode in ("RGB", "RGBA")
+    if mode == "LA":  # gray + alpha: the alpha channel holds no signal
+        array, names = array[..., :1], ["gray"]
+    return ImageFile(
+        path,
+        "YXS" if array.shape[-1] > 1 else "YX",
+        array.shape,
+        {},
+        names,
+        rgb=rgb,
+        _read=lambda index: array,
+    )
+
+
+def _open_tiff(path: Path, axes: str | None) -> ImageFile:
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        found, shape = series.axes, tuple(series.shape)
+        page_ndim = len(series.keyframe.shape)
+        mappable = series.dataoffset is not None and series.keyframe.is_memmappable
+        pagewise = len(series.pages) == math.prod(shape[: len(shape) - page_ndim]) and (
+            found[len(shape) - page_ndim :] in ("YX", "YXS")
+        )
+        rgb_photometric = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
+        names, pixel_size = _ome_metadata(tif) if tif.is_ome else (None, None)
+        if tif.is_imagej:
+            pixel_size = _imagej_pixel_size(tif)
+    given = axes.upper() if axes else None
+    if given and len(given) != len(shape):
+        raise ImageFileError(
+            f"{path} has shape {shape} (axes {found}); axes={axes} names {len(given)} axes, "
+            f"not {len(shape)} ({AXES_HELP})"
+        )
+    use = given or found
+    sizes = dict(zip(use, shape, strict=True))
+    problems = [a for a, n in sizes.items() if a not in PLANE_AXES + "CSYX" and n > 1]
+    if "Y" not in sizes or "X" not in sizes or problems or len(set(use)) < len(use):
+        raise ImageFileError(
+            f"{path} has axes {use} and shape {shape}: cellseg cannot tell what "
+            f"{'/'.join(problems) or 'they'} hold; pass axes= naming each axis ({AXES_HELP}), "
+            f"e.g. axes={_suggest(shape)}"
+        )
+    if sizes.get("C", 1) > 1 and sizes.get("S", 1) > 1:
+        raise ImageFileError(
+            f"{path} has axes {use} and shape {shape}: channels (C) of several samples (S); "
+            "save one sample per channel"
+        )
+    channel_axis = "C" if sizes.get("C", 1) > 1 or "S" not in sizes else "S"
+    n_channels = sizes.get(channel_axis, 1)
+    if not names or len(names) != n_channels:
+        names = [f"c{i}" for i in range(n_channels)]
+    planes_shape = {a: sizes[a] for a in PLANE_AXES if sizes.get(a, 1) > 1}
+    rgb = channel_axis == "S" and rgb_photometric and n_channels in (3, 4)
+    order = [a for a in PLANE_AXES if a in sizes] + ["Y", "X"] + [a for a in "CS" if a in sizes]
+    if mappable:  # uncompressed, contiguous: a plane reads only its own bytes
+        reader = _ArrayReader(tifffile.memmap(path, series=0, mode="r"), use, order)
+    elif not given and pagewise:  # compressed pages: one plane's pages decoded at a time
+        reader = _PageReader(path, use, shape, page_ndim)
+    else:
+        reader = _ArrayReader(tifffile.imread(path, series=0), use, order)
+    return ImageFile(
+        path, use, shape, planes_shape, names, rgb=rgb, pixel_size=pixel_size, _read=reader
+    )
+
+
+def _suggest(shape: tuple[int, ...]) -> str:
+    if len(shape) == 3:
+        return "CYX" if shape[0] < min(shape[1:]) else "YXC"
+    return ("TZCYX"[-len(shape) :]) if len(shape) <= 5 else "TZCYX"
+
+
+class _ArrayReader:
+    """Planes of an array: memory-mapped, or read at once (files not stored a page per plane)."""
+
+    def __init__(self, array: np.ndarray, axes: str, order: list[str]) -> None:
+        self.array = np.transpose(array, [axes.index(a) for a in order])
+        self.axes = order
+
+    def __call__(self, index: dict[str, int]) -> np.ndarray:
+        key = tuple(index.get(a, 0) for a in self.axes if a in PLANE_AXES)
+        plane = np.ascontiguousarray(np.asarray(self.array[key]))  # (Y, X[, C][, S]), a copy
+        return plane.reshape(*plane.shape[:2], -1)
+
+
+class _PageReader:
+    """Planes read page by page: only one plane's pages are decoded at a time."""
+
+    def __init__(self, path: Path, axes: str, shape: tuple, page_ndim: int) -> None:
+        self.path, self.axes, self.shape = path, axes, shape
+        self.leading = len(shape) - page_ndim
+
+    def __call__(self, index: dict[str, int]) -> np.ndarray:
+        lead_axes, lead_shape = self.axes[: self.leading], self.shape[: self.leading]
+        ranges = [
+            range(n) if a in "CS" else [index.get(a, 0)]
+            for a, n in zip(lead_axes, lead_shape, strict=True)
+        ]
+        keys = [int(np.ravel_multi_index(i, lead_shape)) for i in product(*ranges)]
+        with tifffile.TiffFile(self.path) as tif:
+            pages = tif.series[0].pages
+            planes = [pages[k].asarray() for k in keys]  # each (Y, X[, S])
+        return np.stack(planes, axis=-1).reshape(*planes[0].shape[:2], -1)
+
+
+def _ome_metadata(tif: tifffile.TiffFile) -> tuple[list[str] | None, tuple | None]:
+    """OME channel names and (y, x) pixel size in micrometres of the first image."""
+    root = ET.fromstring(tif.ome_metadata)
+    pixels = next((e for e in root.iter() if e.tag.endswith("}Pixels")), None)
+    if pixels is None:
+        return None, None
+    names = [
+        c.get("Name") or f"c{i}"
+        for i, c in enumerate(e for e in pixels if e.tag.endswith("}Channel"))
+    ]
+    sizes = []
+    for axis in "YX":
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        sizes.append(float(value) * MICRONS[unit] if value and unit in MICRONS else None)
+    return names or None, tuple(sizes) if None not in sizes else None
+
+
+def _imagej_pixel_size(tif: tifffile.TiffFile) -> tuple[float, float] | None:
+    """ImageJ's pixel size (resolution tags in pixels per unit) in micrometres."""
+    unit = (tif.imagej_metadata or {}).get("unit")
+    tags = tif.pages[0].tags
+    if unit not in MICRONS or "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value
+    return (yd / yn * MICRONS[unit], xd / xn * MICRONS[unit]) if xn and yn else None
+
+
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` only on success, so a
+    half-written file never takes the final name."""
+    tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """Write a PNG atomically (16-bit labels as 16-bit gray)."""
+    with atomic(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def save_stack(
+    path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...], axes: str, dtype=np.uint16
+) -> None:
+    """Write 2-D pages (in C order over the leading axes) as one multi-page TIFF with ``axes``,
+    atomically; the pages are written as they come, so one page is in memory at a time."""
+    with atomic(path) as tmp:
+        tifffile.imwrite(tmp, iter(pages), shape=shape, dtype=dtype, metadata={"axes": axes})
