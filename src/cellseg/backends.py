@@ -59,21 +59,32 @@ def onnx_bytes(net: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-class OnnxNetwork:
-    """An ONNX Runtime session called like the network: (N, C, H, W) tensor -> logits tensor."""
+def onnx_session(model: bytes | str, device: str | torch.device = "cpu") -> Callable:
+    """An ONNX Runtime session as a function: (N, C, H, W) tensor -> logits tensor."""
+    import onnxruntime as ort
 
-    def __init__(self, model: bytes | str, device: str | torch.device = "cpu") -> None:
-        import onnxruntime as ort
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(model, providers=providers)
+    name = session.get_inputs()[0].name
 
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda":
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(model, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+    def run(x: Tensor) -> Tensor:
+        array = x.detach().float().contiguous().cpu().numpy()
+        return torch.from_numpy(session.run(None, {name: array})[0])
+
+    return run
+
+
+class Network:
+    """A network run by another runtime, called like the U-Net (and knowing its geometry)."""
+
+    def __init__(self, run: Callable[[Tensor], Tensor], net: nn.Module, backend: str) -> None:
+        self.run, self.backend = run, backend
+        self.multiple, self.in_channels = net.multiple, net.in_channels
 
     def __call__(self, x: Tensor) -> Tensor:
-        array = x.detach().float().contiguous().cpu().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        return self.run(x)
 
 
 def network(
@@ -83,7 +94,7 @@ def network(
     if backend == "pytorch":
         return model
     if backend == "torchscript":
-        return torchscript(model.net).to(device)
+        return Network(torchscript(model.net).to(device), model.net, backend)
     if backend == "onnxruntime":
-        return OnnxNetwork(onnx_bytes(model.net), device)
+        return Network(onnx_session(onnx_bytes(model.net), device), model.net, backend)
     raise ValueError(f"backend={backend!r}; use one of {', '.join(BACKENDS)}")

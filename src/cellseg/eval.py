@@ -22,6 +22,7 @@ from rich.progress import track
 from rich.table import Table
 
 from cellseg import config_dir
+from cellseg.backends import network
 from cellseg.datamodule import split_ids
 from cellseg.datasets import Sample, read_samples
 from cellseg.inference import load_model, preprocessing, segment
@@ -46,10 +47,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
     """Scores over the selected images and one row of scores per image."""
     model = load_model(cfg.ckpt_path, cfg.device)
     pre = preprocessing(model, cfg.get("preprocess"))
+    net = network(model, cfg.backend, cfg.device)
     samples = select_samples(cfg.data, cfg.split)
     counts, rows, start = torch.zeros(4, dtype=torch.long), [], time.perf_counter()
     for sample in track(samples, description="Evaluating", transient=True):
-        foreground, labels = segment(model, sample.image, pre, cfg.inference, cfg.instances)
+        foreground, labels = segment(net, sample.image, pre, cfg.inference, cfg.instances)
         c = confusion_counts(
             torch.from_numpy(foreground > 0.5), torch.from_numpy(sample.labels > 0)
         )

@@ -23,6 +23,7 @@ from rich.progress import track
 from skimage.segmentation import find_boundaries
 
 from cellseg import config_dir
+from cellseg.backends import network
 from cellseg.datasets import IMAGE_SUFFIXES, image_files, read_image
 from cellseg.figures import display_rgb
 from cellseg.inference import load_model, preprocessing, segment
@@ -131,12 +132,13 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         )
     model = load_model(cfg.ckpt_path, cfg.device) if todo else None
     pre = preprocessing(model, cfg.get("preprocess")) if todo else {}
+    net = network(model, cfg.backend, cfg.device) if todo else None
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei = time.perf_counter(), 0
     for image_id, path in track(todo.items(), description="Predicting"):
         image = read_image(path)
-        foreground, labels = segment(model, image, pre, cfg.inference, cfg.instances)
+        foreground, labels = segment(net, image, pre, cfg.inference, cfg.instances)
         if labels.max() >= 2**16:
             raise ValueError(f"{path}: {labels.max()} nuclei do not fit a 16-bit label image")
         save_png(output / "masks" / f"{image_id}.png", ((foreground > 0.5) * 255).astype(np.uint8))
