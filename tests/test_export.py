@@ -37,7 +37,7 @@ def test_backends_match_pytorch_within_1e_4(model_and_image, backend):
     with torch.no_grad():
         batch = torch.stack([image, image.flip(-1)])  # batch 2 of a real image
         assert (net(batch) - model(batch)).abs().max() < 1e-4
-    odd = image[:, 3:53, 5:75 - 10]  # 50x60: predict_tensor pads it to 64x64
+    odd = image[:, 3:53, 5 : 75 - 10]  # 50x60: predict_tensor pads it to 64x64
     for x in (image, odd):
         expected = predict_tensor(model, x)
         got = predict_tensor(net, x)
@@ -46,7 +46,10 @@ def test_backends_match_pytorch_within_1e_4(model_and_image, backend):
 
 
 def test_an_unknown_backend_is_refused(model_and_image):
-    with pytest.raises(ValueError, match="backend='tensorrt'; use one of pytorch, torchscript"):
+    with pytest.raises(
+        ValueError,
+        match="backend=.tensorrt.; use one of pytorch, pytorch-bf16, torchscript, onnxruntime",
+    ):
         network(model_and_image[0], "tensorrt")
 
 
@@ -151,3 +154,17 @@ def test_export_refuses_an_image_smaller_than_the_package_minimum(small_trained,
     cfg = compose_cfg("export", [f"ckpt_path={ckpt}", f"image={tiny}", f"output={tmp_path}"])
     with pytest.raises(ValueError, match="12x40 pixels, the package needs at least 20 a side"):
         export(cfg)
+
+
+def test_bench_backend_table_times_and_scores_each_backend(trained):
+    from cellseg.bench import BACKEND_COLUMNS, backend_table, markdown
+
+    ckpt, root = trained
+    rows = backend_table(str(ckpt), "synthetic", str(root), ["pytorch", "onnxruntime"], 1)
+    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
+    assert {r["images"] for r in rows} == {2}  # the test split of 10 images
+    assert rows[0]["megapixels"] == 2 * 64 * 64 / 1e6
+    assert rows[0]["speedup"] == 1.0 and rows[0]["map_change"] == 0.0
+    assert abs(rows[1]["map_change"]) < 1e-3  # ONNX Runtime keeps the score
+    assert rows[1]["speedup"] == rows[1]["predict_mpx_s"] / rows[0]["predict_mpx_s"]
+    assert markdown(rows, BACKEND_COLUMNS, ".4f").count("\n") == 4

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("pytorch", "torchscript", "onnxruntime")
+BACKENDS = ("pytorch", "pytorch-bf16", "torchscript", "onnxruntime")
 ONNX_OPSET = 17
 
 
@@ -93,6 +93,13 @@ def network(
     """The callable that runs ``model``'s network with ``backend``."""
     if backend == "pytorch":
         return model
+    if backend == "pytorch-bf16":  # bf16 autocast: fast only with AVX512-BF16/AMX or a GPU
+
+        def bf16(x: Tensor) -> Tensor:
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                return model(x)
+
+        return Network(bf16, model.net, backend)
     if backend == "torchscript":
         return Network(torchscript(model.net).to(device), model.net, backend)
     if backend == "onnxruntime":
