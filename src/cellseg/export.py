@@ -75,7 +75,7 @@ def min_side(net: nn.Module) -> int:
     return 2 * halo(net) + net.multiple
 
 
-def test_crop(image: np.ndarray, net: nn.Module, side: int) -> np.ndarray:
+def centre_crop(image: np.ndarray, net: nn.Module, side: int) -> np.ndarray:
     """The centre of an image, at most ``side`` pixels and a multiple of the network's size
     multiple per side."""
     m = net.multiple
@@ -94,9 +94,10 @@ def raw_tensor(image: np.ndarray, in_channels: int) -> np.ndarray:
     return to_channels(image, in_channels).astype(np.float32).transpose(2, 0, 1)[None]
 
 
-def package_probabilities(net: nn.Module, raw: np.ndarray, method: str) -> np.ndarray:
-    """What the package computes for a (1, C, H, W) raw image: normalisation, network, sigmoid."""
-    x = normalize(raw[0].transpose(1, 2, 0), method).transpose(2, 0, 1)
+def package_probabilities(net: nn.Module, image: np.ndarray, pre: dict) -> np.ndarray:
+    """What the package computes for a stored image: channels, normalisation (on the stored
+    dtype, as cellseg does), network, sigmoid; (1, K, H, W)."""
+    x = normalize(to_channels(image, pre["in_channels"]), pre["normalize"]).transpose(2, 0, 1)
     with torch.no_grad():
         return torch.sigmoid(plain_network(net)(torch.from_numpy(x[None]))).numpy()
 
@@ -150,15 +151,15 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
     )
     return f"""# {name}
 
-A U-Net (cellseg, https://github.com/) that segments cell nuclei in 2-D microscopy images,
+A U-Net (trained with cellseg) that segments cell nuclei in 2-D microscopy images,
 trained on the 2018 Data Science Bowl images (BBBC038).
 
 ## Input
 An image with {pre["in_channels"]} channel(s) (grayscale is repeated to RGB, RGBA loses its
 alpha), any height and width that are multiples of the network's size multiple (larger images
-are tiled by the consumer). Preprocessing: per image, the {PERCENTILES[0]}th and
-{PERCENTILES[1]}th percentiles over all channels map to 0 and 1, clipped
-(cellseg's `normalize: {pre["normalize"]}`).
+are tiled by the consumer). Preprocessing: cellseg's `normalize: {pre["normalize"]}` (for
+`percentile`: per image, the {PERCENTILES[0]}th and {PERCENTILES[1]}th percentiles over all
+channels map to 0 and 1, then clipped to [0, 1]).
 
 {invert}
 
@@ -221,7 +222,7 @@ def build_package(
 ) -> Path:
     """Write the package's files into ``out/package`` and zip them; returns the zip's path.
 
-    ``crop``: a real image (see :func:`test_crop`), the package's test input and cover.
+    ``crop``: a real image (see :func:`centre_crop`), the package's test input and cover.
     """
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5
@@ -232,7 +233,7 @@ def build_package(
     files = out / "package"
     files.mkdir(parents=True, exist_ok=True)
     raw = raw_tensor(crop, pre["in_channels"])
-    probs = package_probabilities(net, raw, pre["normalize"])
+    probs = package_probabilities(net, crop, pre)
     np.save(files / "test_input.npy", raw)
     np.save(files / "test_output.npy", probs)
     Image.fromarray(cover_image(crop, probs[0])).save(files / "cover.png")
@@ -319,7 +320,7 @@ def export(cfg: DictConfig) -> dict[str, Path]:
     ckpt = Path(cfg.ckpt_path).expanduser()
     model = load_model(str(ckpt))
     pre = preprocessing(model, cfg.get("preprocess"))
-    crop = test_crop(read_image(cfg.image), model.net, cfg.test_side)
+    crop = centre_crop(read_image(cfg.image), model.net, cfg.test_side)
     out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths = {
