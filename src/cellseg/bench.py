@@ -188,6 +188,52 @@ def prediction(
     return size * size / whole / 1e6, tile * tile / bare / 1e6, tile
 
 
+def backend_table(ckpt_path: str, data: str, root: str, backends: list, repeats: int) -> list:
+    """Whole-image prediction of a checkpoint's test images through each backend: megapixels/s
+    (the backends alternated image set by image set, so a slow spell of the machine slows them
+    all) and the scores ``cellseg.eval`` gets with that backend."""
+    from hydra import compose, initialize_config_dir
+
+    from cellseg.backends import network
+    from cellseg.datasets import prepare_image, read_samples
+    from cellseg.eval import evaluate
+    from cellseg.inference import load_model, predict_image, preprocessing
+
+    overrides = [f"ckpt_path={ckpt_path}", f"data={data}", f"data.root={root}"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfgs = {b: compose("eval", overrides=[*overrides, f"backend={b}"]) for b in backends}
+    scores = {b: evaluate(cfg) for b, cfg in cfgs.items()}  # (metrics, per-image rows)
+    ids = {r["id"] for r in scores[backends[0]][1]}
+    model = load_model(ckpt_path)
+    pre = preprocessing(model)
+    images = [
+        prepare_image(s.image, pre["in_channels"], pre["normalize"], pre["invert_bright"])
+        for s in read_samples(cfgs[backends[0]].data.root, cfgs[backends[0]].data.layout)
+        if s.id in ids
+    ]
+    megapixels = sum(x.shape[0] * x.shape[1] for x in images) / 1e6
+    nets = [network(model, b) for b in backends]
+    fns = [
+        lambda net=net: [predict_image(net, x, pre["mode"], pre["img_size"]) for x in images]
+        for net in nets
+    ]
+    rows = []
+    for b, seconds in zip(backends, timed(fns, 1, repeats), strict=True):
+        metrics = scores[b][0]
+        rows.append(
+            {
+                "backend": b,
+                "images": len(images),
+                "megapixels": megapixels,
+                "predict_mpx_s": megapixels / seconds,
+                **{k: metrics[k] for k in ("iou", "dice", "map", "ap50")},
+                "map_change": metrics["map"] - scores[backends[0]][0]["map"],
+            }
+        )
+        rows[-1]["speedup"] = rows[-1]["predict_mpx_s"] / rows[0]["predict_mpx_s"]
+    return rows
+
+
 def _measure(fn, args):
     result = fn(*args)
     return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -250,28 +296,43 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = [
-        ("size", "size"),
-        ("precision", "precision"),
-        ("batch", "batch"),
-        ("pipeline_img_s", "pipeline img/s"),
-        ("plain_img_s", "plain loop img/s"),
-        ("pipeline_vs_plain", "ratio"),
-        ("train_gflop_s", "train GFLOP/s"),
-        ("matmul_gflop_s", "matmul GFLOP/s"),
-        ("train_vs_matmul", "ratio"),
-        ("predict_size", "predict side"),
-        ("tile", "tile"),
-        ("tiled_mpx_s", "tiled predict MP/s"),
-        ("bare_mpx_s", "bare forward MP/s"),
-        ("tiled_vs_bare", "ratio"),
-        ("pipeline_peak_mb", "pipeline MB"),
-        ("predict_peak_mb", "predict MB"),
-    ]
+TRAIN_COLUMNS = [
+    ("size", "size"),
+    ("precision", "precision"),
+    ("batch", "batch"),
+    ("pipeline_img_s", "pipeline img/s"),
+    ("plain_img_s", "plain loop img/s"),
+    ("pipeline_vs_plain", "ratio"),
+    ("train_gflop_s", "train GFLOP/s"),
+    ("matmul_gflop_s", "matmul GFLOP/s"),
+    ("train_vs_matmul", "ratio"),
+    ("predict_size", "predict side"),
+    ("tile", "tile"),
+    ("tiled_mpx_s", "tiled predict MP/s"),
+    ("bare_mpx_s", "bare forward MP/s"),
+    ("tiled_vs_bare", "ratio"),
+    ("pipeline_peak_mb", "pipeline MB"),
+    ("predict_peak_mb", "predict MB"),
+]
+BACKEND_COLUMNS = [
+    ("backend", "backend"),
+    ("images", "images"),
+    ("megapixels", "MP"),
+    ("predict_mpx_s", "predict MP/s"),
+    ("speedup", "vs first"),
+    ("iou", "iou"),
+    ("dice", "dice"),
+    ("map", "map"),
+    ("map_change", "map change"),
+]
+
+
+def markdown(
+    rows: list[dict], cols: list[tuple[str, str]] = TRAIN_COLUMNS, fmt: str = ".2f"
+) -> str:
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k, _ in cols]
+        cells = [f"{r[k]:{fmt}}" if isinstance(r[k], float) else str(r[k]) for k, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -279,14 +340,22 @@ def markdown(rows: list[dict]) -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> None:
     rows = run_bench(cfg)
+    b = cfg.backends
+    backend_rows = (
+        isolated(backend_table, b.ckpt_path, b.data, b.root, list(b.names), b.repeats)[0]
+        if b.ckpt_path
+        else []
+    )
     out = Path(cfg.paths.output_dir)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     settings = OmegaConf.to_container(cfg, resolve=False)
     settings.pop("paths", None)
     (out / "bench.json").write_text(
-        json.dumps({**info, "settings": settings, "rows": rows}, indent=2)
+        json.dumps({**info, "settings": settings, "rows": rows, "backends": backend_rows}, indent=2)
     )
-    table = markdown(rows)
+    table = markdown(rows) + (
+        f"\n{markdown(backend_rows, BACKEND_COLUMNS, '.4f')}" if backend_rows else ""
+    )
     (out / "bench.md").write_text(table)
     print(table)
     log.info("bench.md and bench.json in %s", out)

@@ -27,6 +27,7 @@ from rich.progress import track
 from rich.table import Table
 
 from cellseg import config_dir
+from cellseg.backends import network
 from cellseg.datamodule import make_splits
 from cellseg.datasets import Sample, iter_samples, list_sources
 from cellseg.inference import checkpoint_data, load_model, preprocessing, segment
@@ -91,6 +92,7 @@ def evaluate(
     foreground, labels)`` sees each segmentation (compare keeps some for its figure)."""
     model = load_model(cfg.ckpt_path, cfg.device)
     pre = preprocessing(model, cfg.get("preprocess"))
+    net = network(model, cfg.backend, cfg.device)
     description = checkpoint_data(model)
     root, layout, origin = scored_data(cfg, description)
     sources = list_sources(root, layout)
@@ -100,7 +102,7 @@ def evaluate(
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     rows, start = [], time.perf_counter()
     for sample in track(samples, description="Evaluating", transient=True):
-        foreground, labels = segment(model, sample.image, pre, cfg.inference, cfg.instances)
+        foreground, labels = segment(net, sample.image, pre, cfg.inference, cfg.instances)
         if on_image is not None:
             on_image(sample, foreground, labels)
         row = {

@@ -36,6 +36,7 @@ from rich.progress import track
 from skimage.segmentation import find_boundaries
 
 from cellseg import config_dir
+from cellseg.backends import network
 from cellseg.datasets import IMAGE_SUFFIXES, image_files
 from cellseg.figures import display_rgb
 from cellseg.files import (
@@ -280,6 +281,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         )
     model = load_model(cfg.ckpt_path, cfg.device) if todo else None
     pre = preprocessing(model, cfg.get("preprocess")) if todo else {}
+    net = network(model, cfg.backend, cfg.device) if todo else None
     channel = cfg.get("channel")
     channel = pre.get("channel") if channel is None else channel
     if todo and channel is not None:
@@ -291,7 +293,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     for image_id, path in track(todo.items(), description="Predicting"):
         try:
             image = open_image(path, cfg.get("axes")).select(channel)
-            nuclei += predict_file(model, image, image_id, pre, cfg, output)
+            nuclei += predict_file(net, image, image_id, pre, cfg, output)
         except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
             log.warning("skipped: %s", err)
             failed[image_id] = str(err)
