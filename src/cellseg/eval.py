@@ -26,6 +26,7 @@ from cellseg.datamodule import split_ids
 from cellseg.datasets import Sample, read_samples
 from cellseg.inference import load_model, preprocessing, segment
 from cellseg.metrics import PIXEL_SCORES, confusion_counts, instance_scores
+from cellseg.tune import instance_options
 
 log = logging.getLogger(__name__)
 SCORES = ("iou", "miou", "dice", "map", "ap50", "f1_50")
@@ -47,9 +48,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
     model = load_model(cfg.ckpt_path, cfg.device)
     pre = preprocessing(model, cfg.get("preprocess"))
     samples = select_samples(cfg.data, cfg.split)
+    options = instance_options(cfg.instances, cfg.ckpt_path)
     counts, rows, start = torch.zeros(4, dtype=torch.long), [], time.perf_counter()
     for sample in track(samples, description="Evaluating", transient=True):
-        foreground, labels = segment(model, sample.image, pre, cfg.inference, cfg.instances)
+        foreground, labels = segment(model, sample.image, pre, cfg.inference, options)
         c = confusion_counts(
             torch.from_numpy(foreground > 0.5), torch.from_numpy(sample.labels > 0)
         )

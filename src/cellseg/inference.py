@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellseg.datasets import prepare_image, resize
-from cellseg.instances import instances
+from cellseg.instances import labels_from_probs
 from cellseg.module import SegmentationModule
 
 MULTIPLE = 16
@@ -160,15 +160,19 @@ def preprocessing(model: nn.Module, override: dict | None = None) -> dict:
     return dict(pre)
 
 
+def probabilities(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict
+) -> np.ndarray:
+    """Probabilities (H, W, K) of a stored image at its own size, prepared as ``preprocess``."""
+    x = prepare_image(
+        image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
+    )
+    return predict_image(model, x, preprocess["mode"], preprocess["img_size"], **inference)
+
+
 def segment(
     model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
 ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground probabilities (H, W) and instance labels of a stored image at its own size."""
-    x = prepare_image(
-        image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
-    )
-    probs = predict_image(model, x, preprocess["mode"], preprocess["img_size"], **inference)
-    options = dict(instances_cfg)
-    use_contours = options.pop("use_contours", True)
-    contours = probs[..., 1] if probs.shape[-1] > 1 and use_contours else None
-    return probs[..., 0], instances(probs[..., 0], contours, **options)
+    probs = probabilities(model, image, preprocess, inference)
+    return probs[..., 0], labels_from_probs(probs, **instances_cfg)

@@ -26,6 +26,7 @@ from cellseg import config_dir
 from cellseg.datasets import IMAGE_SUFFIXES, image_files, read_image
 from cellseg.figures import display_rgb
 from cellseg.inference import load_model, preprocessing, segment
+from cellseg.tune import instance_options
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("masks", "labels", "overlays")
@@ -131,12 +132,13 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         )
     model = load_model(cfg.ckpt_path, cfg.device) if todo else None
     pre = preprocessing(model, cfg.get("preprocess")) if todo else {}
+    options = instance_options(cfg.instances, cfg.ckpt_path) if todo else {}
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei = time.perf_counter(), 0
     for image_id, path in track(todo.items(), description="Predicting"):
         image = read_image(path)
-        foreground, labels = segment(model, image, pre, cfg.inference, cfg.instances)
+        foreground, labels = segment(model, image, pre, cfg.inference, options)
         if labels.max() >= 2**16:
             raise ValueError(f"{path}: {labels.max()} nuclei do not fit a 16-bit label image")
         save_png(output / "masks" / f"{image_id}.png", ((foreground > 0.5) * 255).astype(np.uint8))
