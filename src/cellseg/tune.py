@@ -130,14 +130,18 @@ class TunePostprocessing(L.Callback):
         dm = trainer.datamodule
         val = set(dm.splits["val"])
         sources = [s for s in list_sources(dm.root, dm.layout) if s.id in val]
+        try:
+            pre = preprocessing(pl_module)
+        except ValueError as err:
+            log.warning("Post-processing not tuned: %s", err)
+            return
         samples = list(iter_samples(sources, "Reading validation images"))
-        pre = preprocessing(pl_module)
         weights, was_training = copy.deepcopy(pl_module.state_dict()), pl_module.training
         pl_module.eval()
         results: dict[tuple[int, int], dict] = {}  # by (epoch, step): best and last may agree
         try:
             for path in checkpoint_paths(trainer):
-                checkpoint = torch.load(path, map_location=pl_module.device, weights_only=True)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
                 key = (checkpoint.get("epoch"), checkpoint.get("global_step"))
                 if key not in results:
                     start = time.perf_counter()
