@@ -8,10 +8,11 @@ import torch
 from omegaconf import open_dict
 
 from cellseg.eval import evaluate
-from cellseg.train import train
+from cellseg.train import build, train
 from cellseg.tune import (
     DEFAULTS,
     SPACE,
+    TunePostprocessing,
     instance_options,
     mean_map,
     search,
@@ -105,3 +106,19 @@ def test_tuning_is_refused_when_validation_is_the_test_split(cfg_factory, caplog
     assert "validation images are the test images (data.val_size=0)" in caplog.text
     ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
     assert tuned_instances(ckpt) == {}
+
+
+def test_tuning_leaves_the_weights_in_memory_as_they_were(cfg_factory):
+    """train tests the in-memory weights (test_ckpt=last): tuning each checkpoint's weights
+    must put them back."""
+    cfg = cfg_factory("model.net.out_channels=2", "data.val_size=0.25", "trainer.max_epochs=1")
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, TunePostprocessing)]
+    with torch.no_grad():
+        model.net.head.bias.fill_(7.0)  # weights no checkpoint holds
+    model.train()
+    callback.tune_checkpoints(trainer, model)
+    assert (model.net.head.bias == 7.0).all() and model.training
+    assert "postprocess" in torch.load(trainer.checkpoint_callback.best_model_path,
+                                       weights_only=True)
