@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=$(realpath "${DSB2018:-../shared/data/dsb2018/stage1_train}")
+DATA=${DSB2018:-../shared/data/dsb2018/stage1_train}   # as the Makefile; DSB2018=DIR elsewhere
 OUT=${OUT:-logs/quality}
 RECIPE=${RECIPE:-experiment=native}
 DEFAULTS="instances.threshold=0.5 instances.contour_threshold=0.5 instances.seed_threshold=0.5
@@ -19,6 +19,7 @@ DEFAULTS="instances.threshold=0.5 instances.contour_threshold=0.5 instances.seed
 run() {  # run NAME OVERRIDES...: train (timed), then evaluate tuned and untuned
   local name=$1; shift
   local dir=$OUT/$name
+  [[ -d $DATA ]] || { echo "DSB2018=$DATA is not a folder; set DSB2018=<stage1_train>" >&2; exit 2; }
   if [[ ! -f $dir/checkpoints/last.ckpt ]]; then
     local start=$SECONDS
     $PY -m cellseg.train data=dsb2018 data.root="$DATA" "$@" hydra.run.dir="$dir" \
@@ -41,7 +42,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 lines = ["| run | train min | iou | map | ap50 (per image) | ap50 (pooled) | map, defaults |",
          "|---|---|---|---|---|---|---|"]
-for run in sorted(p.parent for p in out.glob("*/eval/metrics.json")):
+for run in sorted(p.parent.parent for p in out.glob("*/eval/metrics.json")):
     m = json.loads((run / "eval/metrics.json").read_text())
     d = json.loads((run / "eval_defaults/metrics.json").read_text())
     tp = t = p = 0.0  # per image ap50 = TP / (T + P - TP), so TP = ap50 (T + P) / (1 + ap50)
