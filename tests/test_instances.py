@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 
-from cellseg.instances import instances, remove_small
+from cellseg.datasets import targets_from_labels
+from cellseg.instances import instances, labels_from_probs, remove_small
 
 
 def disc(shape, cy, cx, r):
@@ -38,3 +40,67 @@ def test_small_objects_dropped_and_labels_consecutive():
 
 def test_empty_probability_map():
     assert instances(np.zeros((16, 16), np.float32)).max() == 0
+
+
+def touching_discs():
+    """Labels of two overlapping discs (the second drawn over the first) and a 2x2 speck."""
+    labels = np.zeros((40, 60), np.int32)
+    labels[disc(labels.shape, 20, 20, 10)] = 1
+    labels[disc(labels.shape, 20, 37, 10)] = 2
+    labels[2:4, 50:52] = 3
+    return labels
+
+
+def test_distance_target_is_one_at_each_centre_and_falls_to_the_own_border():
+    labels = touching_discs()
+    targets = targets_from_labels(labels, 3)
+    assert targets.shape == (40, 60, 3) and targets.dtype == np.float32
+    fg, contours, distance = np.moveaxis(targets, -1, 0)
+    np.testing.assert_array_equal(fg, labels > 0)
+    np.testing.assert_array_equal(targets_from_labels(labels, 2), targets[..., :2])
+    assert (distance[labels == 0] == 0).all()
+    for k in (1, 2, 3):
+        assert distance[labels == k].max() == pytest.approx(1.0)
+    assert distance[20, 37] == 1.0  # the undisturbed disc's centre
+    # where the discs touch, each is at its own border: its lowest value, 1 / its depth
+    assert labels[20, 27] == 2 and contours[20, 27] == 1
+    assert distance[20, 27] == distance[labels == 2].min() == distance[labels == 2][0]
+    assert 0.09 < distance[20, 27] < 0.11  # the disc is about 10 pixels deep
+    assert (distance[labels == 3] == 1).all()  # too small for an interior: all core
+
+
+def test_targets_refuse_an_unknown_channel_count():
+    with pytest.raises(ValueError, match="out_channels=4; use 1"):
+        targets_from_labels(touching_discs(), 4)
+
+
+def test_the_distance_channel_splits_nuclei_that_touch_without_a_contour():
+    labels = touching_discs()
+    fg, _, distance = np.moveaxis(targets_from_labels(labels, 3), -1, 0)
+    no_contours = np.zeros_like(fg)
+    found = instances(fg, no_contours, distance=distance, min_size=1)
+    assert found.max() == 3
+    np.testing.assert_array_equal(found > 0, labels > 0)
+    assert found[20, 15] != found[20, 43]
+    # no core exceeds a seed threshold of 1: no seeds, so each blob stays one nucleus
+    assert instances(fg, no_contours, distance=distance, min_size=1, seed_threshold=1.0).max() == 2
+
+
+def test_contour_threshold_is_its_own_option():
+    prob = np.zeros((30, 40), np.float32)
+    prob[5:25, 5:35] = 1.0
+    contours = np.zeros_like(prob)
+    contours[5:25, 19:21] = 0.4  # a faint boundary: splits only below a 0.4 contour threshold
+    assert instances(prob, contours, min_size=1).max() == 1
+    assert instances(prob, contours, min_size=1, contour_threshold=0.3).max() == 2
+
+
+def test_labels_from_probs_uses_every_channel_unless_told_and_null_means_default():
+    labels = touching_discs()
+    probs = targets_from_labels(labels, 3)
+    probs[..., 1] = 0  # no contours: only the distance channel can split
+    assert labels_from_probs(probs, min_size=1).max() == 3
+    assert labels_from_probs(probs[..., :2], min_size=1, split=False).max() == 2
+    assert labels_from_probs(probs, use_contours=False, min_size=1, split=False).max() == 2
+    # min_size=None is instances()' default (10 pixels): the 4-pixel speck goes
+    assert labels_from_probs(probs, min_size=None, threshold=None).max() == 2

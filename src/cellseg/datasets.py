@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from rich.progress import track
+from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
@@ -92,18 +93,31 @@ def prepare_image(
 
 
 def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
-    """Float32 (H, W, channels) training targets: foreground, then (if 2) nucleus contours.
+    """Float32 (H, W, channels) training targets: foreground, then (if 2 or 3) nucleus
+    contours, then (if 3) each nucleus's distance to its own border, 1 at its centre.
 
     The contour channel marks each nucleus's inner boundary pixels, so touching nuclei are
-    separated by a line the network can learn to predict.
+    separated by a line the network can learn to predict. The distance channel is scaled per
+    nucleus, so small and large nuclei alike have cores near 1 that seed the watershed, and
+    a zoomed (resampled) target keeps its meaning.
     """
     foreground = labels > 0
     if channels == 1:
         return foreground[..., None].astype(np.float32)
+    if channels not in (2, 3):
+        raise ValueError(
+            f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours) "
+            "or 3 (+ contours and distance)"
+        )
+    contours = find_boundaries(labels, mode="inner") & foreground
     if channels == 2:
-        contours = find_boundaries(labels, mode="inner") & foreground
         return np.stack([foreground, contours], axis=-1).astype(np.float32)
-    raise ValueError(f"model.net.out_channels={channels}; use 1 (foreground) or 2 (+ contours)")
+    # 1 on the contour, growing inwards; touching nuclei each keep their own border
+    depth = ndimage.distance_transform_edt(foreground & ~contours) + foreground
+    peak = ndimage.maximum(depth, labels, np.arange(1, labels.max() + 1))
+    scale = np.concatenate([[1.0], np.maximum(peak, 1.0)])
+    distance = depth / scale[np.maximum(labels, 0)]
+    return np.stack([foreground, contours, distance], axis=-1).astype(np.float32)
 
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}

@@ -32,6 +32,7 @@ from cellseg.datamodule import make_splits
 from cellseg.datasets import Sample, iter_samples, list_sources
 from cellseg.inference import checkpoint_data, load_model, preprocessing, segment
 from cellseg.metrics import InstanceScores, pixel_metrics
+from cellseg.tune import instance_options
 
 log = logging.getLogger(__name__)
 SCORES = ("iou", "miou", "dice", "map", "ap50", "f1_50")
@@ -99,10 +100,11 @@ def evaluate(
     ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
     samples = select_samples(root, layout, ids)
+    options = instance_options(cfg.instances, cfg.ckpt_path)
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     rows, start = [], time.perf_counter()
     for sample in track(samples, description="Evaluating", transient=True):
-        foreground, labels = segment(net, sample.image, pre, cfg.inference, cfg.instances)
+        foreground, labels = segment(net, sample.image, pre, cfg.inference, options)
         if on_image is not None:
             on_image(sample, foreground, labels)
         row = {

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from cellseg.datamodule import describe_data
 from cellseg.datasets import prepare_image, resize
-from cellseg.instances import instances
+from cellseg.instances import labels_from_probs
 from cellseg.module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -257,11 +257,11 @@ def preprocessing(model: SegmentationModule, override: dict | None = None) -> di
     return pre
 
 
-def segment(
-    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
-) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground probabilities (H, W) and instance labels of a stored image at its own size,
-    both numpy arrays in CPU memory whatever the model's device."""
+def probabilities(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict
+) -> np.ndarray:
+    """Probabilities (H, W, K) in CPU memory of a stored image at its own size, prepared as
+    ``preprocess``; images smaller than the network's size multiple are refused."""
     multiple = preprocess["multiple"]
     if min(image.shape[:2]) < multiple:
         raise ValueError(
@@ -271,13 +271,18 @@ def segment(
     x = prepare_image(
         image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
     )
-    probs = predict_image(
+    return predict_image(
         model, x, preprocess["mode"], preprocess["img_size"], multiple=multiple, **inference
     )
-    options = dict(instances_cfg)
-    use_contours = options.pop("use_contours", True)
-    contours = probs[..., 1] if probs.shape[-1] > 1 and use_contours else None
-    return probs[..., 0], instances(probs[..., 0], contours, **options)
+
+
+def segment(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground probabilities (H, W) and instance labels of a stored image at its own size,
+    both numpy arrays in CPU memory whatever the model's device."""
+    probs = probabilities(model, image, preprocess, inference)
+    return probs[..., 0], labels_from_probs(probs, **instances_cfg)
 
 
 def segment_at_scale(

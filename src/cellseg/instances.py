@@ -1,4 +1,9 @@
-"""Probability maps -> instance label images (0 = background, 1..N = nuclei, int32)."""
+"""Probability maps -> instance label images (0 = background, 1..N = nuclei, int32).
+
+The network's output channels are, in order: foreground, then (``out_channels`` >= 2) the
+nuclei's inner contours, then (``out_channels`` = 3) each nucleus's distance to its own border,
+scaled to 1 at its centre. :func:`labels_from_probs` turns such a stack into nuclei.
+"""
 
 from __future__ import annotations
 
@@ -25,22 +30,32 @@ def instances(
     min_size: int = 10,
     split: bool = True,
     h: float = 2.0,
+    contour_threshold: float = 0.5,
+    distance: np.ndarray | None = None,
+    seed_threshold: float = 0.5,
 ) -> np.ndarray:
     """Label nuclei in a foreground probability map.
 
     Connected components of ``foreground > threshold``; touching nuclei are then split by a
-    watershed, seeded by the regions away from predicted ``contours`` when given, else by the
-    maxima of the distance transform deeper than ``h`` pixels. Objects below ``min_size``
-    pixels are dropped.
+    watershed, seeded by the cores where the predicted ``distance`` exceeds ``seed_threshold``
+    when given (flooding down the distance), else by the regions away from predicted
+    ``contours`` (at most ``contour_threshold``), else by the maxima of the distance transform
+    deeper than ``h`` pixels. Objects below ``min_size`` pixels are dropped.
     """
     mask = foreground > threshold
-    if contours is not None:
-        seeds = connected_components(mask & (contours <= threshold), connectivity=1)
+    if distance is not None:
+        cores = mask & (distance > seed_threshold)
+        if contours is not None:
+            cores &= contours <= contour_threshold
+        seeds = connected_components(cores, connectivity=1)
+        labels = watershed(-distance, seeds, mask=mask)
+    elif contours is not None:
+        seeds = connected_components(mask & (contours <= contour_threshold), connectivity=1)
         labels = watershed(contours, seeds, mask=mask)
     elif split and mask.any():
-        distance = ndimage.distance_transform_edt(mask)
-        seeds = connected_components(h_maxima(distance, h), connectivity=2)
-        labels = watershed(-distance, seeds, mask=mask)
+        edt = ndimage.distance_transform_edt(mask)
+        seeds = connected_components(h_maxima(edt, h), connectivity=2)
+        labels = watershed(-edt, seeds, mask=mask)
     else:
         labels = connected_components(mask, connectivity=1)
     # pixels of the mask that no seed reached (components without a seed) keep their component
@@ -49,3 +64,16 @@ def instances(
         extra = connected_components(orphans, connectivity=1)
         labels = np.where(orphans, extra + labels.max() * (extra > 0), labels)
     return remove_small(labels.astype(np.int32), min_size)
+
+
+def labels_from_probs(probs: np.ndarray, use_contours: bool = True, **options) -> np.ndarray:
+    """Nuclei from an (H, W, K) probability stack, using every channel the network predicts.
+
+    ``use_contours=False`` ignores the extra channels (a plain distance-transform watershed);
+    ``options`` are :func:`instances`' keyword arguments, a ``None`` value meaning its default.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    k = probs.shape[-1] if use_contours else 1
+    contours = probs[..., 1] if k >= 2 else None
+    distance = probs[..., 2] if k >= 3 else None
+    return instances(probs[..., 0], contours, distance=distance, **options)

@@ -50,6 +50,7 @@ from cellseg.files import (
 )
 from cellseg.inference import load_model, preprocessing, segment_at_scale
 from cellseg.measure import measure, summarize
+from cellseg.tune import instance_options
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("masks", "labels", "overlays", "tables")
@@ -159,13 +160,13 @@ def error_file(output: Path, image_id: str) -> Path:
 
 
 def segment_plane(
-    model, nuclei: np.ndarray, pre: dict, cfg: DictConfig
+    model, nuclei: np.ndarray, pre: dict, options: dict, cfg: DictConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and labels of one plane; a constant plane holds no nuclei."""
     if nuclei.min() == nuclei.max():
         return np.zeros(nuclei.shape[:2], np.float32), np.zeros(nuclei.shape[:2], np.int32)
     return segment_at_scale(
-        model, nuclei, pre, cfg.inference, cfg.instances, cfg.get("diameter")
+        model, nuclei, pre, cfg.inference, options, cfg.get("diameter")
     )
 
 
@@ -174,8 +175,8 @@ def plane_suffix(index: dict[str, int]) -> str:
     return "".join(f"_{axis.lower()}{i}" for axis, i in index.items())
 
 
-def predict_file(model, image: ImageFile, image_id: str, pre: dict, cfg: DictConfig,
-                 output: Path) -> int:
+def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dict,
+                 cfg: DictConfig, output: Path) -> int:
     """Segment every plane of a file, write its outputs and tables; returns its nuclei."""
     measurements, summaries = [], []
     nuclei_total = 0
@@ -184,7 +185,7 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, cfg: DictCon
         nonlocal nuclei_total
         for index, plane in image.planes():
             nuclei = image.nuclei(plane)
-            foreground, labels = segment_plane(model, nuclei, pre, cfg)
+            foreground, labels = segment_plane(model, nuclei, pre, options, cfg)
             if labels.max() >= 2**16:
                 raise ValueError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
             keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
@@ -287,13 +288,14 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     if todo and channel is not None:
         log.info("nuclei channel: %s (%s)", channel,
                  "channel=" if cfg.get("channel") is not None else "as trained")
+    options = instance_options(cfg.instances, cfg.ckpt_path) if todo else {}
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei, failed = time.perf_counter(), 0, {}
     for image_id, path in track(todo.items(), description="Predicting"):
         try:
             image = open_image(path, cfg.get("axes")).select(channel)
-            nuclei += predict_file(net, image, image_id, pre, cfg, output)
+            nuclei += predict_file(net, image, image_id, pre, options, cfg, output)
         except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
             log.warning("skipped: %s", err)
             failed[image_id] = str(err)

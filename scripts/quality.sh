@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 15's measurements on the real data, on an otherwise idle machine (times are wall clock).
+#   scripts/quality.sh levers   # native vs +nuclei_scale vs +distance channel vs both (~1 h)
+#   scripts/quality.sh time     # the time-to-quality curve: native for ~5, 15, 30, 60 min (~2 h)
+#   scripts/quality.sh seeds    # RECIPE (default: native) with seeds 0, 1, 2 (~45 min)
+#   scripts/quality.sh summary  # logs/quality/summary.md from every evaluated run
+# Every run is scored on the 10 test images by cellseg.eval twice: with the post-processing tuned
+# on its 4 validation images (eval/) and with instances()' defaults (eval_defaults/).
+# Peers: see ../shared/peers/RESULTS.md; score their label PNGs against the same test ids.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DSB2018:-../shared/data/dsb2018/stage1_train}   # as the Makefile; DSB2018=DIR elsewhere
+OUT=${OUT:-logs/quality}
+RECIPE=${RECIPE:-experiment=native}
+DEFAULTS="instances.threshold=0.5 instances.contour_threshold=0.5 instances.seed_threshold=0.5
+  instances.min_size=10 instances.h=2.0"
+
+run() {  # run NAME OVERRIDES...: train (timed), then evaluate tuned and untuned
+  local name=$1; shift
+  local dir=$OUT/$name
+  [[ -d $DATA ]] || { echo "DSB2018=$DATA is not a folder; set DSB2018=<stage1_train>" >&2; exit 2; }
+  if [[ ! -f $dir/checkpoints/last.ckpt ]]; then
+    local start=$SECONDS
+    $PY -m cellseg.train data=dsb2018 data.root="$DATA" "$@" hydra.run.dir="$dir" \
+      callbacks.progress_bar=null
+    echo "$((SECONDS - start))" > "$dir/train_seconds"
+  fi
+  local ckpt=$dir/checkpoints/last.ckpt
+  $PY -m cellseg.eval ckpt_path="$ckpt" data=dsb2018 data.root="$DATA" hydra.run.dir="$dir/eval"
+  # shellcheck disable=SC2086
+  $PY -m cellseg.eval ckpt_path="$ckpt" data=dsb2018 data.root="$DATA" $DEFAULTS \
+    hydra.run.dir="$dir/eval_defaults"
+}
+
+summary() {
+  $PY - "$OUT" <<'EOF'
+"""One row per run: train minutes, test scores (tuned and defaults), ap50 pooled over nuclei."""
+import csv, json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+lines = ["| run | train min | iou | map | ap50 (per image) | ap50 (pooled) | map, defaults |",
+         "|---|---|---|---|---|---|---|"]
+for run in sorted(p.parent.parent for p in out.glob("*/eval/metrics.json")):
+    m = json.loads((run / "eval/metrics.json").read_text())
+    d = json.loads((run / "eval_defaults/metrics.json").read_text())
+    tp = t = p = 0.0  # per image ap50 = TP / (T + P - TP), so TP = ap50 (T + P) / (1 + ap50)
+    with open(run / "eval/per_image.csv") as f:
+        for r in csv.DictReader(f):
+            a, nt, np_ = float(r["ap50"]), int(r["true_nuclei"]), int(r["pred_nuclei"])
+            tp, t, p = tp + a * (nt + np_) / (1 + a), t + nt, p + np_
+    pooled = tp / max(t + p - tp, 1)
+    seconds = run / "train_seconds"
+    minutes = f"{int(seconds.read_text()) / 60:.1f}" if seconds.exists() else "?"
+    lines.append(f"| {run.name} | {minutes} | {m['iou']:.3f} | {m['map']:.3f} | {m['ap50']:.3f} "
+                 f"| {pooled:.3f} | {d['map']:.3f} |")
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+}
+
+for step in "${@:-summary}"; do
+  case $step in
+    levers)
+      run native experiment=native
+      run native_scale experiment=native augmentation=nuclei_scale
+      run native_distance experiment=native model.net.out_channels=3
+      run native_scale_distance experiment=native augmentation=nuclei_scale model.net.out_channels=3
+      ;;
+    time)  # 120 epochs take about 14 min on 2 idle cores; the cosine schedule follows max_epochs
+      for epochs in 40 120 240 480; do run "time_${epochs}" "$RECIPE" trainer.max_epochs=$epochs; done
+      ;;
+    seeds)
+      for seed in 0 1 2; do run "seed_${seed}" "$RECIPE" seed=$seed; done
+      ;;
+    summary) summary ;;
+    *) echo "unknown step $step; use levers, time, seeds or summary" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,207 @@
+"""Post-processing tuned on the validation images after training, stored in the checkpoint.
+
+As StarDist tunes its thresholds after training and saves them with the model: when fitting
+ends, :class:`TunePostprocessing` predicts the probability maps of the validation images once
+(whole images at native resolution, as ``cellseg.eval`` does), searches the instance options
+(``threshold``, ``contour_threshold``, ``seed_threshold``, ``h``, ``min_size``: those the
+network's outputs use) for the best mean ``map`` by coordinate descent, and writes them into
+every checkpoint file of the run as ``checkpoint["postprocess"]``. Eval and predict read them
+with :func:`instance_options`; a value the user sets wins (and is logged).
+
+Tuning is refused (logged, the defaults stay) when the validation images are the test images
+(``data.val_size=0``, the study's setting): options chosen on the test set would flatter it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from cellseg.datasets import iter_samples, list_sources
+from cellseg.inference import preprocessing, probabilities
+from cellseg.instances import instances, labels_from_probs
+from cellseg.metrics import dsb_score
+
+log = logging.getLogger(__name__)
+
+# the values tried for each option; the search starts from instances()' defaults
+SPACE = {
+    "threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
+    "contour_threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    "seed_threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    "h": [0.5, 1.0, 2.0, 3.0, 4.0],
+    "min_size": [1, 5, 10, 20, 40],
+}
+DEFAULTS = {
+    k: p.default for k, p in inspect.signature(instances).parameters.items() if k in SPACE
+}
+
+
+def searched_options(channels: int, use_contours: bool = True, split: bool = True) -> list[str]:
+    """The instance options that act on a network with ``channels`` outputs."""
+    k = channels if use_contours else 1
+    extra = {1: ["h"] if split else [], 2: ["contour_threshold"]}
+    return ["threshold", *extra.get(k, ["contour_threshold", "seed_threshold"]), "min_size"]
+
+
+def mean_map(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], options: dict) -> float:
+    """The mean ``map`` of the images' nuclei found with ``options``."""
+    pairs = zip(probs, labels, strict=True)
+    return float(np.mean([dsb_score(t, labels_from_probs(p, **options)) for p, t in pairs]))
+
+
+def search(
+    probs: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    space: Mapping[str, Sequence],
+    start: dict[str, Any],
+    rounds: int = 3,
+) -> tuple[dict[str, Any], float]:
+    """Coordinate descent: each option in turn set to its best value in ``space`` (the others
+    fixed), until a round changes nothing; returns the options (``start`` updated) and their
+    mean ``map``. A tie keeps the current value, so the defaults stay unless beaten."""
+    best = dict(start)
+    score = mean_map(probs, labels, best)
+    for _ in range(rounds):
+        changed = False
+        for name, values in space.items():
+            for value in values:
+                if value == best[name]:
+                    continue
+                trial = mean_map(probs, labels, {**best, name: value})
+                if trial > score:
+                    best, score, changed = {**best, name: value}, trial, True
+        if not changed:
+            break
+    return best, score
+
+
+class TunePostprocessing(L.Callback):
+    """After fitting, tune the instance options on the validation split and store them in
+    every checkpoint file the run's ModelCheckpoint callbacks kept (best, last)."""
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        use_contours: bool = True,
+        split: bool = True,
+        rounds: int = 3,
+        inference: dict | None = None,
+    ) -> None:
+        self.enabled, self.rounds = enabled, rounds
+        self.use_contours, self.split = use_contours, split
+        self.inference = inference or {}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled and not trainer.interrupted and trainer.is_global_zero:
+            reason = self.refusal(trainer)
+            if reason:
+                log.warning("Post-processing not tuned: %s; the defaults stay", reason)
+            else:
+                self.tune_checkpoints(trainer, pl_module)
+        trainer.strategy.barrier()
+
+    @staticmethod
+    def refusal(trainer: L.Trainer) -> str | None:
+        """Why the options cannot be tuned on this run, or None."""
+        splits = getattr(trainer.datamodule, "splits", None) or {}
+        if not splits.get("val"):
+            return "the datamodule has no validation split"
+        if sorted(splits["val"]) == sorted(splits.get("test", [])):
+            return (
+                "the validation images are the test images (data.val_size=0); set "
+                "data.val_size=0.1 to hold validation images out of training"
+            )
+        if not checkpoint_paths(trainer):
+            return "the run kept no checkpoint"
+        return None
+
+    def tune_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Search the options for each checkpoint's weights and write them into its file."""
+        dm = trainer.datamodule
+        val = set(dm.splits["val"])
+        sources = [s for s in list_sources(dm.root, dm.layout, dm.channel) if s.id in val]
+        try:
+            pre = preprocessing(pl_module)
+        except ValueError as err:
+            log.warning("Post-processing not tuned: %s", err)
+            return
+        samples = list(iter_samples(sources, "Reading validation images"))
+        weights, was_training = copy.deepcopy(pl_module.state_dict()), pl_module.training
+        pl_module.eval()
+        results: dict[tuple[int, int], dict] = {}  # by (epoch, step): best and last may agree
+        try:
+            for path in checkpoint_paths(trainer):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+                key = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+                if key not in results:
+                    start = time.perf_counter()
+                    pl_module.load_state_dict(checkpoint["state_dict"])
+                    results[key] = self.tune(pl_module, samples, pre)
+                    log.info("Post-processing tuned on %d validation images for %s in %.1f s: %s",
+                             len(samples), path.name, time.perf_counter() - start, results[key])
+                checkpoint["postprocess"] = results[key]
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        finally:
+            pl_module.load_state_dict(weights)
+            pl_module.train(was_training)
+
+    def tune(self, model: L.LightningModule, samples: list, pre: dict) -> dict[str, Any]:
+        """The ``postprocess`` entry of a checkpoint: tuned options and their scores."""
+        options = searched_options(model.net.head.out_channels, self.use_contours, self.split)
+        start = {k: DEFAULTS[k] for k in options}
+        fixed = {"use_contours": self.use_contours, "split": self.split}
+        with torch.no_grad():
+            probs = [probabilities(model, s.image, pre, {"device": model.device, **self.inference})
+                     for s in samples]
+        truth = [s.labels for s in samples]
+        space = {k: SPACE[k] for k in options}
+        best, score = search(probs, truth, space, {**fixed, **start}, self.rounds)
+        return {
+            "instances": {k: best[k] for k in (*fixed, *options)},
+            "val_map": score,
+            "val_map_defaults": mean_map(probs, truth, {**fixed, **start}),
+            "val_images": len(samples),
+        }
+
+
+def checkpoint_paths(trainer: L.Trainer) -> list[Path]:
+    """The checkpoint files the run's ModelCheckpoint callbacks kept (best and last)."""
+    paths = []
+    for cb in trainer.checkpoint_callbacks:
+        for p in (cb.best_model_path, cb.last_model_path):
+            if p and Path(p).is_file() and Path(p).resolve() not in paths:
+                paths.append(Path(p).resolve())
+    return paths
+
+
+def tuned_instances(checkpoint: str | Path | Mapping) -> dict[str, Any]:
+    """The instance options tuned on validation that a checkpoint (file or loaded dict) holds;
+    ``{}`` when it holds none (tuning refused, or written before cellseg tuned)."""
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return dict((checkpoint.get("postprocess") or {}).get("instances") or {})
+
+
+def instance_options(instances_cfg: Mapping, checkpoint: str | Path | Mapping) -> dict[str, Any]:
+    """The options eval and predict pass to ``segment``: the checkpoint's tuned values, each
+    replaced by the user's where ``instances_cfg`` sets one (not null); both are logged."""
+    tuned = tuned_instances(checkpoint)
+    given = {k: v for k, v in dict(instances_cfg).items() if v is not None}
+    if tuned:
+        log.info("Post-processing tuned on validation: %s", tuned)
+    else:
+        log.info("The checkpoint holds no tuned post-processing: instances' defaults are used")
+    for k in sorted(tuned.keys() & given.keys()):
+        if given[k] != tuned[k]:
+            log.info("instances.%s=%s overrides the tuned %s", k, given[k], tuned[k])
+    return {**tuned, **given}

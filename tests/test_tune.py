@@ -1,0 +1,124 @@
+"""Post-processing tuned on validation (cellseg.tune): the search, the checkpoint, eval's use."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import open_dict
+
+from cellseg.eval import evaluate
+from cellseg.train import build, train
+from cellseg.tune import (
+    DEFAULTS,
+    SPACE,
+    TunePostprocessing,
+    instance_options,
+    mean_map,
+    search,
+    searched_options,
+    tuned_instances,
+)
+from conftest import compose_cfg
+
+
+def faint_nuclei():
+    """Two images whose nuclei the network sees at probability 0.45 (below the default 0.5
+    threshold) beside a 0.35 blob that is no nucleus: only a threshold of 0.4 finds them all."""
+    probs, labels = [], []
+    for shift in (0, 3):
+        truth = np.zeros((32, 32), np.int32)
+        truth[4 + shift : 12 + shift, 4:12] = 1
+        truth[18:28, 16 + shift : 26 + shift] = 2
+        p = np.where(truth > 0, 0.45, 0.0).astype(np.float32)
+        p[2:6, 24:30] = 0.35
+        probs.append(p[..., None])
+        labels.append(truth)
+    return probs, labels
+
+
+def test_search_finds_the_threshold_that_scores_best_and_keeps_defaults_on_ties():
+    probs, labels = faint_nuclei()
+    start = {k: DEFAULTS[k] for k in ("threshold", "h", "min_size")}
+    assert mean_map(probs, labels, start) == 0.0  # nothing above 0.5
+    best, score = search(probs, labels, {k: SPACE[k] for k in start}, start)
+    assert score == 1.0
+    assert best == {"threshold": 0.4, "h": DEFAULTS["h"], "min_size": DEFAULTS["min_size"]}
+
+
+def test_the_searched_options_are_those_the_outputs_use():
+    assert searched_options(1) == ["threshold", "h", "min_size"]
+    assert searched_options(1, split=False) == ["threshold", "min_size"]
+    assert searched_options(2) == ["threshold", "contour_threshold", "min_size"]
+    assert searched_options(3) == ["threshold", "contour_threshold", "seed_threshold", "min_size"]
+    assert searched_options(3, use_contours=False) == ["threshold", "h", "min_size"]
+
+
+def test_the_users_value_wins_over_the_tuned_one_and_is_logged(caplog):
+    checkpoint = {"postprocess": {"instances": {"threshold": 0.4, "min_size": 20}}}
+    chosen = {"threshold": None, "min_size": 5, "h": None, "split": True}
+    with caplog.at_level(logging.INFO, logger="cellseg.tune"):
+        options = instance_options(chosen, checkpoint)
+    assert options == {"threshold": 0.4, "min_size": 5, "split": True}
+    assert "instances.min_size=5 overrides the tuned 20" in caplog.text
+    assert instance_options(chosen, {}) == {"min_size": 5, "split": True}  # untuned: defaults
+
+
+def tiny_run(cfg_factory, val_size: str):
+    cfg = cfg_factory(
+        "model.net.out_channels=3", f"data.val_size={val_size}", "trainer.max_epochs=1"
+    )
+    train(cfg)
+    return cfg
+
+
+def test_training_with_a_validation_split_stores_the_tuned_options_in_its_checkpoints(
+    cfg_factory, caplog
+):
+    with caplog.at_level(logging.INFO, logger="cellseg.tune"):
+        cfg = tiny_run(cfg_factory, "0.25")  # 10 images: 8 train -> 6 train, 2 validation
+    ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
+    stored = torch.load(ckpt, weights_only=True)["postprocess"]
+    assert stored["val_images"] == 2
+    assert set(stored["instances"]) == {"use_contours", "split", *searched_options(3)}
+    assert stored["val_map"] >= stored["val_map_defaults"]  # the search starts at the defaults
+    for other in Path(ckpt).parent.glob("*.ckpt"):  # the best-on-validation one too
+        assert "val_map" in torch.load(other, weights_only=True)["postprocess"]
+    assert "Post-processing tuned on 2 validation images" in caplog.text
+    # eval reads them: a tuned min_size larger than any image drops every nucleus
+    state = torch.load(ckpt, weights_only=True)
+    state["postprocess"]["instances"]["min_size"] = 10**6
+    torch.save(state, ckpt)
+    eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", f"data.root={cfg.data.root}"])
+    _, rows = evaluate(eval_cfg)
+    assert [r["pred_nuclei"] for r in rows] == [0, 0]
+    with open_dict(eval_cfg):  # the user's value wins: everything above 0 is one nucleus
+        eval_cfg.instances.update(
+            {"min_size": 1, "threshold": 0.0, "use_contours": False, "split": False}
+        )
+    _, rows = evaluate(eval_cfg)
+    assert [r["pred_nuclei"] for r in rows] == [1, 1]
+
+
+def test_tuning_is_refused_when_validation_is_the_test_split(cfg_factory, caplog):
+    with caplog.at_level(logging.WARNING, logger="cellseg.tune"):
+        cfg = tiny_run(cfg_factory, "0.0")
+    assert "validation images are the test images (data.val_size=0)" in caplog.text
+    ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
+    assert tuned_instances(ckpt) == {}
+
+
+def test_tuning_leaves_the_weights_in_memory_as_they_were(cfg_factory):
+    """train tests the in-memory weights (test_ckpt=last): tuning each checkpoint's weights
+    must put them back."""
+    cfg = cfg_factory("model.net.out_channels=2", "data.val_size=0.25", "trainer.max_epochs=1")
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, TunePostprocessing)]
+    with torch.no_grad():
+        model.net.head.bias.fill_(7.0)  # weights no checkpoint holds
+    model.train()
+    callback.tune_checkpoints(trainer, model)
+    assert (model.net.head.bias == 7.0).all() and model.training
+    assert "postprocess" in torch.load(trainer.checkpoint_callback.best_model_path,
+                                       weights_only=True)
