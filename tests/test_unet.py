@@ -3,11 +3,7 @@ import math
 import pytest
 import torch
 
-from cellseg.unet import UNet
-
-
-def count_parameters(net: torch.nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
+from cellseg.unet import UNet, count_parameters
 
 
 @pytest.mark.parametrize(("in_channels", "expected"), [(3, 2_158_833), (1, 2_158_545)])

@@ -224,7 +224,9 @@ def checkpoint_data(source: SegmentationModule | str | Path) -> dict[str, Any]:
     return describe_data(checkpoint)
 
 
-def preprocessing(model: SegmentationModule, override: dict | None = None) -> dict[str, Any]:
+def preprocessing(
+    model: SegmentationModule, override: dict | None = None, data: dict | None = None
+) -> dict[str, Any]:
     """The dict :func:`segment` consumes, from the checkpoint; ``override``'s keys win (logged).
 
     Keys: ``mode``, ``img_size``, ``in_channels``, ``normalize``, ``invert_bright`` (the
@@ -233,8 +235,9 @@ def preprocessing(model: SegmentationModule, override: dict | None = None) -> di
     split's median equivalent nucleus diameter in pixels at the geometry the network saw them:
     native px in crop mode, resized px in resize mode; None for old checkpoints). Checkpoints
     older than the data description fall back to the model's ``preprocess`` hyperparameter.
+    ``data`` is a :func:`checkpoint_data` dict for a model that was not loaded from its file.
     """
-    data = checkpoint_data(model)
+    data = data or checkpoint_data(model)
     hp = data["hparams"]
     if hp:
         pre = {k: hp[k] for k in PREPROCESS_KEYS}

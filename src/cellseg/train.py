@@ -94,8 +94,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     """Data (read and checked first), model and trainer as the config describes them."""
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
-    datamodule = build_data(cfg)
     model = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    datamodule = build_data(cfg, model.net.multiple)
     log.info("Network: %s parameters", f"{count_parameters(model):,}")
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     trainer = hydra.utils.instantiate(
@@ -105,13 +105,15 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
-def build_data(cfg: DictConfig) -> L.LightningDataModule:
-    """The DataModule, its images found, read and split now: a data error arrives in seconds,
-    before the model and trainer are built (``fit`` then reuses what was read)."""
+def build_data(cfg: DictConfig, multiple: int) -> L.LightningDataModule:
+    """The DataModule, checked against the network's size ``multiple``, its images found, read
+    and split now: a data error arrives in seconds, before the trainer is built (``fit`` then
+    reuses what was read)."""
     augmentation = None
     if cfg.get("augmentation"):  # plain lists, not OmegaConf ones: slow to read per image
         augmentation = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
+    datamodule.set_multiple(multiple)
     datamodule.prepare_data()
     datamodule.setup("fit")
     splits = datamodule.splits

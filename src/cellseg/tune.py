@@ -26,10 +26,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from cellseg.datamodule import describe_data
 from cellseg.datasets import iter_samples, list_sources
 from cellseg.inference import preprocessing, probabilities
 from cellseg.instances import instances, labels_from_probs
-from cellseg.metrics import dsb_score
+from cellseg.metrics import instance_scores
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def searched_options(channels: int, use_contours: bool = True, split: bool = Tru
 def mean_map(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], options: dict) -> float:
     """The mean ``map`` of the images' nuclei found with ``options``."""
     pairs = zip(probs, labels, strict=True)
-    return float(np.mean([dsb_score(t, labels_from_probs(p, **options)) for p, t in pairs]))
+    scores = [instance_scores(t, labels_from_probs(p, **options))["map"] for p, t in pairs]
+    return float(np.mean(scores))
 
 
 def search(
@@ -130,11 +132,6 @@ class TunePostprocessing(L.Callback):
         dm = trainer.datamodule
         val = set(dm.splits["val"])
         sources = [s for s in list_sources(dm.root, dm.layout, dm.channel) if s.id in val]
-        try:
-            pre = preprocessing(pl_module)
-        except ValueError as err:
-            log.warning("Post-processing not tuned: %s", err)
-            return
         samples = list(iter_samples(sources, "Reading validation images"))
         weights, was_training = copy.deepcopy(pl_module.state_dict()), pl_module.training
         pl_module.eval()
@@ -146,6 +143,7 @@ class TunePostprocessing(L.Callback):
                 if key not in results:
                     start = time.perf_counter()
                     pl_module.load_state_dict(checkpoint["state_dict"])
+                    pre = preprocessing(pl_module, data=describe_data(checkpoint))
                     results[key] = self.tune(pl_module, samples, pre)
                     log.info("Post-processing tuned on %d validation images for %s in %.1f s: %s",
                              len(samples), path.name, time.perf_counter() - start, results[key])

@@ -112,3 +112,7 @@ def initialize(model: nn.Module, scheme: str) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
