@@ -89,7 +89,7 @@ def test_training_with_a_validation_split_stores_the_tuned_options_in_its_checkp
     state = torch.load(ckpt, weights_only=True)
     state["postprocess"]["instances"]["min_size"] = 10**6
     torch.save(state, ckpt)
-    eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", f"data.root={cfg.data.root}"])
+    eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}"])
     _, rows = evaluate(eval_cfg)
     assert [r["pred_nuclei"] for r in rows] == [0, 0]
     with open_dict(eval_cfg):  # the user's value wins: everything above 0 is one nucleus
