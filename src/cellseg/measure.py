@@ -33,7 +33,7 @@ def measure(
         intensity = intensity[..., None]
     table = regionprops_table(
         labels.astype(np.int32, copy=False),
-        intensity.astype(np.float64, copy=False),
+        intensity,
         properties=(*SHAPE, "intensity_mean", "intensity_max"),
     )
     um2 = pixel_size[0] * pixel_size[1] if pixel_size else None
