@@ -25,6 +25,7 @@ from typing import Any
 
 import hydra
 import numpy as np
+import tifffile
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -236,6 +237,8 @@ def build_package(
     probs = package_probabilities(net, crop, pre)
     np.save(files / "test_input.npy", raw)
     np.save(files / "test_output.npy", probs)
+    tifffile.imwrite(files / "sample_input.tif", raw)  # what viewers show beside the model
+    tifffile.imwrite(files / "sample_output.tif", probs)
     Image.fromarray(cover_image(crop, probs[0])).save(files / "cover.png")
     torch.save(plain_network(net).state_dict(), files / "weights.pt")
     shutil.copy(unet.__file__, files / "unet.py")
@@ -257,6 +260,7 @@ def build_package(
             v0_5.SpaceInputAxis(id=x, size=size),
         ],
         test_tensor=v0_5.FileDescr(source=files / "test_input.npy"),
+        sample_tensor=v0_5.FileDescr(source=files / "sample_input.tif"),
         data=v0_5.IntervalOrRatioDataDescr(type="float32"),
         preprocessing=preprocessing_steps(pre["normalize"]),
     )
@@ -274,6 +278,7 @@ def build_package(
             ),
         ],
         test_tensor=v0_5.FileDescr(source=files / "test_output.npy"),
+        sample_tensor=v0_5.FileDescr(source=files / "sample_output.tif"),
         data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
         postprocessing=[v0_5.SigmoidDescr()],
     )
