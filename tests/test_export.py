@@ -147,7 +147,9 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     space = rdf["inputs"][0]["axes"][2]["size"]
     assert (space["min"], space["step"]) == (20, 4)  # 2 halos of 8 + the size multiple 4
     assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "contour"]
-    assert rdf["config"]["cellseg"]["training"]["scores"] == {"iou": 0.5, "map": 0.25}
+    training = rdf["config"]["cellseg"]["training"]
+    assert training["scores"] == {"iou": 0.5, "map": 0.25}
+    assert (training["loss"], training["net"]["channels"]) == ("bce", [8, 16])
 
     gc.freeze()  # bioimageio.core collects garbage after each model: skip the suite's objects
     try:
