@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import socket
 import zipfile
 
 import numpy as np
@@ -92,9 +93,18 @@ def small_trained(tmp_path_factory):
 
 
 def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
-    small_trained, tmp_path
+    small_trained, tmp_path, monkeypatch
 ):
     from bioimageio.core import test_model
+
+    connections = []  # offline: export and the zoo's test must not reach for the network
+
+    def refuse(*args):
+        connections.append(args[-1] if len(args) == 2 else args[0])  # (sock, address) or host
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
     ckpt, image = small_trained
     metrics = tmp_path / "metrics.json"
@@ -126,6 +136,7 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
 
         rdf = yaml.safe_load(z.read("rdf.yaml"))
     assert {"weights.pt", "model.pt", "model.onnx", "unet.py", "cover.png"} <= names
+    assert {"test_input.npy", "test_output.npy", "sample_input.tif", "sample_output.tif"} <= names
     assert {"nuclei", "fluorescence", "2d", "unet", "instance-segmentation"} <= set(rdf["tags"])
     assert rdf["format_version"].startswith("0.5.")
     assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript", "onnx"}
@@ -136,7 +147,9 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     space = rdf["inputs"][0]["axes"][2]["size"]
     assert (space["min"], space["step"]) == (20, 4)  # 2 halos of 8 + the size multiple 4
     assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "contour"]
-    assert rdf["config"]["cellseg"]["training"]["scores"] == {"iou": 0.5, "map": 0.25}
+    training = rdf["config"]["cellseg"]["training"]
+    assert training["scores"] == {"iou": 0.5, "map": 0.25}
+    assert (training["loss"], training["net"]["channels"]) == ("bce", [8, 16])
 
     gc.freeze()  # bioimageio.core collects garbage after each model: skip the suite's objects
     try:
@@ -145,6 +158,9 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
         gc.unfreeze()
     failed = [(d.name, [e.msg for e in d.errors]) for d in summary.details if d.status != "passed"]
     assert summary.status == "passed", failed
+    warnings = [(w.loc, w.msg) for d in summary.details for w in d.warnings]
+    assert not any("FAIR" in msg for _, msg in warnings), warnings  # all fields a zoo asks for
+    assert connections == []
     formats = {d.name for d in summary.details if d.name.startswith("Reproduce test outputs")}
     assert len(formats) == 3  # every weight format ran the test image
 

@@ -11,7 +11,10 @@ For each input size and precision, in one process run so that ratios hold on a n
 - whole-image prediction megapixels/s through ``inference.predict_tensor`` (tiled) next to a
   bare forward pass over one tile;
 - the peak resident memory of each measurement (each runs in its own child process; the
-  pipeline's includes the plain loop's copy of the network).
+  pipeline's includes the plain loop's copy of the network);
+- with ``backends.ckpt_path``, whole-image prediction megapixels/s of a checkpoint's test
+  images through each of ``backends.names`` (``cellseg.backends``), alternated, next to the
+  scores ``cellseg.eval`` gets through each (``shapes=[]`` skips the training rows).
 
 Medians, warm-up excluded: over ``repeats`` calls, and for training over the epochs of
 ``rounds`` fresh processes. Writes ``bench.md`` and ``bench.json`` (every epoch's rates too).

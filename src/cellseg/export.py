@@ -25,6 +25,7 @@ from typing import Any
 
 import hydra
 import numpy as np
+import tifffile
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -196,9 +197,15 @@ def cover_image(image: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     return np.concatenate([overlay(image, np.zeros_like(labels)), overlay(image, labels)], axis=1)
 
 
-def training_recipe(ckpt_path: Path, metrics_path: str | None) -> dict:
-    """Experiment, data and scores of the run that wrote the checkpoint (as far as recorded)."""
-    recipe: dict[str, Any] = {"checkpoint": ckpt_path.name}
+def training_recipe(model: nn.Module, ckpt_path: Path, metrics_path: str | None) -> dict:
+    """Network, loss, experiment, data and scores of the run that wrote the checkpoint (the
+    run's own config when it is beside the checkpoint, as Hydra left it)."""
+    hp = model.hparams
+    recipe: dict[str, Any] = {
+        "checkpoint": ckpt_path.name,
+        "net": dict(hp.net or {}),
+        "loss": hp.loss,
+    }
     run_config = ckpt_path.resolve().parents[1] / ".hydra/config.yaml"
     if run_config.is_file():
         cfg = OmegaConf.load(run_config)
@@ -236,6 +243,8 @@ def build_package(
     probs = package_probabilities(net, crop, pre)
     np.save(files / "test_input.npy", raw)
     np.save(files / "test_output.npy", probs)
+    tifffile.imwrite(files / "sample_input.tif", raw)  # what viewers show beside the model
+    tifffile.imwrite(files / "sample_output.tif", probs)
     Image.fromarray(cover_image(crop, probs[0])).save(files / "cover.png")
     torch.save(plain_network(net).state_dict(), files / "weights.pt")
     shutil.copy(unet.__file__, files / "unet.py")
@@ -257,6 +266,7 @@ def build_package(
             v0_5.SpaceInputAxis(id=x, size=size),
         ],
         test_tensor=v0_5.FileDescr(source=files / "test_input.npy"),
+        sample_tensor=v0_5.FileDescr(source=files / "sample_input.tif"),
         data=v0_5.IntervalOrRatioDataDescr(type="float32"),
         preprocessing=preprocessing_steps(pre["normalize"]),
     )
@@ -274,6 +284,7 @@ def build_package(
             ),
         ],
         test_tensor=v0_5.FileDescr(source=files / "test_output.npy"),
+        sample_tensor=v0_5.FileDescr(source=files / "sample_output.tif"),
         data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
         postprocessing=[v0_5.SigmoidDescr()],
     )
@@ -284,7 +295,7 @@ def build_package(
             source=files / "unet.py",
             callable=v0_5.Identifier("UNet"),
             # init: the weights replace it; Keras's truncated normal took 4 s per construction
-            kwargs={**model.hparams.net, "init": "torch"},
+            kwargs={**(model.hparams.net or {}), "init": "torch"},
         ),
         pytorch_version=version,
     )
@@ -327,7 +338,7 @@ def export(cfg: DictConfig) -> dict[str, Path]:
         "torchscript": write_torchscript(model.net, out / "model.pt", pre),
         "onnx": write_onnx(model.net, out / "model.onnx", pre),
     }
-    recipe = training_recipe(ckpt, cfg.get("metrics"))
+    recipe = training_recipe(model, ckpt, cfg.get("metrics"))
     paths["bioimageio"] = build_package(model, pre, crop, out, cfg, recipe)
     log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths
