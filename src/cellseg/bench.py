@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellseg import config_dir
+from cellseg.cli import one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,7 @@ def markdown(
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     rows = run_bench(cfg)
     b = cfg.backends

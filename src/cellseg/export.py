@@ -33,6 +33,7 @@ from torch import nn
 
 from cellseg import config_dir
 from cellseg.backends import ONNX_OPSET, onnx_bytes, plain_network, torchscript
+from cellseg.cli import one_line_errors
 from cellseg.datasets import normalize, read_image, to_channels
 from cellseg.inference import load_model, preprocessing
 
@@ -345,6 +346,7 @@ def export(cfg: DictConfig) -> dict[str, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

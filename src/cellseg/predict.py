@@ -37,6 +37,7 @@ from skimage.segmentation import find_boundaries
 
 from cellseg import config_dir
 from cellseg.backends import network
+from cellseg.cli import one_line_errors
 from cellseg.datasets import IMAGE_SUFFIXES, image_files
 from cellseg.figures import display_rgb
 from cellseg.files import (
@@ -332,6 +333,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+@one_line_errors
 def main(cfg: DictConfig) -> dict[str, float]:
     return predict(cfg)
 
