@@ -24,14 +24,20 @@ def tiny_run(tmp_path: Path, job: str, experiment: str, finished: bool = True) -
     return run
 
 
-def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys):
+def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys, monkeypatch):
+    import cellseg.eval
+
     tiny_run(tmp_path, "0_baseline", "baseline")
     tiny_run(tmp_path, "1_augmented", "augmented")
     tiny_run(tmp_path, "2_augmented", "augmented", finished=False)
     cfg = compose_cfg("compare", [f"runs=[{tmp_path / 'multirun'}]", "n_images=2"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "compare")
+    segmented = []
+    segment = cellseg.eval.segment
+    monkeypatch.setattr(cellseg.eval, "segment", lambda *a: segmented.append(1) or segment(*a))
     infos = compare(cfg)
+    assert len(segmented) == 2 * 2  # each run's 2 test images once: the figure reuses them
     out = tmp_path / "compare"
     assert (out / "comparison.png").stat().st_size > 10_000
     assert (out / "curves.png").stat().st_size > 10_000
