@@ -34,8 +34,9 @@ def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys, monkeypatch):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "compare")
     segmented = []
-    segment = cellseg.eval.segment
-    monkeypatch.setattr(cellseg.eval, "segment", lambda *a: segmented.append(1) or segment(*a))
+    segment = cellseg.eval.segment_at_scale
+    counted = lambda *a: segmented.append(1) or segment(*a)  # noqa: E731
+    monkeypatch.setattr(cellseg.eval, "segment_at_scale", counted)
     infos = compare(cfg)
     assert len(segmented) == 2 * 2  # each run's 2 test images once: the figure reuses them
     out = tmp_path / "compare"

@@ -211,3 +211,13 @@ def test_dsb_score_matches_a_direct_computation_on_real_images():
         assert instance_scores(truth, pred)["map"] == pytest.approx(
             reference_dsb_score(truth, pred)
         )
+
+
+def test_pooled_ap50_counts_every_nucleus_the_same_and_the_mean_every_image():
+    one = square_labels(A_BOX)  # found: ap50 1
+    three = square_labels(A_BOX, B_BOX, (1, 5, 10, 16))  # none found: ap50 0
+    scores = InstanceScores()
+    scores.update([one, three], [one, np.zeros_like(three)])
+    result = scores.compute()
+    assert float(result["ap50"]) == pytest.approx(0.5)  # (1 + 0) / 2 images
+    assert float(result["ap50_pooled"]) == pytest.approx(0.25)  # 1 TP / (1 TP + 3 FN)

@@ -5,8 +5,8 @@ checkpoint) and its test split; ``data_root=`` where that data has moved, ``data
 data.root=DIR`` other data, ``split=train|val|test|all``. Whatever geometry the model was
 trained in, predictions are made for whole images at their own size (resize-mode models predict
 at their training scale and are resized back) and compared with the original masks: pixel
-scores (iou, miou, dice) and instance scores (map, ap50, f1_50), through the same metric
-classes training logs.
+scores (iou, miou, dice) and instance scores (map, ap50, f1_50 per image, averaged; and
+ap50_pooled over all nuclei of the set), through the same metric classes training logs.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from rich.table import Table
 
 from cellseg import config_dir
 from cellseg.backends import network
+from cellseg.cli import one_line_errors
 from cellseg.datamodule import make_splits
-from cellseg.datasets import Sample, iter_samples, list_sources
-from cellseg.inference import checkpoint_data, load_model, preprocessing, segment
+from cellseg.datasets import Sample, Source, iter_samples, list_sources
+from cellseg.inference import checkpoint_data, load_model, preprocessing, segment_at_scale
 from cellseg.metrics import InstanceScores, pixel_metrics
 from cellseg.tune import instance_options
 
@@ -80,10 +81,10 @@ def select_ids(ids: list[str], split: str, description: dict, data: DictConfig |
     return list(splits[split])
 
 
-def select_samples(root: str, layout: str, ids: list[str]) -> list[Sample]:
+def select_samples(sources: list[Source], ids: list[str], root: str) -> list[Sample]:
     """Decode only the samples with these ids, in this order."""
-    sources = {s.id: s for s in list_sources(root, layout)}
-    return list(iter_samples([sources[i] for i in ids], f"Reading {Path(root).name}"))
+    by_id = {s.id: s for s in sources}
+    return list(iter_samples([by_id[i] for i in ids], f"Reading {Path(root).name}"))
 
 
 def evaluate(
@@ -96,15 +97,18 @@ def evaluate(
     net = network(model, cfg.backend, cfg.device)
     description = checkpoint_data(model)
     root, layout, origin = scored_data(cfg, description)
-    sources = list_sources(root, layout)
+    channel = pre["channel"] if cfg.get("channel") is None else cfg.channel
+    sources = list_sources(root, layout, channel)
     ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
-    samples = select_samples(root, layout, ids)
+    samples = select_samples(sources, ids, root)
     options = instance_options(cfg.instances, cfg.ckpt_path)
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     rows, start = [], time.perf_counter()
     for sample in track(samples, description="Evaluating", transient=True):
-        foreground, labels = segment(net, sample.image, pre, cfg.inference, options)
+        foreground, labels = segment_at_scale(
+            net, sample.image, pre, cfg.inference, options, cfg.get("diameter")
+        )
         if on_image is not None:
             on_image(sample, foreground, labels)
         row = {
@@ -117,6 +121,7 @@ def evaluate(
         # calling a metric scores this image and adds it to the whole set's
         row.update(pixel(torch.from_numpy(foreground), torch.from_numpy(sample.labels > 0)))
         row.update(instance(sample.labels, labels))
+        del row["ap50_pooled"]  # of one image, its ap50
         rows.append({k: v if isinstance(v, (str, int)) else float(v) for k, v in row.items()})
     seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in {**pixel.compute(), **instance.compute()}.items()}
@@ -155,14 +160,18 @@ def print_table(metrics: dict[str, float], rows: list[dict], title: str) -> None
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@one_line_errors
 def main(cfg: DictConfig) -> dict[str, float]:
     metrics, rows = evaluate(cfg)
     out_dir = Path(cfg.paths.output_dir)
     write_outputs(out_dir, metrics, rows)
     print_table(metrics, rows, f"{cfg.ckpt_path}: {cfg.split} split, {metrics['images']} images")
     log.info(
-        "%d images, %.1f megapixels/s; metrics.json and per_image.csv in %s",
+        "%d images, ap50 pooled over all %d nuclei %.3f, %.1f megapixels/s; metrics.json and "
+        "per_image.csv in %s",
         metrics["images"],
+        sum(r["true_nuclei"] for r in rows),
+        metrics["ap50_pooled"],
         metrics["megapixels_per_s"],
         out_dir,
     )

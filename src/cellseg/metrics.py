@@ -150,7 +150,11 @@ def _per_threshold(counts: np.ndarray, f1: bool = False) -> np.ndarray:
 
 def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> dict[str, float]:
     """``map``, ``ap50`` and ``f1_50`` of one image."""
-    counts = matching_counts(true_labels, pred_labels)  # row 0 is t = 0.5
+    return scores_of_counts(matching_counts(true_labels, pred_labels))
+
+
+def scores_of_counts(counts: np.ndarray) -> dict[str, float]:
+    """``map``, ``ap50`` and ``f1_50`` from one image's :func:`matching_counts` (row 0: t=0.5)."""
     return {
         "map": float(_per_threshold(counts).mean()),
         "ap50": float(_per_threshold(counts[:1])[0]),
@@ -162,11 +166,14 @@ INSTANCE_SCORES = ("map", "ap50", "f1_50")
 
 
 class InstanceScores(Metric):
-    """Per-image instance scores averaged over images: ``compute()`` -> {map, ap50, f1_50}.
+    """Per-image instance scores averaged over images: ``compute()`` -> {map, ap50, f1_50,
+    ap50_pooled}; ``ap50_pooled`` is TP / (TP + FP + FN) at t = 0.5 summed over every nucleus of
+    the set (each nucleus counts the same, so crowded images weigh most; as StarDist's and the
+    peers' tables report it).
 
     ``update(true_labels, pred_labels)`` takes one label image pair or lists of them (numpy or
-    tensors); calling the metric returns the scores of that update and accumulates them. Sums
-    and the image count reduce across processes.
+    tensors); calling the metric returns the scores of that update and accumulates them. Sums,
+    counts and the image count reduce across processes.
     """
 
     is_differentiable = False
@@ -178,15 +185,22 @@ class InstanceScores(Metric):
         self.add_state("sums", default=torch.zeros(len(INSTANCE_SCORES), dtype=torch.float64),
                        dist_reduce_fx="sum")
         self.add_state("n_images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("counts50", default=torch.zeros(3, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, true_labels, pred_labels) -> None:
         if isinstance(true_labels, (np.ndarray, Tensor)) and true_labels.ndim == 2:
             true_labels, pred_labels = [true_labels], [pred_labels]
         for t, p in zip(true_labels, pred_labels, strict=True):
-            scores = instance_scores(np.asarray(t), np.asarray(p))
+            counts = matching_counts(np.asarray(t), np.asarray(p))
+            scores = scores_of_counts(counts)
             self.sums += torch.tensor([scores[k] for k in INSTANCE_SCORES], dtype=torch.float64)
+            self.counts50 += torch.from_numpy(counts[0].astype(np.int64))
             self.n_images += 1
 
     def compute(self) -> dict[str, Tensor]:
         means = self.sums / self.n_images.clamp(min=1)
-        return {k: means[i].float() for i, k in enumerate(INSTANCE_SCORES)}
+        pooled = float(_per_threshold(self.counts50.cpu().numpy()[None])[0])
+        return {
+            **{k: means[i].float() for i, k in enumerate(INSTANCE_SCORES)},
+            "ap50_pooled": torch.tensor(pooled),
+        }
