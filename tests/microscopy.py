@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 from skimage.draw import disk
 
-from conftest import REAL_DATA
+from helpers import REAL_DATA
 
 
 @cache

@@ -4,7 +4,7 @@ import hydra
 import numpy as np
 
 from cellseg.datamodule import NucleiDataModule
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 
 def zoom_pipeline():

@@ -6,7 +6,7 @@ from omegaconf import open_dict
 
 from cellseg.bench import main as _  # noqa: F401  (the entry point imports)
 from cellseg.bench import markdown, run_bench, timed
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 
 def test_bench_on_tiny_settings(tmp_path):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from cellseg import config_dir, run_name
 from cellseg.train import cpu_has_bf16, resolve_precision, train
-from conftest import compose_cfg, failure
+from helpers import compose_cfg, failure
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SYNTHETIC = ["data.synthetic.n_images=10", "data.synthetic.size=64"]

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf, open_dict
 
 from cellseg.compare import compare, curves_figure
 from cellseg.train import train
-from conftest import compose_cfg, make_cfg
+from helpers import compose_cfg, make_cfg
 
 
 def tiny_run(tmp_path: Path, job: str, experiment: str, finished: bool = True) -> Path:

@@ -17,7 +17,7 @@ from cellseg.inference import predict_image
 from cellseg.instances import instances
 from cellseg.train import build
 from cellseg.unet import UNet
-from conftest import TINY_SYNTHETIC, compose_cfg, make_cfg
+from helpers import TINY_SYNTHETIC, compose_cfg, make_cfg
 
 GROUPS = Path(config_dir())
 NEEDS_GPU = {("trainer", "gpu")}

@@ -198,7 +198,7 @@ def test_an_image_below_the_networks_multiple_is_refused_naming_it(tmp_path):
 
 
 def test_own_data_holds_out_validation_from_training_by_default():
-    from conftest import compose_cfg
+    from helpers import compose_cfg
 
     assert compose_cfg("train", ["data=folder"]).data.val_size == 0.2
     assert compose_cfg("train", ["data=dsb2018"]).data.val_size == 0.0  # the study

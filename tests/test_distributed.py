@@ -15,7 +15,7 @@ from cellseg import config_dir
 from cellseg.datamodule import NucleiDataModule
 from cellseg.module import SegmentationModule
 from cellseg.train import build
-from conftest import compose_cfg, failure, make_cfg, run_cli
+from helpers import compose_cfg, failure, make_cfg, run_cli
 
 TINY_DDP = [
     "data.synthetic.n_images=15",  # 3 validation images: 2 + 1 (no process repeats one)

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 from PIL import Image
 
 from cellseg.datasets import read_samples
 from cellseg.eval import evaluate, write_outputs
 from cellseg.inference import checkpoint_data
 from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode
-from conftest import compose_cfg, failure
+from helpers import compose_cfg, failure, predict_cfg
 
 
 def eval_cfg(ckpt, *overrides):
@@ -73,13 +72,6 @@ def test_rle_matches_the_kaggle_convention_and_round_trips():
     (rle,) = rle_by_label(random_mask.astype(np.uint8)).values()
     np.testing.assert_array_equal(rle_decode(rle, (7, 5)), random_mask)
 
-
-def predict_cfg(ckpt, input_path, output, *overrides):
-    cfg = compose_cfg("predict", [f"ckpt_path={ckpt}", f"input={input_path}",
-                                  f"output={output}", *overrides])
-    with open_dict(cfg):
-        cfg.instances.min_size = 1
-    return cfg
 
 
 def test_predict_writes_masks_labels_overlays_and_submission(trained, tmp_path):
@@ -163,7 +155,7 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
 def test_predicting_a_4096_image_stays_under_2_gb(trained, tmp_path):
     import resource
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     ckpt, root = trained
     (tmp_path / "in").mkdir()

@@ -20,7 +20,7 @@ from cellseg.datasets import prepare_image, read_samples  # noqa: E402
 from cellseg.export import export  # noqa: E402
 from cellseg.inference import load_model, predict_tensor  # noqa: E402
 from cellseg.predict import predict  # noqa: E402
-from conftest import compose_cfg  # noqa: E402
+from helpers import compose_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def small_trained(tmp_path_factory):
     """A trained 2-level U-Net (size multiple 4): small enough that bioimage.io's test of all
     three weight formats at three sizes and two batch sizes stays fast."""
     from cellseg.train import train
-    from conftest import make_cfg
+    from helpers import make_cfg
 
     tmp = tmp_path_factory.mktemp("small")
     cfg = make_cfg(

@@ -12,7 +12,7 @@ import torch
 
 from cellseg.callbacks import AtomicCheckpointIO
 from cellseg.train import build
-from conftest import cli_env, failure
+from helpers import cli_env, failure
 
 
 def test_training_uses_the_atomic_checkpoint_writer(cfg_factory):

@@ -19,7 +19,7 @@ from cellseg.metrics import (
     mean_iou,
 )
 from cellseg.synthetic import make_sample
-from conftest import REAL_DATA, needs_real_data
+from helpers import REAL_DATA, needs_real_data
 
 # a 4x4 case: truth covers 4 pixels, prediction 3 of them plus 2 more -> TP 3, FP 2, FN 1, TN 10
 TRUTH = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])

@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import pytest
 import tifffile
-from omegaconf import open_dict
 from PIL import Image
 from skimage.measure import label as connected_components
 from torch import nn
@@ -17,16 +16,8 @@ from cellseg.datasets import prepare_image, resize
 from cellseg.files import ImageFileError
 from cellseg.inference import segment_at_scale
 from cellseg.predict import in_shard, predict
-from conftest import compose_cfg, failure, run_cli
+from helpers import failure, predict_cfg, run_cli
 from microscopy import nuclei_field, write_nan, write_ome, write_stack
-
-
-def predict_cfg(ckpt, input_path, output, *overrides):
-    cfg = compose_cfg("predict", [f"ckpt_path={ckpt}", f"input={input_path}",
-                                  f"output={output}", *overrides])
-    with open_dict(cfg):
-        cfg.instances.min_size = 1
-    return cfg
 
 
 def threshold_segment(model, image, pre, inference, instances_cfg, diameter=None):

@@ -13,7 +13,7 @@ import torch
 import cellseg.train as train_mod
 from cellseg.module import SegmentationModule
 from cellseg.train import build, resolve_precision
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellseg.module import SegmentationModule
 from cellseg.train import train
-from conftest import REAL_DATA, failure, needs_real_data, run_cli
+from helpers import REAL_DATA, failure, needs_real_data, run_cli
 
 SCALARS = {
     "train/loss", "train/iou", "train/miou", "train/dice",
@@ -80,7 +80,7 @@ def test_cosine_schedule_anneals_to_zero_over_the_run(cfg_factory):
 
 def test_native_validation_on_padded_images_equals_eval_on_the_unpadded_ones(cfg_factory):
     from cellseg.eval import evaluate
-    from conftest import compose_cfg
+    from helpers import compose_cfg
 
     cfg = cfg_factory(
         "experiment=native", "data.synthetic.size=72", "trainer.max_epochs=1",

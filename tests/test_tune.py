@@ -19,7 +19,7 @@ from cellseg.tune import (
     searched_options,
     tuned_instances,
 )
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 
 def faint_nuclei():
