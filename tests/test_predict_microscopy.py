@@ -145,7 +145,7 @@ class Bright(nn.Module):
 def test_diameter_rescales_to_the_training_scale_and_maps_labels_back():
     field, _ = nuclei_field()
     pre = {"mode": "crop", "img_size": 64, "in_channels": 1, "normalize": "minmax",
-           "invert_bright": False, "diameter": 10.0}
+           "invert_bright": False, "diameter": 10.0, "multiple": 16}
     options = {"min_size": 1, "split": False, "use_contours": False}
     _, native = segment_at_scale(Bright(), field[..., None], pre, {}, options)
     big = resize(field[..., None], (192, 192), "linear")  # nuclei twice as large

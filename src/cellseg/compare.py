@@ -107,6 +107,7 @@ def score_run(info: dict, cfg: DictConfig, keep: Collection[str] = ()) -> tuple[
             "data_root": cfg.get("data_root"),
             "split": "test",
             "device": cfg.device,
+            "backend": "pytorch",
             "preprocess": None,
             "inference": cfg.inference,
             "instances": cfg.instances,
