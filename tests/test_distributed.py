@@ -105,8 +105,9 @@ def test_sweep_through_submitit_runs_its_jobs(tmp_path):
     out = run_cli(["-m", "hydra/launcher=submitit_local", "seed=0,1", *tiny], tmp_path)
     assert out.returncode == 0, failure(out)
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
-    for job in ("0_default", "1_default"):
-        assert (sweep / job / "checkpoints/last.ckpt").is_file()
+    for seed in (0, 1):  # job folders are named after their overrides
+        (job,) = sweep.glob(f"{seed}_default_*seed-{seed}")
+        assert (job / "checkpoints/last.ckpt").is_file()
     assert list((sweep / ".submitit").rglob("*_result.pkl"))
 
 
@@ -119,8 +120,9 @@ def test_multirun_with_ddp_spawn_trains_every_job_on_two_processes(tmp_path):
     assert out.returncode == 0, failure(out)
     assert (out.stdout + out.stderr).count("MEMBER: 2/2") >= 2
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
-    for job in ("0_default", "1_default"):
-        assert (sweep / job / "checkpoints/last.ckpt").is_file()
+    for seed in (0, 1):  # job folders are named after their overrides
+        (job,) = sweep.glob(f"{seed}_default_*seed-{seed}")
+        assert (job / "checkpoints/last.ckpt").is_file()
 
 
 def test_torchrun_starts_the_processes_and_lightning_joins_them(tmp_path):
