@@ -16,10 +16,9 @@ from omegaconf import OmegaConf
 
 from cellseg import config_dir, run_name
 from cellseg.train import cpu_has_bf16, resolve_precision, train
-from helpers import compose_cfg, failure
+from helpers import TINY_SYNTHETIC, compose_cfg, failure
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SYNTHETIC = ["data.synthetic.n_images=10", "data.synthetic.size=64"]
 NOISE = ("Tip:", "GPU available", "model summary", "LeafSpec", "v_num", "Traceback", "it/s")
 
 
@@ -142,3 +141,13 @@ def test_make_help_shows_the_real_data_folder_it_would_use():
                          timeout=60)
     assert out.returncode == 0 and "$(" not in out.stdout
     assert "make compare" in out.stdout and "../shared/data/dsb2018/stage1_train" in out.stdout
+
+
+def test_progress_without_a_terminal_logs_every_tenth_of_the_way(caplog):
+    from cellseg.cli import progress
+
+    with caplog.at_level(logging.INFO, logger="cellseg.cli"):
+        assert list(progress(range(40), "Predicting")) == list(range(40))
+        assert list(progress(range(5), "Reading", at_least=20)) == list(range(5))
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert lines == [f"Predicting: {n} of 40" for n in range(4, 41, 4)]  # none for the 5

@@ -13,13 +13,16 @@ import functools
 import logging
 import os
 import sys
+import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from rich.console import Console
+from rich.progress import track
 
 F = TypeVar("F", bound=Callable[..., Any])
 PACKAGE = str(Path(__file__).resolve().parent)
@@ -105,3 +108,23 @@ def quiet_console() -> None:
     level: it says when DDP processes join.)"""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def progress(items: Iterable, description: str, total: int | None = None,
+             at_least: int = 1) -> Iterator:
+    """Iterate ``items`` with progress for people: a transient rich bar on a terminal, else
+    (a log file, ``nohup``, SLURM) a log line at every tenth of the way with the rate; nothing
+    below ``at_least`` items."""
+    total = total if total is not None else len(items) if isinstance(items, Sized) else None
+    if total is not None and total < at_least:
+        yield from items
+        return
+    if Console().is_terminal:
+        yield from track(items, description=description, total=total, transient=True)
+        return
+    step, start = max(1, (total or 10) // 10), time.perf_counter()
+    for done, item in enumerate(items, start=1):
+        yield item
+        if done % step == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            log.info("%s: %d%s (%.2f/s)", description, done, f" of {total}" if total else "", rate)

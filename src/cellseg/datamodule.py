@@ -285,16 +285,17 @@ class NucleiDataModule(L.LightningDataModule):
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
         s = self.splits
-        sizes = f"{len(s['train'])} train / {len(s['test'])} test images"
+        n = len({i for ids in s.values() for i in ids})
+        sizes = f"{n} images in {self.root} ({len(s['train'])} train, {len(s['test'])} test)"
         if s["val"] == s["test"]:
             log.info(
-                "Data %s: %s; validation = the test split (data.val_size=0, as the study): "
-                "choose checkpoints with test_ckpt=last, or set data.val_size", self.root, sizes
+                "Data: %s; validation = the test split (data.val_size=0, as the study): "
+                "choose checkpoints with test_ckpt=last, or set data.val_size", sizes
             )
         else:
             log.info(
-                "Data %s: %s; validation: %d images held out from training (data.val_size=%s)",
-                self.root, sizes, len(s["val"]), self.val_size,
+                "Data: %s; validation: %d images held out from training (data.val_size=%s)",
+                sizes, len(s["val"]), self.val_size,
             )
 
     def make_dataset(self, split: str, pairs: Sequence) -> NucleiDataset:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from rich.progress import track
 from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
+from cellseg.cli import progress
 from cellseg.files import read_image, replace_nonfinite, stem
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -270,4 +270,4 @@ def _existing_dir(root: str | Path) -> Path:
 
 
 def _progress(items: list, description: str):
-    return track(items, description=description, transient=True, disable=len(items) < 20)
+    return progress(items, description, at_least=20)

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
 from cellseg import config_dir
 from cellseg.backends import network
-from cellseg.cli import one_line_errors
+from cellseg.cli import one_line_errors, progress
 from cellseg.datamodule import make_splits
 from cellseg.datasets import Sample, Source, iter_samples, list_sources
 from cellseg.inference import checkpoint_data, load_model, preprocessing, segment_at_scale
@@ -105,7 +104,7 @@ def evaluate(
     options = instance_options(cfg.instances, cfg.ckpt_path)
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     rows, start = [], time.perf_counter()
-    for sample in track(samples, description="Evaluating", transient=True):
+    for sample in progress(samples, "Evaluating"):
         foreground, labels = segment_at_scale(
             net, sample.image, pre, cfg.inference, options, cfg.get("diameter")
         )

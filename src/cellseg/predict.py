@@ -32,12 +32,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
-from rich.progress import track
 from skimage.segmentation import find_boundaries
 
 from cellseg import config_dir
 from cellseg.backends import network
-from cellseg.cli import one_line_errors
+from cellseg.cli import one_line_errors, progress
 from cellseg.datasets import IMAGE_SUFFIXES, image_files
 from cellseg.figures import display_rgb
 from cellseg.files import (
@@ -293,7 +292,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei, failed = time.perf_counter(), 0, {}
-    for image_id, path in track(todo.items(), description="Predicting"):
+    for image_id, path in progress(todo.items(), "Predicting"):
         try:
             image = open_image(path, cfg.get("axes")).select(channel)
             nuclei += predict_file(net, image, image_id, pre, options, cfg, output)

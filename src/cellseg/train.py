@@ -115,14 +115,7 @@ def build_data(cfg: DictConfig, multiple: int) -> L.LightningDataModule:
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=augmentation, _convert_="all")
     datamodule.set_multiple(multiple)
     datamodule.prepare_data()
-    datamodule.setup("fit")
-    splits = datamodule.splits
-    val = "the test images" if splits["val"] == splits["test"] else f"{len(splits['val'])}"
-    log.info(
-        "Data: %d images in %s (%d train, %d test, validation on %s)",
-        len({i for ids in splits.values() for i in ids}), cfg.data.root,
-        len(splits["train"]), len(splits["test"]), val,
-    )
+    datamodule.setup("fit")  # logs the data found and the split
     return datamodule
 
 
