@@ -151,3 +151,26 @@ def test_progress_without_a_terminal_logs_every_tenth_of_the_way(caplog):
         assert list(progress(range(5), "Reading", at_least=20)) == list(range(5))
     lines = [r.getMessage().split(" (")[0] for r in caplog.records]
     assert lines == [f"Predicting: {n} of 40" for n in range(4, 41, 4)]  # none for the 5
+
+
+def test_a_missing_required_option_is_named_in_one_line():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    from cellseg.cli import message
+
+    with pytest.raises(MissingMandatoryValue) as err:
+        _ = OmegaConf.create({"input": "???"}).input
+    assert message(err.value) == "input is required: pass input=... on the command line"
+
+
+def test_best_checkpoint_is_never_chosen_on_the_test_images():
+    from types import SimpleNamespace
+
+    from cellseg.train import checkpoint_to_test
+
+    same = SimpleNamespace(datamodule=SimpleNamespace(splits={"val": ["a"], "test": ["a"]}))
+    held_out = SimpleNamespace(datamodule=SimpleNamespace(splits={"val": ["b"], "test": ["a"]}))
+    assert checkpoint_to_test("best", "epoch_001.ckpt", same) is None  # the final weights
+    assert checkpoint_to_test("best", "epoch_001.ckpt", held_out) == "epoch_001.ckpt"
+    assert checkpoint_to_test("last", "epoch_001.ckpt", held_out) is None

@@ -84,11 +84,10 @@ def test_rgb_png_and_tiff_keep_their_colours_without_a_channel(tmp_path):
     assert read_image(tmp_path / "a.png", channel=2).shape == (16, 12, 1)
 
 
-def test_nan_and_inf_pixels_warn_and_take_the_lowest_finite_value(tmp_path):
+def test_nan_and_inf_pixels_warn_and_take_the_lowest_finite_value(tmp_path, caplog):
     data = write_nan(tmp_path / "holes.tif")
-    with pytest.warns(UserWarning, match=r"holes.tif: 259 NaN/inf pixels set to the image's "
-                      r"lowest finite value"):
-        image = read_image(tmp_path / "holes.tif")
+    image = read_image(tmp_path / "holes.tif")
+    assert "holes.tif: 259 NaN/inf pixels set to the image's lowest finite value" in caplog.text
     finite = np.isfinite(data)
     assert np.isfinite(image).all() and image[0, 0, 0] == data[finite].min()
     np.testing.assert_array_equal(image[..., 0][finite], data[finite])
@@ -96,10 +95,10 @@ def test_nan_and_inf_pixels_warn_and_take_the_lowest_finite_value(tmp_path):
     assert np.isfinite(x).all() and x.max() == 1.0
 
 
-def test_constant_and_all_nan_images_normalise_to_zeros(tmp_path):
+def test_constant_and_all_nan_images_normalise_to_zeros(tmp_path, caplog):
     assert prepare_image(np.full((8, 8), 7, np.uint16), 1).max() == 0.0
-    with pytest.warns(UserWarning, match="64 NaN/inf pixels"):
-        assert prepare_image(np.full((8, 8), np.nan, np.float32), 1).max() == 0.0
+    assert prepare_image(np.full((8, 8), np.nan, np.float32), 1).max() == 0.0
+    assert "64 NaN/inf pixels" in caplog.text
 
 
 def test_stack_writer_keeps_the_axes_and_atomic_leaves_nothing_on_failure(tmp_path):

@@ -157,3 +157,18 @@ def test_a_long_strip_keeps_its_aspect_ratio_in_resize_mode():
     probs = predict_image(model, image, mode="resize", img_size=64, max_squash=2.0)
     assert probs.shape == (40, 400, 1)
     assert model.shapes == [(1, 3, 64, 640)]  # 10:1 kept, short side at the training size
+
+
+def test_diameter_scale_checks_the_value_and_the_model():
+    from cellseg.inference import diameter_scale
+
+    crop = {"mode": "crop", "img_size": 64, "diameter": 20.0}
+    assert diameter_scale(crop, None) is None
+    assert diameter_scale(crop, 40) == pytest.approx(0.5)
+    for bad, says in (("abc", "diameter='abc': give"), (-3, "above 0"), (0, "above 0")):
+        with pytest.raises(ValueError, match=says):
+            diameter_scale(crop, bad)
+    with pytest.raises(ValueError, match="resizes every image to 64x64"):
+        diameter_scale({**crop, "mode": "resize"}, 30)
+    with pytest.raises(ValueError, match="records no nucleus diameter"):
+        diameter_scale({**crop, "diameter": None}, 30)

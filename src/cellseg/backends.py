@@ -35,6 +35,7 @@ def torchscript(net: nn.Module) -> torch.jit.ScriptModule:
     """The network traced to TorchScript: any batch, any multiple of ``net.multiple`` in size."""
     with warnings.catch_warnings():  # the input checks' Python branches are traced as constants
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
         return torch.jit.trace(plain_network(net), example_input(net))
 
 

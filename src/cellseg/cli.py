@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.progress import track
 
@@ -38,6 +39,8 @@ def raised_by_cellseg(err: BaseException) -> bool:
 
 def message(err: BaseException) -> str:
     """The error's text on one line (a KeyError's without the quotes that ``str`` adds)."""
+    if isinstance(err, MissingMandatoryValue):
+        return f"{err.full_key} is required: pass {err.full_key}=... on the command line"
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(str(text).split())
 
@@ -64,7 +67,8 @@ def one_line_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except Exception as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not raised_by_cellseg(err):
+            for_people = raised_by_cellseg(err) or isinstance(err, MissingMandatoryValue)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not for_people:
                 raise
             log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", message(err))
             if in_multirun():

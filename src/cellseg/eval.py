@@ -30,7 +30,13 @@ from cellseg.backends import network
 from cellseg.cli import one_line_errors, progress
 from cellseg.datamodule import make_splits
 from cellseg.datasets import Sample, Source, iter_samples, list_sources
-from cellseg.inference import checkpoint_data, load_model, preprocessing, segment_at_scale
+from cellseg.inference import (
+    checkpoint_data,
+    diameter_scale,
+    load_model,
+    preprocessing,
+    segment_at_scale,
+)
 from cellseg.metrics import InstanceScores, pixel_metrics
 from cellseg.tune import instance_options
 
@@ -102,6 +108,7 @@ def evaluate(
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
     samples = select_samples(sources, ids, root)
     options = instance_options(cfg.instances, cfg.ckpt_path)
+    diameter_scale(pre, cfg.get("diameter"))  # checked (and logged) before any image
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     rows, start = [], time.perf_counter()
     for sample in progress(samples, "Evaluating"):
@@ -148,7 +155,7 @@ def write_outputs(out_dir: Path, metrics: dict[str, float], rows: list[dict]) ->
 
 def print_table(metrics: dict[str, float], rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("image", "nuclei", *SCORES):
+    for col in ("image", "nuclei true/pred", *SCORES):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(

@@ -9,9 +9,9 @@ time, so memory stays bounded by a plane. Writers put a file in place atomically
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -23,6 +23,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
 PLANE_AXES = "TZ"  # leading axes: segmented one 2-D plane at a time
 AXES_HELP = "T time, Z plane, C channel, Y, X"
 MICRONS = {
@@ -167,9 +168,8 @@ def replace_nonfinite(array: np.ndarray, where: str | Path) -> np.ndarray:
     if count:
         finite = array[~bad]
         fill = finite.min() if finite.size else 0.0
-        warnings.warn(
-            f"{where}: {count} NaN/inf pixels set to the image's lowest finite value {fill:g}",
-            stacklevel=3,
+        log.warning(
+            "%s: %d NaN/inf pixels set to the image's lowest finite value %g", where, count, fill
         )
         array = np.where(bad, fill, array).astype(array.dtype, copy=False)
     return array

@@ -288,6 +288,36 @@ def segment(
     return probs[..., 0], labels_from_probs(probs, **instances_cfg)
 
 
+def diameter_scale(preprocess: dict, diameter: Any, quiet: bool = False) -> float | None:
+    """The factor that brings nuclei of ``diameter`` px to the training nuclei's median size
+    (None without ``diameter``); refused with the reason for values or models it cannot serve."""
+    if diameter is None:
+        return None
+    try:
+        diameter = float(diameter)
+    except (TypeError, ValueError):
+        raise ValueError(f"diameter={diameter!r}: give the nuclei's diameter in pixels") from None
+    if not diameter > 0:
+        raise ValueError(f"diameter={diameter:g}: give the nuclei's diameter in pixels, above 0")
+    if preprocess["mode"] == "resize":
+        raise ValueError(
+            f"diameter={diameter:g}: this model resizes every image to {preprocess['img_size']}"
+            f"x{preprocess['img_size']}, whatever its nuclei's size; diameter= serves models "
+            "trained at native resolution (experiment=native, data.mode=crop)"
+        )
+    trained = preprocess.get("diameter")
+    if not trained:
+        raise ValueError(
+            f"diameter={diameter:g}: the checkpoint records no nucleus diameter of its training "
+            "data; retrain with this version, or leave diameter unset"
+        )
+    scale = float(trained) / diameter
+    if not quiet:
+        log.info("diameter=%g: images rescaled by %.3g (the training nuclei's median %.1f px / "
+                 "%g px) and the labels mapped back", diameter, scale, trained, diameter)
+    return scale
+
+
 def segment_at_scale(
     model: nn.Module,
     image: np.ndarray,
@@ -299,16 +329,10 @@ def segment_at_scale(
     """:func:`segment` with the image rescaled so that nuclei of ``diameter`` pixels appear at
     the training data's median diameter (``preprocess["diameter"]``); the probabilities and
     labels are mapped back to the image's own pixel grid (labels nearest)."""
-    if not diameter:
+    scale = diameter_scale(preprocess, diameter, quiet=True)
+    if scale is None:
         return segment(model, image, preprocess, inference, instances_cfg)
-    trained = preprocess.get("diameter")
-    if not trained:
-        raise ValueError(
-            f"diameter={diameter}: the checkpoint records no nucleus diameter of its training "
-            "data; retrain with this version, or leave diameter unset"
-        )
     h, w = image.shape[:2]
-    scale = float(trained) / float(diameter)
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     scaled = resize(image, size, "area" if scale < 1 else "linear")
     foreground, labels = segment(model, scaled, preprocess, inference, instances_cfg)

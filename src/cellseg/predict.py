@@ -23,6 +23,7 @@ skipped with a warning and listed at the end; the run fails only when no image c
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import logging
 import time
@@ -48,7 +49,7 @@ from cellseg.files import (
     save_stack,
     stem,
 )
-from cellseg.inference import load_model, preprocessing, segment_at_scale
+from cellseg.inference import diameter_scale, load_model, preprocessing, segment_at_scale
 from cellseg.measure import measure, summarize
 from cellseg.tune import instance_options
 
@@ -159,10 +160,24 @@ def error_file(output: Path, image_id: str) -> Path:
     return output / "tables" / f"{image_id}.error.txt"
 
 
+def remove_outputs(output: Path, image_id: str) -> None:
+    """Delete what an earlier run wrote for an image (which now failed), so no table keeps it."""
+    name = glob.escape(image_id)
+    stale = [p for d in (*OUTPUTS, "tables") for p in (output / d).glob(f"{name}.*")]
+    stale += (output / "overlays").glob(f"{name}_[tz][0-9]*.png")  # one overlay per plane
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
 def segment_plane(
-    model, nuclei: np.ndarray, pre: dict, options: dict, cfg: DictConfig
+    model, nuclei: np.ndarray, pre: dict, options: dict, cfg: DictConfig, path: Path
 ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and labels of one plane; a constant plane holds no nuclei."""
+    if min(nuclei.shape[:2]) < pre["multiple"]:
+        raise ImageFileError(
+            f"{path} is {nuclei.shape[0]}x{nuclei.shape[1]} pixels, smaller than the network's "
+            f"size multiple {pre['multiple']}: too small to segment; remove it"
+        )
     if nuclei.min() == nuclei.max():
         return np.zeros(nuclei.shape[:2], np.float32), np.zeros(nuclei.shape[:2], np.int32)
     return segment_at_scale(
@@ -185,7 +200,7 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
         nonlocal nuclei_total
         for index, plane in image.planes():
             nuclei = image.nuclei(plane)
-            foreground, labels = segment_plane(model, nuclei, pre, options, cfg)
+            foreground, labels = segment_plane(model, nuclei, pre, options, cfg, image.path)
             if labels.max() >= 2**16:
                 raise ValueError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
             keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
@@ -285,6 +300,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     net = network(model, cfg.backend, cfg.device) if todo else None
     channel = cfg.get("channel")
     channel = pre.get("channel") if channel is None else channel
+    if todo:
+        log.info("network: %s backend on %s", cfg.backend, cfg.device)
+        diameter_scale(pre, cfg.get("diameter"))  # checked (and logged) before any image
     if todo and channel is not None:
         log.info("nuclei channel: %s (%s)", channel,
                  "channel=" if cfg.get("channel") is not None else "as trained")
@@ -299,6 +317,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
             log.warning("skipped: %s", err)
             failed[image_id] = str(err)
+            remove_outputs(output, image_id)
             error_file(output, image_id).write_text(f"{err}\n")
             continue
         error_file(output, image_id).unlink(missing_ok=True)
@@ -322,12 +341,15 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         output,
     )
     if failed:
-        log.warning("%d files could not be read: %s", len(failed), ", ".join(map(str, failed)))
         if not any(is_done(output, i) for i in mine):
             first = next(iter(failed.values()))
             if len(failed) > 1:
                 first = f"none of the {len(failed)} images could be segmented; the first: {first}"
             raise ImageFileError(first)
+        log.warning(
+            "%d of %d images skipped: %s (why: tables/<id>.error.txt)",
+            len(failed), len(todo), ", ".join(map(str, failed)),
+        )
     return summary
 
 

@@ -139,8 +139,9 @@ def _generate_locked(root: Path, params: dict) -> Path:
     if root.exists():
         if not marker.is_file() and any(root.iterdir()):
             raise FileExistsError(
-                f"{root} exists and was not made by cellseg's synthetic generator; "
-                "choose another data.root or remove it"
+                f"{root} exists and was not made by cellseg's synthetic generator (data=synthetic "
+                "writes its images into data.root); for your own images there pass data=dsb2018 "
+                "or data=folder, or give the synthetic set a new, empty data.root"
             )
         shutil.rmtree(root)  # an earlier synthetic set with other parameters: regenerate
     tmp = root.with_name(root.name + ".partial")

@@ -259,9 +259,15 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
 
 def checkpoint_to_test(choice: str, best: str, trainer: L.Trainer) -> str | None:
     """The checkpoint to test: ``best`` (on validation) or ``last`` (the final weights, tested
-    in memory; their ``last.ckpt`` is named)."""
+    in memory; their ``last.ckpt`` is named). A checkpoint is never chosen on the test images:
+    where validation is the test split, ``best`` tests the final weights (logged)."""
     if choice not in ("best", "last"):
         raise ValueError(f"test_ckpt={choice!r}; use best or last")
+    splits = getattr(trainer.datamodule, "splits", None) or {}
+    if choice == "best" and best and splits.get("val") == splits.get("test"):
+        log.info("Testing the last epoch's weights: validation is the test split here, so the "
+                 "best checkpoint on validation would be chosen on the test images")
+        return None
     if choice == "best" and best:
         log.info("Testing the best checkpoint on validation: %s", best)
         return best

@@ -145,8 +145,13 @@ class TunePostprocessing(L.Callback):
                     pl_module.load_state_dict(checkpoint["state_dict"])
                     pre = preprocessing(pl_module, data=describe_data(checkpoint))
                     results[key] = self.tune(pl_module, samples, pre)
-                    log.info("Post-processing tuned on %d validation images for %s in %.1f s: %s",
-                             len(samples), path.name, time.perf_counter() - start, results[key])
+                    r = results[key]
+                    log.info(
+                        "Post-processing tuned on %d validation images for %s in %.1f s: "
+                        "val map %.3f (defaults %.3f) with %s", len(samples), path.name,
+                        time.perf_counter() - start, r["val_map"], r["val_map_defaults"],
+                        options_text(r["instances"]),
+                    )
                 checkpoint["postprocess"] = results[key]
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
         finally:
@@ -190,13 +195,19 @@ def tuned_instances(checkpoint: str | Path | Mapping) -> dict[str, Any]:
     return dict((checkpoint.get("postprocess") or {}).get("instances") or {})
 
 
+def options_text(options: Mapping) -> str:
+    """``threshold=0.4 min_size=20 ...``: instance options as a person reads them."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in options.items())
+
+
 def instance_options(instances_cfg: Mapping, checkpoint: str | Path | Mapping) -> dict[str, Any]:
     """The options eval and predict pass to ``segment``: the checkpoint's tuned values, each
     replaced by the user's where ``instances_cfg`` sets one (not null); both are logged."""
     tuned = tuned_instances(checkpoint)
     given = {k: v for k, v in dict(instances_cfg).items() if v is not None}
     if tuned:
-        log.info("Post-processing tuned on validation: %s", tuned)
+        log.info("Post-processing tuned on validation: %s", options_text(tuned))
     else:
         log.info("The checkpoint holds no tuned post-processing: instances' defaults are used")
     for k in sorted(tuned.keys() & given.keys()):
