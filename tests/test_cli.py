@@ -147,10 +147,11 @@ def test_progress_without_a_terminal_logs_every_tenth_of_the_way(caplog):
     from cellseg.cli import progress
 
     with caplog.at_level(logging.INFO, logger="cellseg.cli"):
-        assert list(progress(range(40), "Predicting")) == list(range(40))
+        assert list(progress(range(40), "Predicting", every_s=0)) == list(range(40))
+        assert list(progress(range(30), "Segmenting")) == list(range(30))  # fast: the end only
         assert list(progress(range(5), "Reading", at_least=20)) == list(range(5))
     lines = [r.getMessage().split(" (")[0] for r in caplog.records]
-    assert lines == [f"Predicting: {n} of 40" for n in range(4, 41, 4)]  # none for the 5
+    assert lines == [*(f"Predicting: {n} of 40" for n in range(4, 41, 4)), "Segmenting: 30 of 30"]
 
 
 def test_a_missing_required_option_is_named_in_one_line():

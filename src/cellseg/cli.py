@@ -115,10 +115,10 @@ def quiet_console() -> None:
 
 
 def progress(items: Iterable, description: str, total: int | None = None,
-             at_least: int = 1) -> Iterator:
+             at_least: int = 1, every_s: float = 10.0) -> Iterator:
     """Iterate ``items`` with progress for people: a transient rich bar on a terminal, else
-    (a log file, ``nohup``, SLURM) a log line at every tenth of the way with the rate; nothing
-    below ``at_least`` items."""
+    (a log file, ``nohup``, SLURM) a log line at a tenth of the way at most every ``every_s``
+    seconds, and at the end, with the rate; nothing below ``at_least`` items."""
     total = total if total is not None else len(items) if isinstance(items, Sized) else None
     if total is not None and total < at_least:
         yield from items
@@ -126,9 +126,12 @@ def progress(items: Iterable, description: str, total: int | None = None,
     if Console().is_terminal:
         yield from track(items, description=description, total=total, transient=True)
         return
-    step, start = max(1, (total or 10) // 10), time.perf_counter()
+    step = max(1, (total or 10) // 10)
+    start = last = time.perf_counter()
     for done, item in enumerate(items, start=1):
         yield item
-        if done % step == 0 or done == total:
-            rate = done / max(time.perf_counter() - start, 1e-9)
+        now = time.perf_counter()
+        if (done % step == 0 and now - last >= every_s) or done == total:
+            rate = done / max(now - start, 1e-9)
             log.info("%s: %d%s (%.2f/s)", description, done, f" of {total}" if total else "", rate)
+            last = now
