@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from cellseg.datamodule import NucleiDataModule
 from cellseg.datasets import prepare_image
@@ -143,3 +144,13 @@ def test_truncated_stack_names_the_file(tmp_path, compression):
     with pytest.raises(ImageFileError, match="cannot read image .*cut.tif.*replace or remove"):
         for _ in open_image(path).planes():
             pass
+
+
+def test_alpha_is_neither_input_nor_measured(tmp_path):
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "stained.png")
+    image = open_image(tmp_path / "stained.png").select(None)
+    assert image.channel_names == ["R", "G", "B"] and image.rgb
+    plane = image.plane()
+    assert plane.shape == (20, 20, 3) and plane[..., 0].max() == 200

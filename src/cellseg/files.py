@@ -184,10 +184,10 @@ def _open_pil(path: Path) -> ImageFile:
         raise ImageFileError(f"cannot read image {path}: it holds no pixels; replace or remove it")
     if array.ndim == 2:
         array = array[..., None]
-    names = list(mode) if mode in ("RGB", "RGBA", "LA") else ["gray"]
+    names = list(mode) if mode in ("RGB", "RGBA") else ["gray"]
     rgb = mode in ("RGB", "RGBA")
-    if mode == "LA":  # gray + alpha: the alpha channel holds no signal
-        array, names = array[..., :1], ["gray"]
+    if mode in ("LA", "RGBA"):  # the alpha channel holds no signal: neither input nor measured
+        array, names = array[..., :-1], names[:3]
     return ImageFile(
         path,
         "YXS" if array.shape[-1] > 1 else "YX",
