@@ -107,7 +107,7 @@ def evaluate(
     ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
     samples = select_samples(sources, ids, root)
-    options = instance_options(cfg.instances, cfg.ckpt_path)
+    options = instance_options(cfg.instances, model)
     diameter_scale(pre, cfg.get("diameter"))  # checked (and logged) before any image
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     rows, start = [], time.perf_counter()

@@ -85,7 +85,9 @@ class SegmentationModule(L.LightningModule):
         self.val_iou_best = MaxMetric()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what the checkpoint says beside the weights, read once with them
         self.data_description = describe_data(checkpoint)
+        self.postprocess = checkpoint.get("postprocess") or {}
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":  # in place: checkpoint keys stay the same

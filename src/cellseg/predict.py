@@ -306,7 +306,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     if todo and channel is not None:
         log.info("nuclei channel: %s (%s)", channel,
                  "channel=" if cfg.get("channel") is not None else "as trained")
-    options = instance_options(cfg.instances, cfg.ckpt_path) if todo else {}
+    options = instance_options(cfg.instances, model) if todo else {}
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei, failed = time.perf_counter(), 0, {}

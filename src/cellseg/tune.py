@@ -187,10 +187,13 @@ def checkpoint_paths(trainer: L.Trainer) -> list[Path]:
     return paths
 
 
-def tuned_instances(checkpoint: str | Path | Mapping) -> dict[str, Any]:
-    """The instance options tuned on validation that a checkpoint (file or loaded dict) holds;
-    ``{}`` when it holds none (tuning refused, or written before cellseg tuned)."""
-    if not isinstance(checkpoint, Mapping):
+def tuned_instances(checkpoint: str | Path | Mapping | torch.nn.Module) -> dict[str, Any]:
+    """The instance options tuned on validation that a checkpoint (a model loaded from it, the
+    file, or its dict) holds; ``{}`` when it holds none (tuning refused, or written before
+    cellseg tuned)."""
+    if isinstance(checkpoint, torch.nn.Module):  # kept by SegmentationModule.on_load_checkpoint
+        checkpoint = {"postprocess": getattr(checkpoint, "postprocess", {})}
+    elif not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return dict((checkpoint.get("postprocess") or {}).get("instances") or {})
 
@@ -201,7 +204,9 @@ def options_text(options: Mapping) -> str:
                     for k, v in options.items())
 
 
-def instance_options(instances_cfg: Mapping, checkpoint: str | Path | Mapping) -> dict[str, Any]:
+def instance_options(
+    instances_cfg: Mapping, checkpoint: str | Path | Mapping | torch.nn.Module
+) -> dict[str, Any]:
     """The options eval and predict pass to ``segment``: the checkpoint's tuned values, each
     replaced by the user's where ``instances_cfg`` sets one (not null); both are logged."""
     tuned = tuned_instances(checkpoint)
