@@ -4,6 +4,7 @@
 #   scripts/quality.sh time     # the time-to-quality curve: native for ~5, 15, 30, 60 min (~2 h)
 #   scripts/quality.sh seeds    # RECIPE (default: native) with seeds 0, 1, 2 (~45 min)
 #   scripts/quality.sh summary  # logs/quality/summary.md from every evaluated run
+#   scripts/quality.sh run NAME OVERRIDES...  # one run (e.g. run seed_1 experiment=native seed=1)
 # Every run is scored on the 10 test images by cellseg.eval twice: with the post-processing tuned
 # on its 4 validation images (eval/) and with instances()' defaults (eval_defaults/).
 # Peers: see ../shared/peers/RESULTS.md; score their label PNGs against the same test ids.
@@ -60,6 +61,7 @@ print("\n".join(lines))
 EOF
 }
 
+if [[ ${1:-} == run ]]; then shift; run "$@"; exit; fi
 for step in "${@:-summary}"; do
   case $step in
     levers)

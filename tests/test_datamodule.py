@@ -202,3 +202,32 @@ def test_own_data_holds_out_validation_from_training_by_default():
 
     assert compose_cfg("train", ["data=folder"]).data.val_size == 0.2
     assert compose_cfg("train", ["data=dsb2018"]).data.val_size == 0.0  # the study
+
+
+def test_zoomed_crops_have_contours_redrawn_one_pixel_wide(tmp_path):
+    """Scale augmentation zooms the instance labels, then draws the contours: zoomed in 2x a
+    resampled contour would be two pixels wide, zoomed out 0.5x it would break into dots."""
+    import albumentations as A
+    from skimage.segmentation import find_boundaries
+
+    for scale in (0.5, 2.0):
+        zoom = A.Affine(scale=scale, mask_interpolation=0, p=1.0)
+        dm = NucleiDataModule(
+            str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 6, "size": 96},
+            mode="crop", crop_size=64, batch_size=2, target_channels=3, augmentation=zoom,
+        )
+        dm.prepare_data()
+        dm.setup()
+        image, target = dm.datasets["train"].pairs[0]
+        assert target.shape[-1] == 4  # foreground, contours, distance + the labels
+        out = A.Compose([zoom], seed=0)(image=image, mask=target)["mask"]
+        labels = out[..., -1].astype(int)
+        resampled = out[..., 1]
+        item = dm.datasets["train"]
+        item.transform = A.Compose([zoom], seed=0)
+        redrawn = item[0]["mask"].numpy()
+        assert redrawn.shape == (3, 96, 96)
+        expected = find_boundaries(labels, mode="inner") & (labels > 0)
+        np.testing.assert_array_equal(redrawn[1], expected)
+        assert (redrawn[1] != resampled).sum() > 20  # the resampled contour was wrong
+        np.testing.assert_array_equal(redrawn[0], labels > 0)

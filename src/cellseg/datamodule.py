@@ -32,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from skimage.segmentation import find_boundaries
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellseg import synthetic
@@ -92,7 +93,10 @@ class NucleiDataset(Dataset):
 
     ``pairs`` is a list held in memory or a ``Streamed`` sequence that reads each from disk;
     ``repeats`` visits each image several times per epoch (several random crops);
-    ``pad_multiple`` reflect-pads whole images for the network and reports their true size.
+    ``pad_multiple`` reflect-pads whole images for the network and reports their true size;
+    ``labels_channel``: the target's last channel holds the instance labels, which are dropped
+    after the transform once the contour channel has been redrawn from them (a zoomed or rotated
+    contour would otherwise be resampled: broken lines when zoomed out, doubled when zoomed in).
     """
 
     def __init__(
@@ -101,9 +105,11 @@ class NucleiDataset(Dataset):
         transform=None,
         repeats: int = 1,
         pad_multiple: int | None = None,
+        labels_channel: bool = False,
     ) -> None:
         self.pairs, self.transform = pairs, transform
         self.repeats, self.pad_multiple = repeats, pad_multiple
+        self.labels_channel = labels_channel
 
     def __len__(self) -> int:
         return len(self.pairs) * self.repeats
@@ -113,6 +119,8 @@ class NucleiDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=target)
             image, target = out["image"], out["mask"]
+        if self.labels_channel:
+            target = redraw_contours(target)
         size = image.shape[:2]
         if self.pad_multiple:
             image, target = pad_to_multiple(image, target, self.pad_multiple)
@@ -121,6 +129,14 @@ class NucleiDataset(Dataset):
             "mask": torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1))),
             "size": torch.tensor(size),
         }
+
+
+def redraw_contours(target: np.ndarray) -> np.ndarray:
+    """Drop the labels channel (last) of a target, redrawing the contour channel (1) from it."""
+    labels, target = target[..., -1].astype(np.int32), target[..., :-1].copy()
+    if target.shape[-1] > 1:
+        target[..., 1] = find_boundaries(labels, mode="inner") & (labels > 0)
+    return target
 
 
 def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
@@ -305,25 +321,28 @@ class NucleiDataModule(L.LightningDataModule):
                 transform.set_random_seed(self.seed)
             return NucleiDataset(pairs, transform)
         if split != "train":
-            return NucleiDataset(pairs, pad_multiple=self.multiple)
+            return NucleiDataset(pairs, pad_multiple=self.multiple, labels_channel=True)
         crop = [
             A.PadIfNeeded(self.crop_size, self.crop_size, border_mode=cv2.BORDER_REFLECT_101),
             A.RandomCrop(self.crop_size, self.crop_size),
         ]
         extra = [self.augmentation] if self.augmentation is not None else []
         transform = A.Compose(crop + extra, seed=self.seed)
-        return NucleiDataset(pairs, transform, repeats=self.crops_per_image)
+        return NucleiDataset(pairs, transform, repeats=self.crops_per_image, labels_channel=True)
 
     def training_labels(self, labels: np.ndarray) -> np.ndarray:
         """Instance labels at the geometry the network sees: native, or resized to img_size."""
         return labels if self.mode == "crop" else resize(labels, self.img_size, "nearest")
 
     def prepare(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """Model input (H, W, C) and float32 {0, 1} targets (H, W, K) at training geometry."""
+        """Model input (H, W, C) and float32 {0, 1} targets (H, W, K) at training geometry;
+        in crop mode the instance labels follow as one more channel (see ``NucleiDataset``)."""
         self.check_size(sample)
         image = prepare_image(sample.image, self.in_channels, self.normalize, self.invert_bright)
-        if self.mode == "crop":
-            return image, targets_from_labels(sample.labels, self.target_channels)
+        if self.mode == "crop":  # the labels ride along (last channel, see NucleiDataset)
+            targets = targets_from_labels(sample.labels, self.target_channels)
+            labels = sample.labels[..., None].astype(np.float32)  # exact up to 2**24 nuclei
+            return image, np.concatenate([targets, labels], axis=-1)
         # area-averaged foreground thresholded at 0.5: the fairest binary mask at low resolution;
         # contours come from the nearest-resized labels so they stay one pixel wide
         foreground = resize((sample.labels > 0).astype(np.float32), self.img_size) > 0.5
