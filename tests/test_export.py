@@ -49,9 +49,35 @@ def test_backends_match_pytorch_within_1e_4(model_and_image, backend):
 def test_an_unknown_backend_is_refused(model_and_image):
     with pytest.raises(
         ValueError,
-        match="backend=.tensorrt.; use one of pytorch, pytorch-bf16, torchscript, onnxruntime",
+        match="backend=.tensorrt.; use one of auto, pytorch, pytorch-bf16, torchscript, "
+        "onnxruntime, onnxruntime-int8",
     ):
         network(model_and_image[0], "tensorrt")
+
+
+def test_auto_is_onnxruntime_on_the_cpu(model_and_image):
+    from cellseg.backends import chosen
+
+    assert chosen("auto", "cpu") == "onnxruntime"
+    assert chosen("auto", "cuda") == "pytorch"
+    assert chosen("torchscript", "cpu") == "torchscript"
+    assert network(model_and_image[0], "auto").backend == "onnxruntime"
+
+
+def test_int8_is_calibrated_on_the_training_images_and_close_to_fp32(model_and_image, trained):
+    model, image = model_and_image
+    net = network(model, "onnxruntime-int8")
+    assert net.backend == "onnxruntime-int8"
+    with torch.no_grad():
+        expected = torch.sigmoid(predict_tensor(model, image))
+        got = torch.sigmoid(predict_tensor(net, image))
+    assert got.shape == expected.shape
+    assert 0 < (got - expected).abs().max()  # quantized: not the same numbers
+    assert ((got > 0.5) == (expected > 0.5)).float().mean() > 0.97
+    moved = trained[1].parent / "not_there"
+    refusal = f"calibrates on the checkpoint's training images and {moved} is not there"
+    with pytest.raises(ValueError, match=refusal):
+        network(model, "onnxruntime-int8", data_root=moved)
 
 
 def test_predict_with_onnxruntime_writes_the_same_labels(trained, tmp_path):

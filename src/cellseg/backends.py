@@ -2,21 +2,33 @@
 
 Each backend maps a float32 (N, C, H, W) tensor to (N, K, H, W) logits, so
 ``inference.predict_tensor`` (padding, tiles, blending, test-time augmentation) runs unchanged
-whichever one makes the call.
+whichever one makes the call. ``auto`` (eval's and predict's default) is ONNX Runtime on the CPU
+when it is installed (the same logits within 1e-4, and faster: README, Performance), else PyTorch.
+``onnxruntime-int8`` quantizes the network to int8 (static, per-channel weights), calibrated on
+crops of the checkpoint's training images: faster again, but its outputs differ (measured in
+``cellseg.bench``), so it is never chosen by ``auto``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
+import logging
+import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("pytorch", "pytorch-bf16", "torchscript", "onnxruntime")
+BACKENDS = ("auto", "pytorch", "pytorch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8")
 ONNX_OPSET = 17
+CALIBRATION_CROPS, CALIBRATION_SIDE = 16, 128
+
+log = logging.getLogger(__name__)
 
 
 def plain_network(model: nn.Module) -> nn.Module:
@@ -77,6 +89,75 @@ def onnx_session(model: bytes | str, device: str | torch.device = "cpu") -> Call
     return run
 
 
+def int8_onnx(model: bytes, crops: list[np.ndarray]) -> bytes:
+    """The ONNX model quantized to int8 (QDQ, per-channel weights, uint8 activations), its
+    activation ranges calibrated (min/max) on ``crops``, float32 (1, C, H, W) arrays."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Crops(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.crops = iter(crops)
+
+        def get_next(self) -> dict | None:
+            crop = next(self.crops, None)
+            return None if crop is None else {"image": crop}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, ready, quantized = (Path(tmp) / f"{n}.onnx" for n in ("plain", "ready", "int8"))
+        plain.write_bytes(model)
+        quant_pre_process(str(plain), str(ready), skip_symbolic_shape=True)
+        quantize_static(str(ready), str(quantized), Crops(), quant_format=QuantFormat.QDQ,
+                        per_channel=True)
+        return quantized.read_bytes()
+
+
+def calibration_crops(model: nn.Module, root: str | Path | None = None) -> list[np.ndarray]:
+    """Random (seeded) crops of the checkpoint's training images, prepared as for prediction:
+    ``CALIBRATION_CROPS`` of ``CALIBRATION_SIDE`` px or, from smaller images, the largest
+    multiple of the network's size multiple they hold."""
+    from cellseg.datasets import list_sources, prepare_image
+    from cellseg.inference import checkpoint_data, preprocessing
+
+    data = checkpoint_data(model)
+    hp, pre = data["hparams"], preprocessing(model)
+    root = Path(root or hp.get("root") or "")
+    if not hp or not root.is_dir():
+        raise ValueError(
+            f"backend=onnxruntime-int8 calibrates on the checkpoint's training images and "
+            f"{'the checkpoint names none' if not hp else f'{root} is not there'}; "
+            "use backend=onnxruntime (or data_root=<its dataset>)"
+        )
+    train = set(data["splits"].get("train", []))
+    sources = [s for s in list_sources(root, hp["layout"], pre["channel"]) if s.id in train]
+    rng = np.random.default_rng(0)
+    crops = []
+    for source in (sources[i] for i in rng.permutation(len(sources))):
+        x = prepare_image(
+            source.read().image, pre["in_channels"], pre["normalize"], pre["invert_bright"]
+        )
+        (h, w), multiple = x.shape[:2], model.net.multiple
+        side = min(CALIBRATION_SIDE, h, w) // multiple * multiple
+        if side:
+            y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            crop = x[y0 : y0 + side, x0 : x0 + side].transpose(2, 0, 1)
+            crops.append(np.ascontiguousarray(crop[None], dtype=np.float32))
+        if len(crops) == CALIBRATION_CROPS:
+            break
+    if not crops:
+        raise ValueError(f"{root} holds none of the checkpoint's training images to calibrate "
+                         "backend=onnxruntime-int8 on; use backend=onnxruntime")
+    return crops
+
+
+def chosen(backend: str, device: str | torch.device = "cpu") -> str:
+    """``auto`` resolved: ONNX Runtime on the CPU when installed, else PyTorch."""
+    if backend != "auto":
+        return backend
+    on_cpu = torch.device(device).type == "cpu"
+    return "onnxruntime" if on_cpu and importlib.util.find_spec("onnxruntime") else "pytorch"
+
+
 class Network:
     """A network run by another runtime, called like the U-Net (and knowing its geometry)."""
 
@@ -89,9 +170,16 @@ class Network:
 
 
 def network(
-    model: nn.Module, backend: str = "pytorch", device: str | torch.device = "cpu"
+    model: nn.Module,
+    backend: str = "pytorch",
+    device: str | torch.device = "cpu",
+    data_root: str | Path | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """The callable that runs ``model``'s network with ``backend``."""
+    """The callable that runs ``model``'s network with ``backend`` (``auto``: see the module);
+    ``data_root`` moves the checkpoint's dataset (int8 calibrates on its training images)."""
+    if backend == "auto":
+        backend = chosen(backend, device)
+        log.info("backend=auto: %s on %s", backend, torch.device(device).type)
     if backend == "pytorch":
         return model
     if backend == "pytorch-bf16":  # bf16 autocast: fast only with AVX512-BF16/AMX or a GPU
@@ -105,4 +193,7 @@ def network(
         return Network(torchscript(model.net).to(device), model.net, backend)
     if backend == "onnxruntime":
         return Network(onnx_session(onnx_bytes(model.net), device), model.net, backend)
+    if backend == "onnxruntime-int8":
+        quantized = int8_onnx(onnx_bytes(model.net), calibration_crops(model, data_root))
+        return Network(onnx_session(quantized, device), model.net, backend)
     raise ValueError(f"backend={backend!r}; use one of {', '.join(BACKENDS)}")

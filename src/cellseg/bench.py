@@ -216,7 +216,7 @@ def backend_table(ckpt_path: str, data: str, root: str, backends: list, repeats:
         if s.id in ids
     ]
     megapixels = sum(x.shape[0] * x.shape[1] for x in images) / 1e6
-    nets = [network(model, b) for b in backends]
+    nets = [network(model, b, data_root=root) for b in backends]
     fns = [
         lambda net=net: [predict_image(net, x, pre["mode"], pre["img_size"]) for x in images]
         for net in nets

@@ -99,7 +99,7 @@ def evaluate(
     foreground, labels)`` sees each segmentation (compare keeps some for its figure)."""
     model = load_model(cfg.ckpt_path, cfg.device)
     pre = preprocessing(model, cfg.get("preprocess"))
-    net = network(model, cfg.backend, cfg.device)
+    net = network(model, cfg.backend, cfg.device, cfg.get("data_root"))
     description = checkpoint_data(model)
     root, layout, origin = scored_data(cfg, description)
     channel = pre["channel"] if cfg.get("channel") is None else cfg.channel

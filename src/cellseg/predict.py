@@ -301,7 +301,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     channel = cfg.get("channel")
     channel = pre.get("channel") if channel is None else channel
     if todo:
-        log.info("network: %s backend on %s", cfg.backend, cfg.device)
+        log.info("network: %s backend on %s", getattr(net, "backend", "pytorch"), cfg.device)
         diameter_scale(pre, cfg.get("diameter"))  # checked (and logged) before any image
     if todo and channel is not None:
         log.info("nuclei channel: %s (%s)", channel,
