@@ -147,6 +147,7 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
         "model.onnx",
         "model.pt",
     ]
+    assert not (tmp_path / "package").exists()  # the package's loose files are not left over
     # the preparation travels inside both files
     import onnx
 

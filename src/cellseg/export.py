@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -226,9 +227,11 @@ def training_recipe(model: nn.Module, ckpt_path: Path, metrics_path: str | None)
 
 
 def build_package(
-    model: nn.Module, pre: dict, crop: np.ndarray, out: Path, cfg: DictConfig, recipe: dict
+    model: nn.Module, pre: dict, crop: np.ndarray, out: Path, cfg: DictConfig, recipe: dict,
+    files: Path,
 ) -> Path:
-    """Write the package's files into ``out/package`` and zip them; returns the zip's path.
+    """Write the package's files into ``files`` (a temporary folder) and zip them into ``out``;
+    returns the zip's path.
 
     ``crop``: a real image (see :func:`centre_crop`), the package's test input and cover.
     """
@@ -238,8 +241,6 @@ def build_package(
     from cellseg import unet
 
     net = model.net
-    files = out / "package"
-    files.mkdir(parents=True, exist_ok=True)
     raw = raw_tensor(crop, pre["in_channels"])
     probs = package_probabilities(net, crop, pre)
     np.save(files / "test_input.npy", raw)
@@ -340,7 +341,8 @@ def export(cfg: DictConfig) -> dict[str, Path]:
         "onnx": write_onnx(model.net, out / "model.onnx", pre),
     }
     recipe = training_recipe(model, ckpt, cfg.get("metrics"))
-    paths["bioimageio"] = build_package(model, pre, crop, out, cfg, recipe)
+    with tempfile.TemporaryDirectory(prefix="cellseg-package-") as files:
+        paths["bioimageio"] = build_package(model, pre, crop, out, cfg, recipe, Path(files))
     log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
