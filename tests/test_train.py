@@ -55,7 +55,11 @@ def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
     cfg = cfg_factory("experiment=baseline", "trainer.max_epochs=1")  # cosine LR schedule
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
-    assert torch.load(last, weights_only=True)["epoch"] == 0
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert 0 < checkpoint["val_iou_best"] < 0.99
+    checkpoint["val_iou_best"] = 0.99  # a best epoch before the resume that the next ones miss
+    torch.save(checkpoint, last)
     cfg2 = cfg_factory("experiment=baseline", "trainer.max_epochs=3", f"ckpt_path={last}")
     cfg2.paths.output_dir = cfg.paths.output_dir + "_resumed"
     train(cfg2)
@@ -63,6 +67,7 @@ def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
     assert resumed["epoch"] == 2
     assert resumed["optimizer_states"][0]["state"]  # Adam moments came back
     assert resumed["lr_schedulers"][0]["last_epoch"] == 3  # the schedule continued, not restarted
+    assert resumed["val_iou_best"] == pytest.approx(0.99)  # the best is of all epochs
 
 
 def test_cosine_schedule_anneals_to_zero_over_the_run(cfg_factory):

@@ -88,6 +88,13 @@ class SegmentationModule(L.LightningModule):
         # what the checkpoint says beside the weights, read once with them
         self.data_description = describe_data(checkpoint)
         self.postprocess = checkpoint.get("postprocess") or {}
+        self.resumed_iou_best = checkpoint.get("val_iou_best")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the best validation iou so far (a MaxMetric keeps no state in the state dict): a
+        # resumed run reports the best of all its epochs, not only of those after the resume
+        if self.val_iou_best.update_count:
+            checkpoint["val_iou_best"] = float(self.val_iou_best.compute())
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":  # in place: checkpoint keys stay the same
@@ -155,6 +162,8 @@ class SegmentationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.val_iou_best.reset()  # forget the sanity check's untrained score
+        if getattr(self, "resumed_iou_best", None) is not None:
+            self.val_iou_best(torch.tensor(self.resumed_iou_best))
 
     def on_train_epoch_end(self) -> None:
         self.log_epoch("train")
