@@ -49,19 +49,10 @@ def test_backends_match_pytorch_within_1e_4(model_and_image, backend):
 def test_an_unknown_backend_is_refused(model_and_image):
     with pytest.raises(
         ValueError,
-        match="backend=.tensorrt.; use one of auto, pytorch, pytorch-bf16, torchscript, "
-        "onnxruntime, onnxruntime-int8",
+        match="backend=.tensorrt.; use one of pytorch, pytorch-bf16, torchscript, onnxruntime, "
+        "onnxruntime-int8",
     ):
         network(model_and_image[0], "tensorrt")
-
-
-def test_auto_is_onnxruntime_on_the_cpu(model_and_image):
-    from cellseg.backends import chosen
-
-    assert chosen("auto", "cpu") == "onnxruntime"
-    assert chosen("auto", "cuda") == "pytorch"
-    assert chosen("torchscript", "cpu") == "torchscript"
-    assert network(model_and_image[0], "auto").backend == "onnxruntime"
 
 
 def test_int8_is_calibrated_on_the_training_images_and_close_to_fp32(model_and_image, trained):

@@ -2,17 +2,14 @@
 
 Each backend maps a float32 (N, C, H, W) tensor to (N, K, H, W) logits, so
 ``inference.predict_tensor`` (padding, tiles, blending, test-time augmentation) runs unchanged
-whichever one makes the call. ``auto`` (eval's and predict's default) is ONNX Runtime on the CPU
-when it is installed (the same logits within 1e-4, and faster: README, Performance), else PyTorch.
-``onnxruntime-int8`` quantizes the network to int8 (static, per-channel weights), calibrated on
-crops of the checkpoint's training images: faster again, but its outputs differ (measured in
-``cellseg.bench``), so it is never chosen by ``auto``.
+whichever one makes the call. ``onnxruntime-int8`` quantizes the network to int8 (static,
+per-channel weights), calibrated on crops of the checkpoint's training images: its outputs
+differ from the others' (measured in ``cellseg.bench``).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import logging
 import tempfile
@@ -24,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("auto", "pytorch", "pytorch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8")
+BACKENDS = ("pytorch", "pytorch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8")
 ONNX_OPSET = 17
 CALIBRATION_CROPS, CALIBRATION_SIDE = 16, 128
 
@@ -150,14 +147,6 @@ def calibration_crops(model: nn.Module, root: str | Path | None = None) -> list[
     return crops
 
 
-def chosen(backend: str, device: str | torch.device = "cpu") -> str:
-    """``auto`` resolved: ONNX Runtime on the CPU when installed, else PyTorch."""
-    if backend != "auto":
-        return backend
-    on_cpu = torch.device(device).type == "cpu"
-    return "onnxruntime" if on_cpu and importlib.util.find_spec("onnxruntime") else "pytorch"
-
-
 class Network:
     """A network run by another runtime, called like the U-Net (and knowing its geometry)."""
 
@@ -175,11 +164,8 @@ def network(
     device: str | torch.device = "cpu",
     data_root: str | Path | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """The callable that runs ``model``'s network with ``backend`` (``auto``: see the module);
-    ``data_root`` moves the checkpoint's dataset (int8 calibrates on its training images)."""
-    if backend == "auto":
-        backend = chosen(backend, device)
-        log.info("backend=auto: %s on %s", backend, torch.device(device).type)
+    """The callable that runs ``model``'s network with ``backend``; ``data_root``: where the
+    checkpoint's dataset is now, if it moved (int8 calibrates on its training images)."""
     if backend == "pytorch":
         return model
     if backend == "pytorch-bf16":  # bf16 autocast: fast only with AVX512-BF16/AMX or a GPU
@@ -194,6 +180,9 @@ def network(
     if backend == "onnxruntime":
         return Network(onnx_session(onnx_bytes(model.net), device), model.net, backend)
     if backend == "onnxruntime-int8":
-        quantized = int8_onnx(onnx_bytes(model.net), calibration_crops(model, data_root))
+        crops = calibration_crops(model, data_root)
+        log.info("int8 network calibrated on %d crops of the checkpoint's training images",
+                 len(crops))
+        quantized = int8_onnx(onnx_bytes(model.net), crops)
         return Network(onnx_session(quantized, device), model.net, backend)
     raise ValueError(f"backend={backend!r}; use one of {', '.join(BACKENDS)}")
