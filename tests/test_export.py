@@ -100,7 +100,7 @@ def small_trained(tmp_path_factory):
         [
             "model.net.channels=[8,16]",
             "model.net.bottleneck=32",
-            "model.net.out_channels=2",
+            "model.net.out_channels=3",  # foreground, contour, distance
             "trainer.max_epochs=1",
             "test=false",
         ],
@@ -164,7 +164,7 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     assert (steps[0]["kwargs"]["min_percentile"], steps[0]["kwargs"]["max_percentile"]) == (1, 99.8)
     space = rdf["inputs"][0]["axes"][2]["size"]
     assert (space["min"], space["step"]) == (20, 4)  # 2 halos of 8 + the size multiple 4
-    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "contour"]
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "contour", "distance"]
     training = rdf["config"]["cellseg"]["training"]
     assert training["scores"] == {"iou": 0.5, "map": 0.25}
     assert (training["loss"], training["net"]["channels"]) == ("bce", [8, 16])

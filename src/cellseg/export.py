@@ -53,7 +53,7 @@ CITATIONS = [
     },
 ]
 TAGS = ["nuclei", "fluorescence", "2d", "unet", "instance-segmentation", "cellseg"]
-CHANNELS = ["foreground", "contour"]
+CHANNELS = ["foreground", "contour", "distance"]
 PERCENTILES = (1.0, 99.8)  # datasets.normalize's "percentile"
 
 
@@ -152,6 +152,11 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
         if out_channels > 1
         else ""
     )
+    if out_channels > 2:
+        contour += (
+            " Channel 2 (`distance`) is each nucleus's distance to its own border, scaled to 1 "
+            "at its centre: its cores (above 0.5) seed a watershed that floods down it."
+        )
     return f"""# {name}
 
 A U-Net (trained with cellseg) that segments cell nuclei in 2-D microscopy images,
@@ -191,11 +196,10 @@ see `scores` below (from `cellseg.eval`, when given to the export).
 
 def cover_image(image: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """Image beside image with predicted nucleus outlines (2:1, as bioimage.io shows covers)."""
-    from cellseg.instances import instances
+    from cellseg.instances import labels_from_probs
     from cellseg.predict import overlay
 
-    contours = probabilities[1] if len(probabilities) > 1 else None
-    labels = instances(probabilities[0], contours)
+    labels = labels_from_probs(np.moveaxis(probabilities, 0, -1))
     return np.concatenate([overlay(image, np.zeros_like(labels)), overlay(image, labels)], axis=1)
 
 
