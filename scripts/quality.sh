@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15's measurements on the real data, on an otherwise idle machine (times are wall clock).
-#   scripts/quality.sh levers   # native vs +nuclei_scale vs +distance channel vs both (~1 h)
+#   scripts/quality.sh levers   # native (scale + distance) vs each lever off vs both off (~1.5 h)
 #   scripts/quality.sh time     # the time-to-quality curve: native for ~5, 15, 30, 60 min (~2 h)
 #   scripts/quality.sh seeds    # RECIPE (default: native) with seeds 0, 1, 2 (~45 min)
 #   scripts/quality.sh summary  # logs/quality/summary.md from every evaluated run
@@ -64,13 +64,13 @@ EOF
 if [[ ${1:-} == run ]]; then shift; run "$@"; exit; fi
 for step in "${@:-summary}"; do
   case $step in
-    levers)
+    levers)  # experiment=native is scale + distance; each lever taken away in turn
       run native experiment=native
-      run native_scale experiment=native augmentation=nuclei_scale
-      run native_distance experiment=native model.net.out_channels=3
-      run native_scale_distance experiment=native augmentation=nuclei_scale model.net.out_channels=3
+      run native_no_scale experiment=native augmentation=nuclei
+      run native_contour_only experiment=native model.net.out_channels=2
+      run native_neither experiment=native augmentation=nuclei model.net.out_channels=2
       ;;
-    time)  # 120 epochs take about 14 min on 2 idle cores; the cosine schedule follows max_epochs
+    time)  # the cosine schedule follows max_epochs (README: minutes per epoch on this machine)
       for epochs in 40 120 240 480; do run "time_${epochs}" "$RECIPE" trainer.max_epochs=$epochs; done
       ;;
     seeds)
