@@ -61,7 +61,7 @@ def test_a_native_debug_run_without_a_terminal_logs_each_epoch_and_ends_with_its
     assert [m.group(1) for m in map(epochs.search, console.splitlines()) if m] == ["1", "2"]
     log_file = (run / "train.log").read_text()
     assert len(epochs.findall(log_file)) == 2
-    assert "Network: 2,160,450 parameters" in console and "Data: 10 images" in console
+    assert "Network: 2,160,595 parameters" in console and "Data: 10 images" in console  # 3 outputs
     last = run / "checkpoints/last.ckpt"
     assert console.strip().splitlines()[-1].endswith(f"Tested checkpoint: {last}")
     assert torch.load(last, weights_only=True)["epoch"] == 1
