@@ -94,8 +94,8 @@ class NucleiDataset(Dataset):
     ``pairs`` is a list held in memory or a ``Streamed`` sequence that reads each from disk;
     ``repeats`` visits each image several times per epoch (several random crops);
     ``pad_multiple`` reflect-pads whole images for the network and reports their true size;
-    ``labels_channel``: the target's last channel holds the instance labels, which are dropped
-    after the transform once the contour channel has been redrawn from them (a zoomed or rotated
+    ``labels_channel``: the target's last channel holds the instance labels, which are dropped;
+    after a transform the contour channel is first redrawn from them (a zoomed or rotated
     contour would otherwise be resampled: broken lines when zoomed out, doubled when zoomed in).
     """
 
@@ -119,8 +119,8 @@ class NucleiDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=target)
             image, target = out["image"], out["mask"]
-        if self.labels_channel:
-            target = redraw_contours(target)
+        if self.labels_channel:  # untransformed targets keep the contours drawn in prepare()
+            target = redraw_contours(target) if self.transform else target[..., :-1]
         size = image.shape[:2]
         if self.pad_multiple:
             image, target = pad_to_multiple(image, target, self.pad_multiple)

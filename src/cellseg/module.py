@@ -83,6 +83,7 @@ class SegmentationModule(L.LightningModule):
         self.val_loss = MeanMetric(nan_strategy="ignore")
         self.test_loss = MeanMetric(nan_strategy="ignore")
         self.val_iou_best = MaxMetric()
+        self.resumed_iou_best: float | None = None  # from the checkpoint a run resumes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what the checkpoint says beside the weights, read once with them
@@ -162,7 +163,7 @@ class SegmentationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.val_iou_best.reset()  # forget the sanity check's untrained score
-        if getattr(self, "resumed_iou_best", None) is not None:
+        if self.resumed_iou_best is not None:
             self.val_iou_best(torch.tensor(self.resumed_iou_best))
 
     def on_train_epoch_end(self) -> None:
