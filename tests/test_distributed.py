@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,3 +134,23 @@ def test_torchrun_starts_the_processes_and_lightning_joins_them(tmp_path):
     assert out.returncode == 0, failure(out)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+
+
+EXIT_CHECK = """
+import atexit, sys
+import torch.distributed as dist
+from cellseg.module import SegmentationModule
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs last
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+model = SegmentationModule()
+model.setup("fit")
+model.setup("test")  # registered once, not twice
+"""
+
+
+def test_a_process_group_is_destroyed_at_exit_not_left_to_interpreter_shutdown(tmp_path):
+    # a gloo group left to interpreter shutdown can abort a ddp_spawn worker (SIGABRT)
+    out = subprocess.run([sys.executable, "-c", EXIT_CHECK], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, failure(out)
+    assert out.stdout.strip().splitlines()[-1] == "group alive at exit: False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Any
 
@@ -17,6 +18,22 @@ from cellseg.metrics import pixel_metrics
 from cellseg.unet import UNet
 
 log = logging.getLogger(__name__)
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy this process's process group when it exits, while Python is still whole.
+
+    Lightning does so for NCCL only; a gloo group left to interpreter shutdown can abort the
+    process ("terminate called without an active exception", SIGABRT), seen once in CI in a
+    ddp_spawn worker. Registering again replaces the earlier registration.
+    """
+    atexit.unregister(_destroy_process_group)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -98,6 +115,8 @@ class SegmentationModule(L.LightningModule):
             checkpoint["val_iou_best"] = float(self.val_iou_best.compute())
 
     def setup(self, stage: str) -> None:
+        if torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
         if self.hparams.compile and stage == "fit":  # in place: checkpoint keys stay the same
             self.net.compile()
 
