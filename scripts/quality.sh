@@ -5,8 +5,9 @@
 #   scripts/quality.sh seeds    # RECIPE (default: native) with seeds 0, 1, 2 (~45 min)
 #   scripts/quality.sh summary  # logs/quality/summary.md from every evaluated run
 #   scripts/quality.sh run NAME OVERRIDES...  # one run (e.g. run seed_1 experiment=native seed=1)
-# Every run is scored on the 10 test images by cellseg.eval twice: with the post-processing tuned
-# on its 4 validation images (eval/) and with instances()' defaults (eval_defaults/).
+# Every run is scored on the 10 test images by cellseg.eval three times: with the post-processing
+# tuned on its 4 validation images (eval/), with instances()' defaults (eval_defaults/) and tuned
+# with 8-fold test-time augmentation (eval_tta/, inference.tta=true).
 # Peers: see ../shared/peers/RESULTS.md; score their label PNGs against the same test ids.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,7 @@ run() {  # run NAME OVERRIDES...: train (timed), then evaluate tuned and untuned
   [[ -d $DATA ]] || { echo "DSB2018=$DATA is not a folder; set DSB2018=<stage1_train>" >&2; exit 2; }
   if [[ ! -f $dir/checkpoints/last.ckpt ]]; then
     local start=$SECONDS
-    $PY -m cellseg.train data=dsb2018 data.root="$DATA" "$@" hydra.run.dir="$dir" \
-      callbacks.progress_bar=null
+    $PY -m cellseg.train data=dsb2018 data.root="$DATA" "$@" hydra.run.dir="$dir"
     echo "$((SECONDS - start))" > "$dir/train_seconds"
   fi
   local ckpt=$dir/checkpoints/last.ckpt
@@ -32,30 +32,30 @@ run() {  # run NAME OVERRIDES...: train (timed), then evaluate tuned and untuned
   # shellcheck disable=SC2086
   $PY -m cellseg.eval ckpt_path="$ckpt" data=dsb2018 data.root="$DATA" $DEFAULTS \
     hydra.run.dir="$dir/eval_defaults"
+  $PY -m cellseg.eval ckpt_path="$ckpt" data=dsb2018 data.root="$DATA" inference.tta=true \
+    hydra.run.dir="$dir/eval_tta"
 }
 
 summary() {
   $PY - "$OUT" <<'EOF'
-"""One row per run: train minutes, test scores (tuned and defaults), ap50 pooled over nuclei."""
-import csv, json, sys
+"""One row per run: train minutes, test scores (tuned, defaults, tuned + tta)."""
+import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-lines = ["| run | train min | iou | map | ap50 (per image) | ap50 (pooled) | map, defaults |",
-         "|---|---|---|---|---|---|---|"]
+lines = ["| run | train min | iou | map | ap50 (per image) | ap50 (pooled) | map, defaults "
+         "| iou, tta | map, tta | ap50 pooled, tta |", "|---|---|---|---|---|---|---|---|---|---|"]
 for run in sorted(p.parent.parent for p in out.glob("*/eval/metrics.json")):
     m = json.loads((run / "eval/metrics.json").read_text())
     d = json.loads((run / "eval_defaults/metrics.json").read_text())
-    tp = t = p = 0.0  # per image ap50 = TP / (T + P - TP), so TP = ap50 (T + P) / (1 + ap50)
-    with open(run / "eval/per_image.csv") as f:
-        for r in csv.DictReader(f):
-            a, nt, np_ = float(r["ap50"]), int(r["true_nuclei"]), int(r["pred_nuclei"])
-            tp, t, p = tp + a * (nt + np_) / (1 + a), t + nt, p + np_
-    pooled = tp / max(t + p - tp, 1)
+    tta = run / "eval_tta/metrics.json"
+    tta = json.loads(tta.read_text()) if tta.exists() else {}
+    pooled, tta_pooled = m.get("ap50_pooled", float("nan")), tta.get("ap50_pooled", float("nan"))
     seconds = run / "train_seconds"
     minutes = f"{int(seconds.read_text()) / 60:.1f}" if seconds.exists() else "?"
     lines.append(f"| {run.name} | {minutes} | {m['iou']:.3f} | {m['map']:.3f} | {m['ap50']:.3f} "
-                 f"| {pooled:.3f} | {d['map']:.3f} |")
+                 f"| {pooled:.3f} | {d['map']:.3f} | {tta.get('iou', float('nan')):.3f} "
+                 f"| {tta.get('map', float('nan')):.3f} | {tta_pooled:.3f} |")
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
