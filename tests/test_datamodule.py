@@ -231,3 +231,18 @@ def test_zoomed_crops_have_contours_redrawn_one_pixel_wide(tmp_path):
         np.testing.assert_array_equal(redrawn[1], expected)
         assert (redrawn[1] != resampled).sum() > 20  # the resampled contour was wrong
         np.testing.assert_array_equal(redrawn[0], labels > 0)
+
+
+def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
+    dm = NucleiDataModule(
+        str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 6, "size": 96},
+        mode="crop", crop_size=64, batch_size=2, target_channels=2, touching_weight=9.0,
+    )
+    dm.prepare_data()
+    dm.setup()
+    train = [dm.datasets["train"][i] for i in range(len(dm.datasets["train"]))]
+    assert all(item["weight"].shape == (64, 64) for item in train)
+    assert {float(v) for item in train for v in item["weight"].unique()} == {1.0, 10.0}
+    assert "weight" not in dm.datasets["test"][0]  # whole images are scored unweighted
+    with pytest.raises(ValueError, match="data.touching_weight=9.0 .* needs data.mode=crop"):
+        NucleiDataModule(str(tmp_path / "s"), mode="resize", touching_weight=9.0)

@@ -104,3 +104,16 @@ def test_labels_from_probs_uses_every_channel_unless_told_and_null_means_default
     assert labels_from_probs(probs, use_contours=False, min_size=1, split=False).max() == 2
     # min_size=None is instances()' default (10 pixels): the 4-pixel speck goes
     assert labels_from_probs(probs, min_size=None, threshold=None).max() == 2
+
+
+def test_touching_weights_mark_where_two_nuclei_meet_and_nowhere_else():
+    from cellseg.datasets import touching_weights
+
+    labels = touching_discs()  # discs 1 and 2 meet around column 28; speck 3 stands alone
+    w = touching_weights(labels, 4.0)
+    assert w.shape == labels.shape and w.dtype == np.float32
+    assert set(np.unique(w)) == {1.0, 5.0}
+    rows, cols = np.nonzero(w == 5.0)
+    assert 24 <= cols.min() and cols.max() <= 32  # a band across the junction of 1 and 2
+    assert w[20, 28] == 5.0 and w[20, 12] == 1.0 and w[3, 50] == 1.0  # junction, disc, speck
+    np.testing.assert_array_equal(touching_weights(np.where(labels == 2, 0, labels), 4.0), 1.0)

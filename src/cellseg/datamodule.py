@@ -44,6 +44,7 @@ from cellseg.datasets import (
     prepare_image,
     resize,
     targets_from_labels,
+    touching_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ class NucleiDataset(Dataset):
     ``pad_multiple`` reflect-pads whole images for the network and reports their true size;
     ``labels_channel``: the target's last channel holds the instance labels, which are dropped;
     after a transform the contour channel is first redrawn from them (a zoomed or rotated
-    contour would otherwise be resampled: broken lines when zoomed out, doubled when zoomed in).
+    contour would otherwise be resampled: broken lines when zoomed out, doubled when zoomed in);
+    ``touching_weight`` > 0 adds the transformed item's loss ``weight`` map from them
+    (:func:`~cellseg.datasets.touching_weights`).
     """
 
     def __init__(
@@ -106,10 +109,11 @@ class NucleiDataset(Dataset):
         repeats: int = 1,
         pad_multiple: int | None = None,
         labels_channel: bool = False,
+        touching_weight: float = 0.0,
     ) -> None:
         self.pairs, self.transform = pairs, transform
         self.repeats, self.pad_multiple = repeats, pad_multiple
-        self.labels_channel = labels_channel
+        self.labels_channel, self.touching_weight = labels_channel, touching_weight
 
     def __len__(self) -> int:
         return len(self.pairs) * self.repeats
@@ -119,6 +123,10 @@ class NucleiDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=target)
             image, target = out["image"], out["mask"]
+        item = {}
+        if self.labels_channel and self.transform and self.touching_weight:
+            labels = target[..., -1].astype(np.int32)
+            item["weight"] = torch.from_numpy(touching_weights(labels, self.touching_weight))
         if self.labels_channel:  # untransformed targets keep the contours drawn in prepare()
             target = redraw_contours(target) if self.transform else target[..., :-1]
         size = image.shape[:2]
@@ -128,6 +136,7 @@ class NucleiDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1))),
             "size": torch.tensor(size),
+            **item,
         }
 
 
@@ -205,12 +214,18 @@ class NucleiDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         cache: bool = True,
         channel: int | str | None = None,
+        touching_weight: float = 0.0,
     ) -> None:
         super().__init__()
         # primitives only: the checkpoint's description of its data (weights_only loading)
         self.save_hyperparameters(ignore=["augmentation"], logger=False)
         if mode not in ("resize", "crop"):
             raise ValueError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
+        if touching_weight and mode != "crop":
+            raise ValueError(
+                f"data.touching_weight={touching_weight} weighs the borders of touching nuclei in "
+                "training crops; it needs data.mode=crop"
+            )
         self.root = Path(root)
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
@@ -224,6 +239,7 @@ class NucleiDataModule(L.LightningDataModule):
         self.synthetic = synthetic or {}
         self.cache = cache
         self.channel = channel  # the nuclei channel of multi-channel files (index or name)
+        self.touching_weight = touching_weight
         self.splits: dict[str, list[str]] = {}
         self.diameter: float | None = None
         self.multiple: int | None = None  # the network's size multiple, see set_multiple
@@ -328,7 +344,10 @@ class NucleiDataModule(L.LightningDataModule):
         ]
         extra = [self.augmentation] if self.augmentation is not None else []
         transform = A.Compose(crop + extra, seed=self.seed)
-        return NucleiDataset(pairs, transform, repeats=self.crops_per_image, labels_channel=True)
+        return NucleiDataset(
+            pairs, transform, repeats=self.crops_per_image, labels_channel=True,
+            touching_weight=self.touching_weight,
+        )
 
     def training_labels(self, labels: np.ndarray) -> np.ndarray:
         """Instance labels at the geometry the network sees: native, or resized to img_size."""

@@ -120,6 +120,17 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     return np.stack([foreground, contours, distance], axis=-1).astype(np.float32)
 
 
+def touching_weights(labels: np.ndarray, weight: float, radius: int = 2) -> np.ndarray:
+    """Float32 (H, W) loss weights: ``1 + weight`` on pixels within ``radius`` of two different
+    nuclei (the gaps and borders where touching nuclei meet, which a watershed must split), 1
+    elsewhere. As the U-Net paper's border weights, without its per-pair distance maps."""
+    size = 2 * radius + 1
+    highest = ndimage.maximum_filter(labels, size=size)
+    lowest = ndimage.minimum_filter(np.where(labels > 0, labels, labels.max() + 1), size=size)
+    touching = (highest > 0) & (lowest <= labels.max()) & (highest != lowest)
+    return (1.0 + weight * touching).astype(np.float32)
+
+
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}
 
 

@@ -53,10 +53,15 @@ def check_loss(name: str) -> None:
         raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
 
 
-def segmentation_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
-    """``bce`` (binary cross-entropy on logits, the study's) or ``dice_bce`` (their sum)."""
+def segmentation_loss(
+    name: str, logits: Tensor, target: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    """``bce`` (binary cross-entropy on logits, the study's) or ``dice_bce`` (their sum);
+    ``weight`` (N, H, W) weighs each pixel's cross-entropy (in every channel)."""
     check_loss(name)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    if weight is not None:
+        weight = weight[:, None].expand_as(target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     return bce + soft_dice_loss(logits, target) if name == "dice_bce" else bce
 
 
@@ -140,7 +145,7 @@ class SegmentationModule(L.LightningModule):
         if images.shape[0] == 1 and "size" in batch:  # a padded whole image: score its pixels
             h, w = batch["size"][0].tolist()
             logits, masks = logits[..., :h, :w], masks[..., :h, :w]
-        loss = segmentation_loss(self.hparams.loss, logits.float(), masks)
+        loss = segmentation_loss(self.hparams.loss, logits.float(), masks, batch.get("weight"))
         # Metrics (exact under DDP): updated per step, computed and logged once per epoch in
         # log_epoch: self.log of a Metric on every step cost Lightning about 2 ms per step
         getattr(self, f"{stage}_metrics").update(logits.detach()[:, :1], masks[:, :1])
