@@ -1,5 +1,7 @@
 """Pixel scores against hand-computed cases."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,36 @@ def test_pooled_ap50_counts_every_nucleus_the_same_and_the_mean_every_image():
     result = scores.compute()
     assert float(result["ap50"]) == pytest.approx(0.5)  # (1 + 0) / 2 images
     assert float(result["ap50_pooled"]) == pytest.approx(0.25)  # 1 TP / (1 TP + 3 FN)
+
+
+@needs_real_data
+def test_score_labels_script_scores_another_tools_label_images(tmp_path):
+    """scripts/score_labels.py (the peer table's scorer): the true labels score 1, the same
+    labels with every image's nuclei merged into one lose every instance score but not iou."""
+    import importlib.util
+
+    from PIL import Image
+
+    from cellseg.datamodule import split_ids
+    from cellseg.datasets import read_samples
+
+    path = Path(__file__).resolve().parents[1] / "scripts/score_labels.py"
+    spec = importlib.util.spec_from_file_location("score_labels", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    samples = {s.id: s for s in read_samples(REAL_DATA, "dsb2018")}
+    _, test = split_ids(sorted(samples), 0.2, 0)
+    (tmp_path / "true").mkdir()
+    (tmp_path / "merged").mkdir()
+    for i in test:
+        labels = samples[i].labels.astype(np.uint16)
+        Image.fromarray(labels).save(tmp_path / "true" / f"{i}.png")
+        Image.fromarray((labels > 0).astype(np.uint16)).save(tmp_path / "merged" / f"{i}.png")
+    assert script.main(str(tmp_path / "true"), str(REAL_DATA)) == pytest.approx(
+        {"iou": 1.0, "map": 1.0, "ap50": 1.0, "f1_50": 1.0, "ap50_pooled": 1.0}
+    )
+    merged = script.main(str(tmp_path / "merged"), str(REAL_DATA))
+    assert merged["iou"] == 1.0 and merged["ap50_pooled"] < 0.05
+    (tmp_path / "merged" / f"{test[0]}.png").unlink()
+    with pytest.raises(SystemExit, match=f"has no {test[0]}.png"):
+        script.main(str(tmp_path / "merged"), str(REAL_DATA))

@@ -1,0 +1,43 @@
+"""Score another tool's label images on the test split, as ``cellseg.eval`` scores cellseg.
+
+    python scripts/score_labels.py PRED_DIR [DATA_ROOT]
+
+``PRED_DIR`` holds ``<id>.png`` (or ``.tif``) instance labels (0 = background) at each image's
+own size, e.g. what ``../shared/peers/ref_stardist.py PRED_DIR`` writes. Prints one table row:
+``iou`` (foreground IoU summed over the set), ``map`` and ``ap50`` averaged over images, and
+``ap50_pooled`` over all nuclei, through the metric functions eval uses.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cellseg.datamodule import split_ids
+from cellseg.datasets import read_samples
+from cellseg.files import read_image
+from cellseg.metrics import InstanceScores
+
+
+def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> dict[str, float]:
+    samples = {s.id: s for s in read_samples(root, "dsb2018")}
+    _, test = split_ids(sorted(samples), 0.2, 0)
+    scores, inter, union = InstanceScores(), 0, 0
+    for i in test:
+        found = [p for p in Path(pred_dir).glob(f"{i}.*") if p.suffix in (".png", ".tif")]
+        if not found:
+            raise SystemExit(f"{pred_dir} has no {i}.png or {i}.tif: predict every test image")
+        pred = np.squeeze(read_image(found[0])).astype(np.int64)
+        true = samples[i].labels
+        scores.update(true, pred)
+        inter += int(((true > 0) & (pred > 0)).sum())
+        union += int(((true > 0) | (pred > 0)).sum())
+    result = {"iou": inter / union, **{k: float(v) for k, v in scores.compute().items()}}
+    print(" | ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
