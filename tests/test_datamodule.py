@@ -244,5 +244,6 @@ def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
     assert all(item["weight"].shape == (64, 64) for item in train)
     assert {float(v) for item in train for v in item["weight"].unique()} == {1.0, 10.0}
     assert "weight" not in dm.datasets["test"][0]  # whole images are scored unweighted
-    with pytest.raises(ValueError, match="data.touching_weight=9.0 .* needs data.mode=crop"):
-        NucleiDataModule(str(tmp_path / "s"), mode="resize", touching_weight=9.0)
+    for wrong in ({"mode": "resize", "target_channels": 2}, {"mode": "crop"}):
+        with pytest.raises(ValueError, match="touching_weight=9.0 .* needs data.mode=crop and"):
+            NucleiDataModule(str(tmp_path / "s"), touching_weight=9.0, **wrong)

@@ -74,8 +74,8 @@ def test_dice_bce_is_bce_plus_one_minus_soft_dice_by_hand():
     assert segmentation_loss("dice_bce", logits, target).item() == pytest.approx(
         math.log(2) + 1 - 3 / 5
     )
-    # a weight map weighs each pixel's cross-entropy: ln 2 x (1 + 4 + 1 + 1) / 4 pixels
+    # a weight map weighs each pixel's cross-entropy in the contour channel, not the foreground:
+    # ln 2 x (4 foreground pixels + 1 + 4 + 1 + 1 contour pixels) / 8
     weight = torch.tensor([[[1.0, 4.0], [1.0, 1.0]]])
-    assert segmentation_loss("bce", logits, target, weight).item() == pytest.approx(
-        math.log(2) * 7 / 4
-    )
+    two = logits.repeat(1, 2, 1, 1), target.repeat(1, 2, 1, 1)
+    assert segmentation_loss("bce", *two, weight).item() == pytest.approx(math.log(2) * 11 / 8)

@@ -221,10 +221,11 @@ class NucleiDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["augmentation"], logger=False)
         if mode not in ("resize", "crop"):
             raise ValueError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
-        if touching_weight and mode != "crop":
+        if touching_weight and (mode != "crop" or target_channels < 2):
             raise ValueError(
-                f"data.touching_weight={touching_weight} weighs the borders of touching nuclei in "
-                "training crops; it needs data.mode=crop"
+                f"data.touching_weight={touching_weight} weighs the contour and distance channels "
+                "where nuclei touch in training crops; it needs data.mode=crop and "
+                "model.net.out_channels=2 or 3"
             )
         self.root = Path(root)
         self.layout, self.mode = layout, mode

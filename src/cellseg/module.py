@@ -57,11 +57,14 @@ def segmentation_loss(
     name: str, logits: Tensor, target: Tensor, weight: Tensor | None = None
 ) -> Tensor:
     """``bce`` (binary cross-entropy on logits, the study's) or ``dice_bce`` (their sum);
-    ``weight`` (N, H, W) weighs each pixel's cross-entropy (in every channel)."""
+    ``weight`` (N, H, W) weighs each pixel's cross-entropy in the channels that split touching
+    nuclei (contours, distance), not in the foreground channel."""
     check_loss(name)
-    if weight is not None:
-        weight = weight[:, None].expand_as(target)
-    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+    if weight is None:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+    else:
+        each = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce = torch.cat([each[:, :1], each[:, 1:] * weight[:, None]], dim=1).mean()
     return bce + soft_dice_loss(logits, target) if name == "dice_bce" else bce
 
 
