@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15's measurements on the real data, on an otherwise idle machine (times are wall clock).
-#   scripts/quality.sh levers   # native (scale + distance) vs each lever off vs both off (~1.5 h)
-#   scripts/quality.sh time     # the time-to-quality curve: native for ~5, 15, 30, 60 min (~2 h)
+#   scripts/quality.sh levers   # native vs each of its levers off (~1 h)
+#   scripts/quality.sh time     # the time-to-quality curve: native for ~5, 13, 26, 52 min (~1.6 h)
 #   scripts/quality.sh seeds    # RECIPE (default: native) with seeds 0, 1, 2 (~45 min)
 #   scripts/quality.sh summary  # logs/quality/summary.md from every evaluated run
 #   scripts/quality.sh run NAME OVERRIDES...  # one run (e.g. run seed_1 experiment=native seed=1)
@@ -64,11 +64,11 @@ EOF
 if [[ ${1:-} == run ]]; then shift; run "$@"; exit; fi
 for step in "${@:-summary}"; do
   case $step in
-    levers)  # experiment=native is scale + distance; each lever taken away in turn
+    levers)  # experiment=native is scale + distance + touching weight; each taken away in turn
       run native experiment=native
+      run native_no_touching experiment=native data.touching_weight=0
       run native_no_scale experiment=native augmentation=nuclei
       run native_contour_only experiment=native model.net.out_channels=2
-      run native_neither experiment=native augmentation=nuclei model.net.out_channels=2
       ;;
     time)  # the cosine schedule follows max_epochs (README: minutes per epoch on this machine)
       for epochs in 40 120 240 480; do run "time_${epochs}" "$RECIPE" trainer.max_epochs=$epochs; done
