@@ -141,16 +141,16 @@ import atexit, sys
 import torch.distributed as dist
 from cellseg.module import SegmentationModule
 atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs last
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
 model = SegmentationModule()
 model.setup("fit")
-model.setup("test")  # registered once, not twice
+model.setup("test")  # a second registration replaces the first
 """
 
 
 def test_a_process_group_is_destroyed_at_exit_not_left_to_interpreter_shutdown(tmp_path):
     # a gloo group left to interpreter shutdown can abort a ddp_spawn worker (SIGABRT)
-    out = subprocess.run([sys.executable, "-c", EXIT_CHECK], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    out = subprocess.run([sys.executable, "-c", EXIT_CHECK, str(tmp_path / "group")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, failure(out)
     assert out.stdout.strip().splitlines()[-1] == "group alive at exit: False"
