@@ -14,27 +14,28 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cellseg.datamodule import split_ids
 from cellseg.datasets import read_samples
 from cellseg.files import read_image
-from cellseg.metrics import InstanceScores
+from cellseg.metrics import InstanceScores, pixel_metrics
 
 
 def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> dict[str, float]:
     samples = {s.id: s for s in read_samples(root, "dsb2018")}
     _, test = split_ids(sorted(samples), 0.2, 0)
-    scores, inter, union = InstanceScores(), 0, 0
+    pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     for i in test:
         found = [p for p in Path(pred_dir).glob(f"{i}.*") if p.suffix in (".png", ".tif")]
         if not found:
             raise SystemExit(f"{pred_dir} has no {i}.png or {i}.tif: predict every test image")
         pred = np.squeeze(read_image(found[0])).astype(np.int64)
         true = samples[i].labels
-        scores.update(true, pred)
-        inter += int(((true > 0) & (pred > 0)).sum())
-        union += int(((true > 0) | (pred > 0)).sum())
-    result = {"iou": inter / union, **{k: float(v) for k, v in scores.compute().items()}}
+        pixel.update(torch.from_numpy(pred > 0), torch.from_numpy(true > 0))
+        instance.update(true, pred)
+    scores = {"iou": pixel.compute()["iou"], **instance.compute()}
+    result = {k: float(v) for k, v in scores.items()}
     print(" | ".join(f"{k} {v:.3f}" for k, v in result.items()))
     return result
 

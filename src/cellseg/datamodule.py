@@ -124,11 +124,13 @@ class NucleiDataset(Dataset):
             out = self.transform(image=image, mask=target)
             image, target = out["image"], out["mask"]
         item = {}
-        if self.labels_channel and self.transform and self.touching_weight:
-            labels = target[..., -1].astype(np.int32)
-            item["weight"] = torch.from_numpy(touching_weights(labels, self.touching_weight))
-        if self.labels_channel:  # untransformed targets keep the contours drawn in prepare()
-            target = redraw_contours(target) if self.transform else target[..., :-1]
+        if self.labels_channel:
+            labels, target = target[..., -1].astype(np.int32), target[..., :-1]
+            if self.transform:  # untransformed targets keep the contours drawn in prepare()
+                target = redraw_contours(target, labels)
+                if self.touching_weight:
+                    weights = touching_weights(labels, self.touching_weight)
+                    item["weight"] = torch.from_numpy(weights)
         size = image.shape[:2]
         if self.pad_multiple:
             image, target = pad_to_multiple(image, target, self.pad_multiple)
@@ -140,10 +142,10 @@ class NucleiDataset(Dataset):
         }
 
 
-def redraw_contours(target: np.ndarray) -> np.ndarray:
-    """Drop the labels channel (last) of a target, redrawing the contour channel (1) from it."""
-    labels, target = target[..., -1].astype(np.int32), target[..., :-1].copy()
+def redraw_contours(target: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The target with its contour channel (1), if any, redrawn from the instance ``labels``."""
     if target.shape[-1] > 1:
+        target = target.copy()
         target[..., 1] = find_boundaries(labels, mode="inner") & (labels > 0)
     return target
 

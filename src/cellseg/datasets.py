@@ -124,10 +124,10 @@ def touching_weights(labels: np.ndarray, weight: float, radius: int = 2) -> np.n
     """Float32 (H, W) loss weights: ``1 + weight`` on pixels within ``radius`` of two different
     nuclei (the gaps and borders where touching nuclei meet, which a watershed must split), 1
     elsewhere. As the U-Net paper's border weights, without its per-pair distance maps."""
-    size = 2 * radius + 1
+    size, top = 2 * radius + 1, labels.max()
     highest = ndimage.maximum_filter(labels, size=size)
-    lowest = ndimage.minimum_filter(np.where(labels > 0, labels, labels.max() + 1), size=size)
-    touching = (highest > 0) & (lowest <= labels.max()) & (highest != lowest)
+    lowest = ndimage.minimum_filter(np.where(labels > 0, labels, top + 1), size=size)
+    touching = (lowest <= top) & (highest != lowest)  # a nucleus in reach, and another one
     return (1.0 + weight * touching).astype(np.float32)
 
 
