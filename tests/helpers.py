@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -85,3 +86,11 @@ def predict_cfg(ckpt, input_path, output, *overrides) -> DictConfig:
     with open_dict(cfg):
         cfg.instances.min_size = 1
     return cfg
+
+
+def two_peaks(separation: int = 14, sigma: float = 6.0) -> np.ndarray:
+    """A predicted distance with two maxima (1.0 and 0.9) joined by a saddle of about 0.5."""
+    yy, xx = np.mgrid[:40, :60].astype(np.float32)
+    left, right = (a * np.exp(-((yy - 20) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
+                   for a, c in ((1.0, 23), (0.9, 23 + separation)))
+    return np.maximum(left, right)

@@ -3,6 +3,7 @@ import pytest
 
 from cellseg.datasets import targets_from_labels
 from cellseg.instances import instances, labels_from_probs, remove_small
+from helpers import two_peaks
 
 
 def disc(shape, cy, cx, r):
@@ -117,3 +118,24 @@ def test_touching_weights_mark_where_two_nuclei_meet_and_nowhere_else():
     assert 24 <= cols.min() and cols.max() <= 32  # a band across the junction of 1 and 2
     assert w[20, 28] == 5.0 and w[20, 12] == 1.0 and w[3, 50] == 1.0  # junction, disc, speck
     np.testing.assert_array_equal(touching_weights(np.where(labels == 2, 0, labels), 4.0), 1.0)
+
+
+def test_seed_h_splits_nuclei_whose_cores_merged_at_their_distance_saddle():
+    distance = two_peaks()
+    fg = (distance > 0.05).astype(np.float32)
+    assert 0.45 < distance[20, 30] < 0.55  # the saddle, above the seed threshold
+    merged = instances(fg, distance=distance, seed_threshold=0.3, min_size=1)
+    assert merged.max() == 1  # one core: one nucleus
+    split = instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.2)
+    assert split.max() == 2
+    assert split[20, 23] != split[20, 37]
+    assert (split[:, :29] != split[20, 37]).all() and (split[:, 31:] != split[20, 23]).all()
+    # a dip shallower than seed_h (0.9 - 0.5 from the lower peak) is no second nucleus
+    assert instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.6).max() == 1
+
+
+def test_seed_h_keeps_a_seed_in_every_core_however_flat():
+    distance = 0.35 * two_peaks(separation=40)  # two separate cores peaking at 0.35
+    fg = (distance > 0.02).astype(np.float32)
+    found = instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.3)
+    assert found.max() == 2

@@ -19,7 +19,7 @@ from cellseg.tune import (
     searched_options,
     tuned_instances,
 )
-from helpers import compose_cfg
+from helpers import compose_cfg, two_peaks
 
 
 def faint_nuclei():
@@ -46,11 +46,27 @@ def test_search_finds_the_threshold_that_scores_best_and_keeps_defaults_on_ties(
     assert best == {"threshold": 0.4, "h": DEFAULTS["h"], "min_size": DEFAULTS["min_size"]}
 
 
+def test_search_turns_seed_h_on_where_touching_nuclei_have_merged_cores():
+    distance = two_peaks(separation=8)  # a saddle of 0.78: above every seed threshold tried
+    fg = (distance > 0.05).astype(np.float32)
+    probs = np.stack([fg, np.zeros_like(fg), distance], axis=-1)
+    truth = ((fg > 0) * np.where(np.arange(60) < 28, 1, 2)).astype(np.int32)  # split at the saddle
+    options = searched_options(3)
+    start = {"use_contours": True, **{k: DEFAULTS[k] for k in options}}
+    assert start["seed_h"] == 0.0
+    assert mean_map([probs], [truth], start) < 0.1  # one merged blob: at best the larger nucleus
+    best, score = search([probs], [truth], {k: SPACE[k] for k in options}, start)
+    assert best["seed_h"] > 0
+    assert score > 0.5
+
+
 def test_the_searched_options_are_those_the_outputs_use():
     assert searched_options(1) == ["threshold", "h", "min_size"]
     assert searched_options(1, split=False) == ["threshold", "min_size"]
     assert searched_options(2) == ["threshold", "contour_threshold", "min_size"]
-    assert searched_options(3) == ["threshold", "contour_threshold", "seed_threshold", "min_size"]
+    assert searched_options(3) == [
+        "threshold", "contour_threshold", "seed_threshold", "seed_h", "min_size"
+    ]
     assert searched_options(3, use_contours=False) == ["threshold", "h", "min_size"]
 
 

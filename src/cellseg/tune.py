@@ -3,10 +3,10 @@
 As StarDist tunes its thresholds after training and saves them with the model: when fitting
 ends, :class:`TunePostprocessing` predicts the probability maps of the validation images once
 (whole images at native resolution, as ``cellseg.eval`` does), searches the instance options
-(``threshold``, ``contour_threshold``, ``seed_threshold``, ``h``, ``min_size``: those the
-network's outputs use) for the best mean ``map`` by coordinate descent, and writes them into
-every checkpoint file of the run as ``checkpoint["postprocess"]``. Eval and predict read them
-with :func:`instance_options`; a value the user sets wins (and is logged).
+(``threshold``, ``contour_threshold``, ``seed_threshold``, ``seed_h``, ``h``, ``min_size``:
+those the network's outputs use) for the best mean ``map`` by coordinate descent, and writes
+them into every checkpoint file of the run as ``checkpoint["postprocess"]``. Eval and predict
+read them with :func:`instance_options`; a value the user sets wins (and is logged).
 
 Tuning is refused (logged, the defaults stay) when the validation images are the test images
 (``data.val_size=0``, the study's setting): options chosen on the test set would flatter it.
@@ -39,6 +39,7 @@ SPACE = {
     "threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
     "contour_threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
     "seed_threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    "seed_h": [0.0, 0.05, 0.1, 0.2, 0.3],
     "h": [0.5, 1.0, 2.0, 3.0, 4.0],
     "min_size": [1, 5, 10, 20, 40],
 }
@@ -51,7 +52,8 @@ def searched_options(channels: int, use_contours: bool = True, split: bool = Tru
     """The instance options that act on a network with ``channels`` outputs."""
     k = channels if use_contours else 1
     extra = {1: ["h"] if split else [], 2: ["contour_threshold"]}
-    return ["threshold", *extra.get(k, ["contour_threshold", "seed_threshold"]), "min_size"]
+    three = ["contour_threshold", "seed_threshold", "seed_h"]
+    return ["threshold", *extra.get(k, three), "min_size"]
 
 
 def mean_map(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], options: dict) -> float:
