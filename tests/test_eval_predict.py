@@ -35,6 +35,23 @@ def test_eval_scores_the_test_split_at_native_resolution(trained, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_eval_scores_the_foreground_of_the_nuclei_found_as_other_tools_are_scored(trained):
+    ckpt, _ = trained
+    found = []
+    metrics, rows = evaluate(
+        eval_cfg(ckpt, "instances.min_size=40"),  # drops small nuclei: labels differ from fg
+        on_image=lambda sample, fg, labels: found.append((sample.labels > 0, fg > 0.5, labels > 0)),
+    )
+    def iou(pairs):
+        return sum((p & t).sum() for t, p in pairs) / sum((p | t).sum() for t, p in pairs)
+    by_labels = iou([(t, lab) for t, _, lab in found])
+    assert metrics["iou_nuclei"] == pytest.approx(by_labels, abs=1e-6)
+    assert metrics["iou"] == pytest.approx(iou([(t, fg) for t, fg, _ in found]), abs=1e-6)
+    per_image = [iou([(t, lab)]) for t, _, lab in found]
+    assert [r["iou_nuclei"] for r in rows] == pytest.approx(per_image, abs=1e-6)
+    assert by_labels != pytest.approx(metrics["iou"], abs=1e-3)  # two different scores
+
+
 def test_eval_on_all_images_with_tta(trained):
     ckpt, root = trained
     metrics, rows = evaluate(eval_cfg(ckpt, "split=all", "inference.tta=true"))

@@ -5,8 +5,10 @@ checkpoint) and its test split; ``data_root=`` where that data has moved, ``data
 data.root=DIR`` other data, ``split=train|val|test|all``. Whatever geometry the model was
 trained in, predictions are made for whole images at their own size (resize-mode models predict
 at their training scale and are resized back) and compared with the original masks: pixel
-scores (iou, miou, dice) and instance scores (map, ap50, f1_50 per image, averaged; and
-ap50_pooled over all nuclei of the set), through the same metric classes training logs.
+scores of the foreground probabilities (iou, miou, dice), the foreground IoU of the nuclei found
+(iou_nuclei: the label image after post-processing, as other tools' label images are scored)
+and instance scores (map, ap50, f1_50 per image, averaged; and ap50_pooled over all nuclei of
+the set), through the same metric classes training logs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from cellseg.inference import (
     preprocessing,
     segment_at_scale,
 )
-from cellseg.metrics import InstanceScores, pixel_metrics
+from cellseg.metrics import InstanceScores, PixelScore, pixel_metrics
 from cellseg.tune import instance_options
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ def evaluate(
     options = instance_options(cfg.instances, model)
     diameter_scale(pre, cfg.get("diameter"))  # checked (and logged) before any image
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
+    # the foreground of the nuclei found (after post-processing): how other tools are scored
+    nuclei_pixels = PixelScore("iou", threshold=0.5)
     rows, start = [], time.perf_counter()
     for sample in progress(samples, "Evaluating"):
         foreground, labels = segment_at_scale(
@@ -125,12 +129,15 @@ def evaluate(
             "pred_nuclei": int(labels.max()),
         }
         # calling a metric scores this image and adds it to the whole set's
-        row.update(pixel(torch.from_numpy(foreground), torch.from_numpy(sample.labels > 0)))
+        truth = torch.from_numpy(sample.labels > 0)
+        row.update(pixel(torch.from_numpy(foreground), truth))
+        row["iou_nuclei"] = nuclei_pixels(torch.from_numpy(labels > 0), truth)
         row.update(instance(sample.labels, labels))
         del row["ap50_pooled"]  # of one image, its ap50
         rows.append({k: v if isinstance(v, (str, int)) else float(v) for k, v in row.items()})
     seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in {**pixel.compute(), **instance.compute()}.items()}
+    scores = {**pixel.compute(), "iou_nuclei": nuclei_pixels.compute(), **instance.compute()}
+    metrics = {k: float(v) for k, v in scores.items()}
     megapixels = sum(r["height"] * r["width"] for r in rows) / 1e6
     metrics.update(
         {"images": len(rows), "seconds": seconds, "megapixels_per_s": megapixels / seconds}
@@ -173,11 +180,12 @@ def main(cfg: DictConfig) -> dict[str, float]:
     write_outputs(out_dir, metrics, rows)
     print_table(metrics, rows, f"{cfg.ckpt_path}: {cfg.split} split, {metrics['images']} images")
     log.info(
-        "%d images, ap50 pooled over all %d nuclei %.3f, %.1f megapixels/s; metrics.json and "
-        "per_image.csv in %s",
+        "%d images, ap50 pooled over all %d nuclei %.3f, iou of the nuclei found %.3f, "
+        "%.1f megapixels/s; metrics.json and per_image.csv in %s",
         metrics["images"],
         sum(r["true_nuclei"] for r in rows),
         metrics["ap50_pooled"],
+        metrics["iou_nuclei"],
         metrics["megapixels_per_s"],
         out_dir,
     )
