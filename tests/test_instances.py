@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cellseg.datasets import targets_from_labels
-from cellseg.instances import instances, labels_from_probs, remove_small
+from cellseg.instances import distance_seeds, instances, labels_from_probs, remove_small
 from helpers import two_peaks
 
 
@@ -134,8 +134,11 @@ def test_seed_h_splits_nuclei_whose_cores_merged_at_their_distance_saddle():
     assert instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.6).max() == 1
 
 
-def test_seed_h_keeps_a_seed_in_every_core_however_flat():
-    distance = 0.35 * two_peaks(separation=40)  # two separate cores peaking at 0.35
-    fg = (distance > 0.02).astype(np.float32)
-    found = instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.3)
-    assert found.max() == 2
+def test_distance_seeds_keep_a_seed_in_every_core_however_flat():
+    distance = 0.35 * two_peaks(separation=30)  # two separate bumps peaking at 0.35 and 0.315
+    cores = distance > 0.3
+    # both tops are lower than h: plain h-maxima of the distance would find neither
+    seeds = distance_seeds(cores, distance, h=0.5)
+    assert seeds.max() == 2
+    assert seeds[20, 23] == 1 and seeds[20, 53] == 2
+    assert (seeds[~cores] == 0).all()
