@@ -86,8 +86,10 @@ def distance_seeds(cores: np.ndarray, distance: np.ndarray, h: float) -> np.ndar
     seeds, count = np.zeros(cores.shape, np.int32), 0
     for i, box in enumerate(ndimage.find_objects(core_labels), start=1):
         inside = core_labels[box] == i
-        # lifted by 1 inside the core and 0 around it: the core's top is more than h deep
-        peaks = inside & h_maxima(np.where(inside, smooth[box] + 1.0, 0.0), h).astype(bool)
+        # lifted by 1 inside the core and 0 around it (a 1 px frame, so a core that fills its
+        # box is no plateau): the core's top is more than h deep
+        lifted = np.pad(np.where(inside, smooth[box] + 1.0, 0.0), 1)
+        peaks = inside & h_maxima(lifted, h)[1:-1, 1:-1].astype(bool)
         found = connected_components(peaks, connectivity=2)
         seeds[box] = np.where(found > 0, found + count, seeds[box])
         count += int(found.max())
