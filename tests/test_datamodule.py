@@ -247,3 +247,33 @@ def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
     for wrong in ({"mode": "resize", "target_channels": 2}, {"mode": "crop"}):
         with pytest.raises(ValueError, match="touching_weight=9.0 .* needs data.mode=crop and"):
             NucleiDataModule(str(tmp_path / "s"), touching_weight=9.0, **wrong)
+
+
+def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path):
+    """One 128² and three 32² training images, 4 x 4 crops an epoch: by area 16 x 16,384 /
+    19,456 = 13.5 and 16 x 1,024 / 19,456 = 0.8 each, rounded; per image (the default) 4 each."""
+    from PIL import Image
+
+    from cellseg.datamodule import crop_counts
+
+    assert crop_counts([16384, 1024, 1024, 1024], 4) == [13, 1, 1, 1]
+    assert crop_counts([1000, 1], 2) == [4, 1]  # every image keeps at least one crop
+    for stem, size in (("e", 128), ("a", 32), ("b", 32), ("c", 32), ("d", 32)):  # c: test
+        for sub in ("images", "masks"):
+            (tmp_path / sub).mkdir(exist_ok=True)
+            labels = np.zeros((size, size), np.uint8)
+            labels[4:12, 4:12] = 255
+            Image.fromarray(labels).save(tmp_path / sub / f"{stem}.png")
+    common = dict(layout="folder", mode="crop", crop_size=32, crops_per_image=4, test_size=0.2)
+    by_image = NucleiDataModule(str(tmp_path), **common)
+    by_area = NucleiDataModule(str(tmp_path), crops_by_area=True, **common)
+    for dm in (by_image, by_area):
+        dm.setup()
+    train = by_area.splits["train"]
+    assert by_area.train_areas == [128 * 128 if i == "e" else 32 * 32 for i in train]
+    big = train.index("e")
+    counts = np.bincount(by_area.datasets["train"].order, minlength=len(train))
+    assert counts.tolist() == [13 if k == big else 1 for k in range(len(train))]
+    assert np.bincount(by_image.datasets["train"].order).tolist() == [4] * len(train)
+    with pytest.raises(ValueError, match="crops_by_area=true .* needs data.mode=crop"):
+        NucleiDataModule(str(tmp_path), crops_by_area=True, mode="resize")

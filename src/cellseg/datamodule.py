@@ -93,7 +93,8 @@ class NucleiDataset(Dataset):
     """Prepared ((H, W, C) image, (H, W, K) target) pairs -> tensors, optionally augmented.
 
     ``pairs`` is a list held in memory or a ``Streamed`` sequence that reads each from disk;
-    ``repeats`` visits each image several times per epoch (several random crops);
+    ``repeats`` visits each image several times per epoch (several random crops): one count
+    for all, or one per image (:func:`crop_counts`);
     ``pad_multiple`` reflect-pads whole images for the network and reports their true size;
     ``labels_channel``: the target's last channel holds the instance labels, which are dropped;
     after a transform the contour channel is first redrawn from them (a zoomed or rotated
@@ -106,20 +107,24 @@ class NucleiDataset(Dataset):
         self,
         pairs: Sequence[tuple[np.ndarray, np.ndarray]],
         transform=None,
-        repeats: int = 1,
+        repeats: int | Sequence[int] = 1,
         pad_multiple: int | None = None,
         labels_channel: bool = False,
         touching_weight: float = 0.0,
     ) -> None:
-        self.pairs, self.transform = pairs, transform
-        self.repeats, self.pad_multiple = repeats, pad_multiple
+        self.pairs, self.transform, self.pad_multiple = pairs, transform, pad_multiple
+        n = len(pairs)
+        if isinstance(repeats, int):  # image i at i, i + n, i + 2n, ...
+            self.order = np.tile(np.arange(n), repeats)
+        else:
+            self.order = np.repeat(np.arange(n), repeats)
         self.labels_channel, self.touching_weight = labels_channel, touching_weight
 
     def __len__(self) -> int:
-        return len(self.pairs) * self.repeats
+        return len(self.order)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, target = self.pairs[index % len(self.pairs)]
+        image, target = self.pairs[self.order[index]]
         if self.transform is not None:
             out = self.transform(image=image, mask=target)
             image, target = out["image"], out["mask"]
@@ -155,6 +160,14 @@ def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
     h, w = image.shape[:2]
     pad = ((0, -h % multiple), (0, -w % multiple), (0, 0))
     return np.pad(image, pad, mode="reflect"), np.pad(target, pad)
+
+
+def crop_counts(areas: Sequence[int], crops_per_image: int) -> list[int]:
+    """Each image's crops per epoch when the epoch's ``crops_per_image * len(areas)`` crops are
+    shared out in proportion to the images' areas (every pixel about as likely to be seen, so
+    every annotated nucleus weighs about the same), at least one per image."""
+    total, area_sum = crops_per_image * len(areas), float(sum(areas))
+    return [max(1, round(total * a / area_sum)) for a in areas]
 
 
 def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
@@ -200,6 +213,7 @@ class NucleiDataModule(L.LightningDataModule):
         img_size: int = 64,
         crop_size: int = 256,
         crops_per_image: int = 1,
+        crops_by_area: bool = False,
         in_channels: int = 3,
         target_channels: int = 1,
         normalize: str = "percentile",
@@ -223,6 +237,11 @@ class NucleiDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["augmentation"], logger=False)
         if mode not in ("resize", "crop"):
             raise ValueError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
+        if crops_by_area and mode != "crop":
+            raise ValueError(
+                "data.crops_by_area=true shares out training crops by image area; it needs "
+                "data.mode=crop"
+            )
         if touching_weight and (mode != "crop" or target_channels < 2):
             raise ValueError(
                 f"data.touching_weight={touching_weight} weighs the contour and distance channels "
@@ -232,6 +251,8 @@ class NucleiDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
+        self.crops_by_area = crops_by_area
+        self.train_areas: list[int] = []  # pixels of each training image, in split order
         self.in_channels, self.target_channels = in_channels, target_channels
         self.normalize, self.invert_bright = normalize, invert_bright
         self.test_size, self.val_size, self.split_seed = test_size, val_size, split_seed
@@ -291,11 +312,15 @@ class NucleiDataModule(L.LightningDataModule):
         self.splits = make_splits(sorted(sources), self.test_size, self.val_size, self.split_seed)
         train, val, test = (self.splits[k] for k in ("train", "val", "test"))
         self.log_split()
-        diameters, train_ids = [], set(train)
+        diameters, areas, train_ids = [], {}, set(train)
+
+        def measure(sample: Sample) -> None:  # once, at the geometry the network sees
+            diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
+            areas[sample.id] = sample.labels.size
 
         def prepare(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-            if sample.id in train_ids:  # measured once, at the geometry the network sees
-                diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
+            if sample.id in train_ids:
+                measure(sample)
             return self.prepare(sample)
 
         if self.cache:  # decoded and prepared once; epochs cost only augmentation and compute
@@ -305,13 +330,14 @@ class NucleiDataModule(L.LightningDataModule):
             pairs = {name: [prepared[i] for i in ids] for name, ids in self.splits.items()}
         else:
             for sample in iter_samples([sources[i] for i in train], "Measuring nuclei"):
-                diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
+                measure(sample)
             pairs = {
                 name: Streamed([sources[i] for i in ids], self.prepare)
                 for name, ids in self.splits.items()
             }
         all_diameters = np.concatenate(diameters) if diameters else np.zeros(0)
         self.diameter = float(np.median(all_diameters)) if all_diameters.size else None
+        self.train_areas = [areas[i] for i in train]
         for name, split_pairs in pairs.items():
             self.datasets[name] = self.make_dataset(name, split_pairs)
 
@@ -347,8 +373,11 @@ class NucleiDataModule(L.LightningDataModule):
         ]
         extra = [self.augmentation] if self.augmentation is not None else []
         transform = A.Compose(crop + extra, seed=self.seed)
+        repeats = self.crops_per_image
+        if self.crops_by_area:
+            repeats = crop_counts(self.train_areas, self.crops_per_image)
         return NucleiDataset(
-            pairs, transform, repeats=self.crops_per_image, labels_channel=True,
+            pairs, transform, repeats=repeats, labels_channel=True,
             touching_weight=self.touching_weight,
         )
 

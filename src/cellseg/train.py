@@ -123,6 +123,8 @@ def config_line(cfg: DictConfig) -> str:
     """The settings a researcher reads first, on one line (the rest: ``.hydra/config.yaml``)."""
     data, model = cfg.data, cfg.model
     geometry = f"resized to {data.img_size}" if data.mode == "resize" else f"{data.crop_size} crops"
+    if data.mode == "crop" and data.get("crops_by_area"):
+        geometry += " by area"
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     optimizer = model.get("optimizer") or {}
     return (
