@@ -1,5 +1,7 @@
 """Split, batches and per-worker augmentation streams."""
 
+import logging
+
 import albumentations as A
 import numpy as np
 import pytest
@@ -249,7 +251,7 @@ def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
             NucleiDataModule(str(tmp_path / "s"), touching_weight=9.0, **wrong)
 
 
-def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path):
+def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog):
     """One 128² and three 32² training images, 4 x 4 crops an epoch: by area 16 x 16,384 /
     19,456 = 13.5 and 16 x 1,024 / 19,456 = 0.8 each, rounded; per image (the default) 4 each."""
     from PIL import Image
@@ -267,13 +269,15 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path):
     common = dict(layout="folder", mode="crop", crop_size=32, crops_per_image=4, test_size=0.2)
     by_image = NucleiDataModule(str(tmp_path), **common)
     by_area = NucleiDataModule(str(tmp_path), crops_by_area=True, **common)
-    for dm in (by_image, by_area):
-        dm.setup()
+    with caplog.at_level(logging.INFO):
+        for dm in (by_image, by_area):
+            dm.setup()
     train = by_area.splits["train"]
     assert by_area.train_areas == [128 * 128 if i == "e" else 32 * 32 for i in train]
     big = train.index("e")
     counts = np.bincount(by_area.datasets["train"].order, minlength=len(train))
     assert counts.tolist() == [13 if k == big else 1 for k in range(len(train))]
     assert np.bincount(by_image.datasets["train"].order).tolist() == [4] * len(train)
+    assert "crops shared out by image area: 16 an epoch, 1 to 13 per image" in caplog.text
     with pytest.raises(ValueError, match="crops_by_area=true .* needs data.mode=crop"):
         NucleiDataModule(str(tmp_path), crops_by_area=True, mode="resize")

@@ -376,6 +376,9 @@ class NucleiDataModule(L.LightningDataModule):
         repeats = self.crops_per_image
         if self.crops_by_area:
             repeats = crop_counts(self.train_areas, self.crops_per_image)
+            if self.trainer is None or self.trainer.is_global_zero:
+                log.info("Training crops shared out by image area: %d an epoch, %d to %d per "
+                         "image", sum(repeats), min(repeats), max(repeats))
         return NucleiDataset(
             pairs, transform, repeats=repeats, labels_channel=True,
             touching_weight=self.touching_weight,
