@@ -253,7 +253,7 @@ def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
 
 def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog):
     """One 128² and three 32² training images, 4 x 4 crops an epoch: by area 16 x 16,384 /
-    19,456 = 13.5 and 16 x 1,024 / 19,456 = 0.8 each, rounded; per image (the default) 4 each."""
+    19,456 = 13.47 and 16 x 1,024 / 19,456 = 0.84 each, rounded; per image (the default) 4 each."""
     from PIL import Image
 
     from cellseg.datamodule import crop_counts
