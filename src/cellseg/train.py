@@ -123,7 +123,7 @@ def config_line(cfg: DictConfig) -> str:
     """The settings a researcher reads first, on one line (the rest: ``.hydra/config.yaml``)."""
     data, model = cfg.data, cfg.model
     geometry = f"resized to {data.img_size}" if data.mode == "resize" else f"{data.crop_size} crops"
-    if data.mode == "crop" and data.get("crops_by_area"):
+    if data.get("crops_by_area"):  # refused in resize mode
         geometry += " by area"
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     optimizer = model.get("optimizer") or {}
