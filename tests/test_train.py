@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cellseg.module import SegmentationModule
@@ -154,3 +155,6 @@ def test_optuna_search_runs_two_trials_and_survives_a_failing_one(tmp_path):
     assert [t.split("_")[0] for t in trials] == ["0", "1"]
     assert trials[0].endswith("model.optimizer.lr-1e+30")  # the trials tell apart by name
     assert trials[1].endswith("model.optimizer.lr-0.001")
+    # trials are scored on images held out of training, not on the test split
+    trial_cfg = OmegaConf.load(sweep / trials[1] / ".hydra/config.yaml")
+    assert trial_cfg.data.val_size == 0.1
