@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DSB2018 ?= ../shared/data/dsb2018/stage1_train
+# the real data for `make compare`: where the README unzips it, else the development checkout's
+DSB2018 ?= $(firstword $(wildcard data/dsb2018/stage1_train ../shared/data/dsb2018/stage1_train) data/dsb2018/stage1_train)
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-full sweep compare bench tensorboard lint clean
@@ -34,6 +35,7 @@ sweep: $(STAMP) ## baseline and augmented side by side (DATA=dsb2018 for the rea
 NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 REAL_DATA := $(if $(wildcard $(DSB2018)/*),data=dsb2018 data.root=$(abspath $(DSB2018)))
 compare: $(STAMP) ## baseline vs augmented (real data when $(DSB2018) exists), then their comparison
+	@echo "make compare: $(if $(REAL_DATA),the real data in $(abspath $(DSB2018)),the synthetic data (no images in $(DSB2018); DSB2018=DIR names the real data))"
 	$(PY) -m cellseg.train -m experiment=baseline,augmented $(REAL_DATA) hydra.sweep.dir=logs/train/multiruns/compare_$(NOW)
 	$(PY) -m cellseg.compare 'runs=[logs/train/multiruns/compare_$(NOW)]'
 

@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=${DSB2018:-../shared/data/dsb2018/stage1_train}   # as the Makefile; DSB2018=DIR elsewhere
+DATA=${DSB2018:-data/dsb2018/stage1_train}   # as the Makefile; DSB2018=DIR elsewhere
+[[ -d $DATA || -n ${DSB2018:-} ]] || DATA=../shared/data/dsb2018/stage1_train
 OUT=${OUT:-logs/quality}
 RECIPE=${RECIPE:-experiment=native}
 DEFAULTS="instances.threshold=0.5 instances.contour_threshold=0.5 instances.seed_threshold=0.5

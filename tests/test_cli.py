@@ -140,7 +140,23 @@ def test_make_help_shows_the_real_data_folder_it_would_use():
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "$(" not in out.stdout
-    assert "make compare" in out.stdout and "../shared/data/dsb2018/stage1_train" in out.stdout
+    assert "make compare" in out.stdout and "dsb2018/stage1_train exists" in out.stdout
+
+
+def test_make_compare_says_which_data_it_trains_on(tmp_path):
+    def dry_run(folder):  # make -n prints the commands without running them
+        out = subprocess.run(["make", "-s", "-n", "compare", f"DSB2018={folder}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    empty = dry_run(tmp_path / "absent")
+    assert f"the synthetic data (no images in {tmp_path / 'absent'}" in empty
+    assert "data=dsb2018" not in empty
+    (tmp_path / "real/some_id").mkdir(parents=True)
+    real = dry_run(tmp_path / "real")
+    assert f"the real data in {tmp_path / 'real'}" in real
+    assert f"data=dsb2018 data.root={tmp_path / 'real'} " in real
 
 
 def test_progress_without_a_terminal_logs_every_tenth_of_the_way(caplog):
