@@ -1,6 +1,7 @@
 """Split, batches and per-worker augmentation streams."""
 
 import logging
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cellseg.datamodule import NucleiDataModule, NucleiDataset, seed_worker, split_ids
+from helpers import REAL_DATA, needs_real_data
 
 
 def test_split_reproduces_sklearn_and_is_40_10():
@@ -19,6 +21,13 @@ def test_split_reproduces_sklearn_and_is_40_10():
     assert (train, test) == tuple(train_test_split(ids, test_size=0.2, random_state=0))
     assert len(train) == 40 and len(test) == 10
     assert not set(train) & set(test)
+
+
+@needs_real_data
+def test_the_readmes_sample_ids_are_the_real_data_measured_on():
+    listed = (Path(__file__).parents[1] / "docs/dsb2018_sample_ids.txt").read_text().split()
+    assert listed == sorted(p.name for p in REAL_DATA.iterdir() if p.is_dir())
+    assert len(listed) == 50
 
 
 @pytest.fixture(scope="module")
