@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 15's measurements on the real data, on an otherwise idle machine (times are wall clock).
 #   scripts/quality.sh levers   # native vs each of its levers off (~1 h)
-#   scripts/quality.sh time     # the time-to-quality curve: native for ~5, 13, 26, 52 min (~1.6 h)
-#   scripts/quality.sh seeds    # RECIPE (default: native) with seeds 0, 1, 2 (~45 min)
+#   scripts/quality.sh time     # the time-to-quality curve: 40/120/240/480 epochs, ~5/15/30/60 min (~2 h)
+#   scripts/quality.sh seeds    # RECIPE (default: experiment=native) with seeds 0, 1, 2 (~45 min;
+#                               # RECIPE=experiment=native_long: ~1.5 h), into logs/quality/<recipe>_sN
 #   scripts/quality.sh summary  # logs/quality/summary.md from every evaluated run
 #   scripts/quality.sh run NAME OVERRIDES...  # one run (e.g. run seed_1 experiment=native seed=1)
 # Every run is scored on the 10 test images by cellseg.eval three times: with the post-processing
@@ -75,7 +76,8 @@ for step in "${@:-summary}"; do
       for epochs in 40 120 240 480; do run "time_${epochs}" "$RECIPE" trainer.max_epochs=$epochs; done
       ;;
     seeds)
-      for seed in 0 1 2; do run "seed_${seed}" "$RECIPE" seed=$seed; done
+      tag=${RECIPE#experiment=}; tag=${tag//[^A-Za-z0-9_.-]/_}   # one folder per recipe and seed
+      for seed in 0 1 2; do run "${tag}_s${seed}" "$RECIPE" seed=$seed; done
       ;;
     summary) summary ;;
     *) echo "unknown step $step; use levers, time, seeds or summary" >&2; exit 2 ;;

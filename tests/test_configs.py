@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 from cellseg import config_dir, synthetic
@@ -131,3 +131,13 @@ def test_hydra_option_composes_and_its_plugin_instantiates(override, tmp_path):
     if override.startswith("launcher"):
         launcher = hydra.utils.instantiate(cfg.hydra.launcher)
         assert type(launcher).__name__ == "SlurmLauncher"
+
+
+def test_native_long_is_native_with_a_twice_longer_schedule():
+    native = compose_cfg("train", ["experiment=native"])
+    long = compose_cfg("train", ["experiment=native_long"])
+    assert long.trainer.max_epochs == 2 * native.trainer.max_epochs == 240
+    assert long.model.scheduler.T_max == 240  # the cosine schedule follows max_epochs
+    assert long.name == "native_long"
+    for key in ("data", "augmentation", "model.net", "model.loss"):
+        assert OmegaConf.select(long, key) == OmegaConf.select(native, key)
