@@ -169,7 +169,7 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_predicting_a_4096_image_stays_under_2_gb(trained, tmp_path):
+def test_predicting_a_4096_image_stays_under_3_gb(trained, tmp_path):
     import resource
 
     from helpers import run_cli
