@@ -1,18 +1,19 @@
-"""Run ../shared/peers/ref_cellpose.py with Cellpose's training passes under bf16 autocast, as cellseg trains.
+"""Run ../shared/peers/ref_cellpose.py with Cellpose's training passes under bf16 autocast.
 
-The peer script trains Cellpose in fp32 (through MKLDNN) at about 9 s a batch of 8 x 224^2 on this 2-core CPU, so
-its fair budget (1,570 batches) takes about 4 hours. Under torch.autocast(bfloat16), the precision cellseg's
-recipes use here (`trainer.precision=bf16-mixed`), a training pass costs 2.8 s instead of 6-7 s. Nothing else
-changes: same data, split, augmentation, schedule, seed and loss (computed in fp32); the test loss and every
-prediction still run in fp32.
+cellseg trains here in bf16 (`trainer.precision=bf16-mixed`); the peer script trains Cellpose in
+fp32 (through MKLDNN), 6-7 s a forward+backward pass of 8 x 224^2 on this 2-core CPU against 2.8 s
+under torch.autocast(bfloat16), so its fair budget (1,570 batches) would take about 4 hours.
+Nothing else changes: same data, split, augmentation, schedule, seed and loss (computed in fp32);
+the test loss and every prediction still run in fp32.
 
-Usage, with the Cellpose venv (arguments are the peer script's):
-  /work/peer-cp/bin/python scripts/cellpose_bf16.py PRED_DIR --nimg-per-epoch 8 --epochs 1570 --threads 2 ...
+Usage, with the Cellpose venv (the arguments are the peer script's):
+  /work/peer-cp/bin/python scripts/cellpose_bf16.py PRED_DIR --nimg-per-epoch 8 --epochs 1570 ...
 PEER_SCRIPT names the peer script (default ../shared/peers/ref_cellpose.py beside this repository).
-CELLPOSE_RESUME_BATCHES=N continues a run that was stopped after N batches from the weights it saved last (it
-saves every 5 batches, after batch 5k+1): it trains the remaining --epochs minus N batches with a fresh optimizer,
-starting with cellpose's 10-batch warm-up, and the same final learning-rate decay.
+CELLPOSE_RESUME_BATCHES=N continues a run stopped after N batches from the weights it saved last
+(it saves every 5 batches, after batch 5k+1): it trains the remaining --epochs minus N batches with
+a fresh optimizer, from cellpose's 10-batch warm-up to the same final learning-rate decay.
 """
+
 import os
 import runpy
 import sys
@@ -21,7 +22,9 @@ import torch
 from cellpose import resnet_torch, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.environ.get("PEER_SCRIPT", os.path.join(HERE, "..", "..", "shared", "peers", "ref_cellpose.py"))
+SCRIPT = os.environ.get(
+    "PEER_SCRIPT", os.path.join(HERE, "..", "..", "shared", "peers", "ref_cellpose.py")
+)
 RESUME = int(os.environ.get("CELLPOSE_RESUME_BATCHES", "0"))
 fp32_forward = resnet_torch.CPnet.forward
 train_seg = train.train_seg
@@ -43,7 +46,8 @@ def resumed_train_seg(net, *args, n_epochs, save_path, model_name, **kwargs):
     weights = os.path.join(save_path, "models", model_name)
     net.load_model(weights, device=torch.device("cpu"))
     print(f"resuming from {weights} after {RESUME} batches: {n_epochs - RESUME} to go", flush=True)
-    return train_seg(net, *args, n_epochs=n_epochs - RESUME, save_path=save_path, model_name=model_name, **kwargs)
+    kwargs.update(save_path=save_path, model_name=model_name)
+    return train_seg(net, *args, n_epochs=n_epochs - RESUME, **kwargs)
 
 
 if __name__ == "__main__":
