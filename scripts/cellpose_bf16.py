@@ -1,8 +1,8 @@
 """Run ../shared/peers/ref_cellpose.py with Cellpose's training passes under bf16 autocast.
 
 cellseg trains here in bf16 (`trainer.precision=bf16-mixed`); the peer script trains Cellpose in
-fp32 (through MKLDNN), 6-7 s a forward+backward pass of 8 x 224^2 on this 2-core CPU against 2.8 s
-under torch.autocast(bfloat16), so its fair budget (1,570 batches) would take about 4 hours.
+fp32 (through MKLDNN): 6.3-8.6 s a forward+backward pass of 8 x 224^2 on this 2-core CPU, against
+2.8 s under torch.autocast(bfloat16), so its fair budget (1,570 batches) would take about 4 hours.
 Nothing else changes: same data, split, augmentation, schedule, seed and loss (computed in fp32);
 the test loss and every prediction still run in fp32.
 
@@ -11,7 +11,8 @@ Usage, with the Cellpose venv (the arguments are the peer script's):
 PEER_SCRIPT names the peer script (default ../shared/peers/ref_cellpose.py beside this repository).
 CELLPOSE_RESUME_BATCHES=N continues a run stopped after N batches from the weights it saved last
 (it saves every 5 batches, after batch 5k+1): it trains the remaining --epochs minus N batches with
-a fresh optimizer, from cellpose's 10-batch warm-up to the same final learning-rate decay.
+a fresh optimizer, from cellpose's 10-batch warm-up to the same final learning-rate decay;
+cellpose seeds each batch with its index, so these repeat the first batches' images and crops.
 """
 
 import os
