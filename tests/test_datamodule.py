@@ -269,6 +269,9 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog
 
     assert crop_counts([16384, 1024, 1024, 1024], 4) == [13, 1, 1, 1]
     assert crop_counts([1000, 1], 2) == [4, 1]  # every image keeps at least one crop
+    # by the square root of the area: 16 x 128 / 224 = 9.14 and 16 x 32 / 224 = 2.29
+    assert crop_counts([16384, 1024, 1024, 1024], 4, power=0.5) == [9, 2, 2, 2]
+    assert crop_counts([16384, 1024, 1024, 1024], 4, power=0) == [4, 4, 4, 4]
     for stem, size in (("e", 128), ("a", 32), ("b", 32), ("c", 32), ("d", 32)):  # c: test
         for sub in ("images", "masks"):
             (tmp_path / sub).mkdir(exist_ok=True)
@@ -287,6 +290,8 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog
     counts = np.bincount(by_area.datasets["train"].order, minlength=len(train))
     assert counts.tolist() == [13 if k == big else 1 for k in range(len(train))]
     assert np.bincount(by_image.datasets["train"].order).tolist() == [4] * len(train)
-    assert "crops shared out by image area: 16 an epoch, 1 to 13 per image" in caplog.text
+    assert "by image area (to the power 1): 16 an epoch, 1 to 13 per image" in caplog.text
     with pytest.raises(ValueError, match="crops_by_area=true .* needs data.mode=crop"):
         NucleiDataModule(str(tmp_path), crops_by_area=True, mode="resize")
+    with pytest.raises(ValueError, match="area_power=0.5 .* needs data.crops_by_area=true"):
+        NucleiDataModule(str(tmp_path), area_power=0.5, mode="crop")

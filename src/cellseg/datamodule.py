@@ -162,12 +162,17 @@ def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
     return np.pad(image, pad, mode="reflect"), np.pad(target, pad)
 
 
-def crop_counts(areas: Sequence[int], crops_per_image: int) -> list[int]:
+def crop_counts(areas: Sequence[int], crops_per_image: int, power: float = 1.0) -> list[int]:
     """Each image's crops per epoch when the epoch's ``crops_per_image * len(areas)`` crops are
-    shared out in proportion to the images' areas (every pixel about as likely to be seen, so
-    every annotated nucleus weighs about the same), at least one per image."""
-    total, area_sum = crops_per_image * len(areas), float(sum(areas))
-    return [max(1, round(total * a / area_sum)) for a in areas]
+    shared out in proportion to the images' areas to the ``power``, at least one per image.
+
+    ``power=1``: by area (every pixel about as likely to be seen, so every annotated nucleus
+    weighs about the same); ``0``: as many per image (every image, and so every kind of image,
+    weighs the same); ``0.5`` between the two (a 1024x1024 field gets 4x a 256x256 one's crops).
+    """
+    weights = [float(a) ** power for a in areas]
+    total, weight_sum = crops_per_image * len(areas), sum(weights)
+    return [max(1, round(total * w / weight_sum)) for w in weights]
 
 
 def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
@@ -214,6 +219,7 @@ class NucleiDataModule(L.LightningDataModule):
         crop_size: int = 256,
         crops_per_image: int = 1,
         crops_by_area: bool = False,
+        area_power: float = 1.0,
         in_channels: int = 3,
         target_channels: int = 1,
         normalize: str = "percentile",
@@ -242,6 +248,11 @@ class NucleiDataModule(L.LightningDataModule):
                 "data.crops_by_area=true shares out training crops by image area; it needs "
                 "data.mode=crop"
             )
+        if area_power != 1.0 and not crops_by_area:
+            raise ValueError(
+                f"data.area_power={area_power} shares out crops by area to that power; it needs "
+                "data.crops_by_area=true"
+            )
         if touching_weight and (mode != "crop" or target_channels < 2):
             raise ValueError(
                 f"data.touching_weight={touching_weight} weighs the contour and distance channels "
@@ -251,7 +262,7 @@ class NucleiDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
-        self.crops_by_area = crops_by_area
+        self.crops_by_area, self.area_power = crops_by_area, area_power
         self.train_areas: list[int] = []  # pixels of each training image, in split order
         self.in_channels, self.target_channels = in_channels, target_channels
         self.normalize, self.invert_bright = normalize, invert_bright
@@ -375,10 +386,11 @@ class NucleiDataModule(L.LightningDataModule):
         transform = A.Compose(crop + extra, seed=self.seed)
         repeats = self.crops_per_image
         if self.crops_by_area:
-            repeats = crop_counts(self.train_areas, self.crops_per_image)
+            repeats = crop_counts(self.train_areas, self.crops_per_image, self.area_power)
             if self.trainer is None or self.trainer.is_global_zero:
-                log.info("Training crops shared out by image area: %d an epoch, %d to %d per "
-                         "image", sum(repeats), min(repeats), max(repeats))
+                log.info("Training crops shared out by image area (to the power %g): %d an epoch, "
+                         "%d to %d per image", self.area_power, sum(repeats), min(repeats),
+                         max(repeats))
         return NucleiDataset(
             pairs, transform, repeats=repeats, labels_channel=True,
             touching_weight=self.touching_weight,

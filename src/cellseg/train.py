@@ -124,7 +124,8 @@ def config_line(cfg: DictConfig) -> str:
     data, model = cfg.data, cfg.model
     geometry = f"resized to {data.img_size}" if data.mode == "resize" else f"{data.crop_size} crops"
     if data.get("crops_by_area"):  # refused in resize mode
-        geometry += " by area"
+        power = data.get("area_power", 1.0)
+        geometry += " by area" if power == 1 else f" by area^{power:g}"
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     optimizer = model.get("optimizer") or {}
     return (
