@@ -226,7 +226,7 @@ def test_pooled_ap50_counts_every_nucleus_the_same_and_the_mean_every_image():
 
 
 @needs_real_data
-def test_score_labels_script_scores_another_tools_label_images(tmp_path):
+def test_score_labels_script_scores_another_tools_label_images(tmp_path, capsys):
     """scripts/score_labels.py (the peer table's scorer): the true labels score 1, the same
     labels with every image's nuclei merged into one lose every instance score but not iou."""
     import importlib.util
@@ -251,8 +251,13 @@ def test_score_labels_script_scores_another_tools_label_images(tmp_path):
     assert script.main(str(tmp_path / "true"), str(REAL_DATA)) == pytest.approx(
         {"iou": 1.0, "map": 1.0, "ap50": 1.0, "f1_50": 1.0, "ap50_pooled": 1.0}
     )
+    nuclei = sum(int(samples[i].labels.max()) for i in test)
+    # the test split holds 3 H&E-stained (colour) images and 7 grey ones
+    assert (f"at IoU 0.5: {nuclei} found, 0 false, 0 missed | colour images (3): map 1.000, "
+            "ap50_pooled 1.000 | grey images (7): map 1.000") in capsys.readouterr().out
     merged = script.main(str(tmp_path / "merged"), str(REAL_DATA))
     assert merged["iou"] == 1.0 and merged["ap50_pooled"] < 0.05
+    assert f"at IoU 0.5: 0 found, 10 false, {nuclei} missed" in capsys.readouterr().out
     (tmp_path / "merged" / f"{test[0]}.png").unlink()
     with pytest.raises(SystemExit, match=f"has no {test[0]}.png"):
         script.main(str(tmp_path / "merged"), str(REAL_DATA))
