@@ -42,11 +42,12 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
     result = {k: float(v) for k, v in scores.items()}
     print(" | ".join(f"{k} {v:.3f}" for k, v in result.items()))
     tp, fp, fn = instance.counts50.tolist()
-    by_kind = [
-        f"{kind} images ({int(m.n_images)}): map {float(m.compute()['map']):.3f}, "
-        f"ap50_pooled {float(m.compute()['ap50_pooled']):.3f}"
-        for kind, m in kinds.items() if m.n_images > 0
-    ]
+    by_kind = []
+    for kind, metric in kinds.items():
+        if metric.n_images > 0:
+            s = metric.compute()
+            by_kind.append(f"{kind} images ({int(metric.n_images)}): map {float(s['map']):.3f}, "
+                           f"ap50_pooled {float(s['ap50_pooled']):.3f}")
     print(f"at IoU 0.5: {tp} found, {fp} false, {fn} missed | " + " | ".join(by_kind))
     return result
 
