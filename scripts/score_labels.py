@@ -45,9 +45,10 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
     by_kind = []
     for kind, metric in kinds.items():
         if metric.n_images > 0:
-            s = metric.compute()
-            by_kind.append(f"{kind} images ({int(metric.n_images)}): map {float(s['map']):.3f}, "
-                           f"ap50_pooled {float(s['ap50_pooled']):.3f}")
+            kind_scores = metric.compute()
+            by_kind.append(f"{kind} images ({int(metric.n_images)}): "
+                           f"map {float(kind_scores['map']):.3f}, "
+                           f"ap50_pooled {float(kind_scores['ap50_pooled']):.3f}")
     print(f"at IoU 0.5: {tp} found, {fp} false, {fn} missed | " + " | ".join(by_kind))
     return result
 
