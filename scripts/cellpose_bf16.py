@@ -13,6 +13,9 @@ CELLPOSE_RESUME_BATCHES=N continues a run stopped after N batches from the weigh
 (it saves every 5 batches, after batch 5k+1): it trains the remaining --epochs minus N batches with
 a fresh optimizer, from cellpose's 10-batch warm-up to the same final learning-rate decay;
 cellpose seeds each batch with its index, so these repeat the first batches' images and crops.
+CELLPOSE_AUGMENT=1 predicts with cellpose's test-time augmentation (``eval(augment=True)``: each
+tile also flipped, the flows averaged), the peer of cellseg's ``inference.tta=true``; with
+--skip-seg it re-predicts a trained model.
 """
 
 import os
@@ -20,15 +23,21 @@ import runpy
 import sys
 
 import torch
-from cellpose import resnet_torch, train
+from cellpose import models, resnet_torch, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.environ.get(
     "PEER_SCRIPT", os.path.join(HERE, "..", "..", "shared", "peers", "ref_cellpose.py")
 )
 RESUME = int(os.environ.get("CELLPOSE_RESUME_BATCHES", "0"))
+AUGMENT = os.environ.get("CELLPOSE_AUGMENT", "0") == "1"
 fp32_forward = resnet_torch.CPnet.forward
 train_seg = train.train_seg
+cellpose_eval = models.CellposeModel.eval
+
+
+def augmented_eval(self, x, **kwargs):
+    return cellpose_eval(self, x, **{**kwargs, "augment": True})
 
 
 def forward(self, data):
@@ -57,5 +66,7 @@ if __name__ == "__main__":
     resnet_torch.CPnet.forward = forward
     if RESUME:
         train.train_seg = resumed_train_seg
+    if AUGMENT:
+        models.CellposeModel.eval = augmented_eval
     sys.argv = [SCRIPT] + sys.argv[1:]
     runpy.run_path(SCRIPT, run_name="__main__")

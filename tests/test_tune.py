@@ -1,9 +1,10 @@
-"""Post-processing tuned on validation (cellseg.tune): the search, the checkpoint, eval's use."""
+"""Post-processing tuned after training (cellseg.tune): the search, the checkpoint, eval's use."""
 
 import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import open_dict
 
@@ -80,9 +81,10 @@ def test_the_users_value_wins_over_the_tuned_one_and_is_logged(caplog):
     assert instance_options(chosen, {}) == {"min_size": 5, "split": True}  # untuned: defaults
 
 
-def tiny_run(cfg_factory, val_size: str):
+def tiny_run(cfg_factory, val_size: str, *overrides: str):
     cfg = cfg_factory(
-        "model.net.out_channels=3", f"data.val_size={val_size}", "trainer.max_epochs=1"
+        "model.net.out_channels=3", f"data.val_size={val_size}", "trainer.max_epochs=1",
+        *overrides,
     )
     train(cfg)
     return cfg
@@ -95,11 +97,11 @@ def test_training_with_a_validation_split_stores_the_tuned_options_in_its_checkp
         cfg = tiny_run(cfg_factory, "0.25")  # 10 images: 8 train -> 6 train, 2 validation
     ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
     stored = torch.load(ckpt, weights_only=True)["postprocess"]
-    assert stored["val_images"] == 2
+    assert (stored["split"], stored["images"]) == ("val", 2)
     assert set(stored["instances"]) == {"use_contours", "split", *searched_options(3)}
-    assert stored["val_map"] >= stored["val_map_defaults"]  # the search starts at the defaults
+    assert stored["map"] >= stored["map_defaults"]  # the search starts at the defaults
     for other in Path(ckpt).parent.glob("*.ckpt"):  # the best-on-validation one too
-        assert "val_map" in torch.load(other, weights_only=True)["postprocess"]
+        assert "map" in torch.load(other, weights_only=True)["postprocess"]
     assert "Post-processing tuned on 2 validation images" in caplog.text
     # eval reads them: a tuned min_size larger than any image drops every nucleus
     state = torch.load(ckpt, weights_only=True)
@@ -122,6 +124,22 @@ def test_tuning_is_refused_when_validation_is_the_test_split(cfg_factory, caplog
     assert "validation images are the test images (data.val_size=0)" in caplog.text
     ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
     assert tuned_instances(ckpt) == {}
+    assert "callbacks.tune_postprocess.images=train" in caplog.text  # the way out, named
+
+
+def test_tuning_on_the_training_images_when_every_image_trains(cfg_factory, caplog):
+    with caplog.at_level(logging.INFO, logger="cellseg.tune"):
+        cfg = tiny_run(cfg_factory, "0.0", "callbacks.tune_postprocess.images=train")
+    stored = torch.load(cfg.paths.output_dir + "/checkpoints/last.ckpt", weights_only=True)
+    stored = stored["postprocess"]
+    assert (stored["split"], stored["images"]) == ("train", 8)  # 10 images: 8 train, 2 test
+    assert set(stored["instances"]) == {"use_contours", "split", *searched_options(3)}
+    assert "Post-processing tuned on 8 training images" in caplog.text
+
+
+def test_tuning_refuses_an_unknown_split():
+    with pytest.raises(ValueError, match="tune_postprocess.images='test'; use val"):
+        TunePostprocessing(images="test")
 
 
 def test_tuning_leaves_the_weights_in_memory_as_they_were(cfg_factory):

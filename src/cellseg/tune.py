@@ -1,4 +1,5 @@
-"""Post-processing tuned on the validation images after training, stored in the checkpoint.
+"""Post-processing tuned after training on images the network was not tested on, stored in the
+checkpoint.
 
 As StarDist tunes its thresholds after training and saves them with the model: when fitting
 ends, :class:`TunePostprocessing` predicts the probability maps of the validation images once
@@ -8,8 +9,11 @@ those the network's outputs use) for the best mean ``map`` by coordinate descent
 them into every checkpoint file of the run as ``checkpoint["postprocess"]``. Eval and predict
 read them with :func:`instance_options`; a value the user sets wins (and is logged).
 
-Tuning is refused (logged, the defaults stay) when the validation images are the test images
-(``data.val_size=0``, the study's setting): options chosen on the test set would flatter it.
+``images=train`` tunes on the training images instead of the validation ones: the search's
+choices on held-out and on training images scored alike on the test images (README, Results on
+the real data), so every annotated image can train (``data.val_size=0``) and still tune.
+Tuning on the validation images is refused (logged, the defaults stay) when they are the test
+images (``data.val_size=0``, the study's setting): options chosen on the test set would flatter it.
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ def search(
 
 
 class TunePostprocessing(L.Callback):
-    """After fitting, tune the instance options on the validation split and store them in
-    every checkpoint file the run's ModelCheckpoint callbacks kept (best, last)."""
+    """After fitting, tune the instance options on the validation split (``images="val"``) or the
+    training split (``images="train"``) and store them in every checkpoint file the run's
+    ModelCheckpoint callbacks kept (best, last)."""
 
     def __init__(
         self,
@@ -100,8 +105,14 @@ class TunePostprocessing(L.Callback):
         split: bool = True,
         rounds: int = 3,
         inference: dict | None = None,
+        images: str = "val",
     ) -> None:
-        self.enabled, self.rounds = enabled, rounds
+        if images not in ("val", "train"):
+            raise ValueError(
+                f"callbacks.tune_postprocess.images={images!r}; use val (the held-out "
+                "validation images) or train (the training images)"
+            )
+        self.enabled, self.rounds, self.images = enabled, rounds, images
         self.use_contours, self.split = use_contours, split
         self.inference = inference or {}
 
@@ -114,16 +125,16 @@ class TunePostprocessing(L.Callback):
                 self.tune_checkpoints(trainer, pl_module)
         trainer.strategy.barrier()
 
-    @staticmethod
-    def refusal(trainer: L.Trainer) -> str | None:
+    def refusal(self, trainer: L.Trainer) -> str | None:
         """Why the options cannot be tuned on this run, or None."""
         splits = getattr(trainer.datamodule, "splits", None) or {}
-        if not splits.get("val"):
-            return "the datamodule has no validation split"
-        if sorted(splits["val"]) == sorted(splits.get("test", [])):
+        if not splits.get(self.images):
+            return f"the datamodule has no {self.images} split"
+        if self.images == "val" and sorted(splits["val"]) == sorted(splits.get("test", [])):
             return (
                 "the validation images are the test images (data.val_size=0); set "
-                "data.val_size=0.1 to hold validation images out of training"
+                "data.val_size=0.1 to hold validation images out of training, or "
+                "callbacks.tune_postprocess.images=train to tune on the training images"
             )
         if not checkpoint_paths(trainer):
             return "the run kept no checkpoint"
@@ -132,9 +143,10 @@ class TunePostprocessing(L.Callback):
     def tune_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Search the options for each checkpoint's weights and write them into its file."""
         dm = trainer.datamodule
-        val = set(dm.splits["val"])
-        sources = [s for s in list_sources(dm.root, dm.layout, dm.channel) if s.id in val]
-        samples = list(iter_samples(sources, "Reading validation images"))
+        ids = set(dm.splits[self.images])
+        sources = [s for s in list_sources(dm.root, dm.layout, dm.channel) if s.id in ids]
+        kind = {"val": "validation", "train": "training"}[self.images]
+        samples = list(iter_samples(sources, f"Reading {kind} images"))
         weights, was_training = copy.deepcopy(pl_module.state_dict()), pl_module.training
         pl_module.eval()
         results: dict[tuple[int, int], dict] = {}  # by (epoch, step): best and last may agree
@@ -149,9 +161,9 @@ class TunePostprocessing(L.Callback):
                     results[key] = self.tune(pl_module, samples, pre)
                     r = results[key]
                     log.info(
-                        "Post-processing tuned on %d validation images for %s in %.1f s: "
-                        "val map %.3f (defaults %.3f) with %s", len(samples), path.name,
-                        time.perf_counter() - start, r["val_map"], r["val_map_defaults"],
+                        "Post-processing tuned on %d %s images for %s in %.1f s: "
+                        "map %.3f (defaults %.3f) with %s", len(samples), kind, path.name,
+                        time.perf_counter() - start, r["map"], r["map_defaults"],
                         options_text(r["instances"]),
                     )
                 checkpoint["postprocess"] = results[key]
@@ -173,9 +185,10 @@ class TunePostprocessing(L.Callback):
         best, score = search(probs, truth, space, {**fixed, **start}, self.rounds)
         return {
             "instances": {k: best[k] for k in (*fixed, *options)},
-            "val_map": score,
-            "val_map_defaults": mean_map(probs, truth, {**fixed, **start}),
-            "val_images": len(samples),
+            "split": self.images,  # the images tuned on: val or train
+            "images": len(samples),
+            "map": score,
+            "map_defaults": mean_map(probs, truth, {**fixed, **start}),
         }
 
 
@@ -190,7 +203,7 @@ def checkpoint_paths(trainer: L.Trainer) -> list[Path]:
 
 
 def tuned_instances(checkpoint: str | Path | Mapping | torch.nn.Module) -> dict[str, Any]:
-    """The instance options tuned on validation that a checkpoint (a model loaded from it, the
+    """The instance options tuned after training that a checkpoint (a model loaded from it, the
     file, or its dict) holds; ``{}`` when it holds none (tuning refused, or written before
     cellseg tuned)."""
     if isinstance(checkpoint, torch.nn.Module):  # kept by SegmentationModule.on_load_checkpoint
@@ -214,7 +227,7 @@ def instance_options(
     tuned = tuned_instances(checkpoint)
     given = {k: v for k, v in dict(instances_cfg).items() if v is not None}
     if tuned:
-        log.info("Post-processing tuned on validation: %s", options_text(tuned))
+        log.info("Post-processing tuned after training: %s", options_text(tuned))
     else:
         log.info("The checkpoint holds no tuned post-processing: instances' defaults are used")
     for k in sorted(tuned.keys() & given.keys()):
