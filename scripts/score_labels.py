@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cellseg.datamodule import split_ids
-from cellseg.datasets import read_samples
+from cellseg.datasets import is_colour, read_samples
 from cellseg.files import read_image
 from cellseg.metrics import InstanceScores, pixel_metrics
 
@@ -51,15 +51,6 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
                            f"ap50_pooled {float(kind_scores['ap50_pooled']):.3f}")
     print(f"at IoU 0.5: {tp} found, {fp} false, {fn} missed | " + " | ".join(by_kind))
     return result
-
-
-def is_colour(image: np.ndarray) -> bool:
-    """Whether an image's RGB channels differ (stained brightfield, e.g. H&E), unlike grey
-    fluorescence stored as RGB: a mean channel spread above 2 % of the range."""
-    if image.ndim < 3 or image.shape[-1] < 3:
-        return False
-    rgb = image[..., :3].astype(np.float64)
-    return float((rgb.max(-1) - rgb.min(-1)).mean()) > 0.02 * max(float(rgb.max()), 1.0)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,42 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog
         NucleiDataModule(str(tmp_path), crops_by_area=True, mode="resize")
     with pytest.raises(ValueError, match="area_power=0.5 .* needs data.crops_by_area=true"):
         NucleiDataModule(str(tmp_path), area_power=0.5, mode="crop")
+
+
+def test_crops_by_kind_give_colour_and_grey_images_crops_by_their_numbers(tmp_path, caplog):
+    """Three grey images (one 128², two 32²) and one colour 32² one, 4 x 4 crops an epoch: by
+    kind the colour image earns 4 (its own share, 1 of 4 images) where by area alone it got 1
+    of 1,024 / 19,456; the grey ones share 12 by area: 12 x 16,384 / 18,432 = 10.7 -> 11."""
+    from PIL import Image
+
+    from cellseg.datamodule import crop_counts
+    from cellseg.datasets import is_colour
+
+    kinds = ["grey", "grey", "grey", "colour"]
+    assert crop_counts([16384, 1024, 1024, 1024], 4, kinds=kinds) == [11, 1, 1, 4]
+    assert crop_counts([16384, 1024, 1024, 1024], 4) == [13, 1, 1, 1]
+    grey, stained = np.full((8, 8, 3), 90, np.uint8), np.full((8, 8, 3), 90, np.uint8)
+    stained[..., 0] = 160  # pink: the channels differ
+    assert (is_colour(grey), is_colour(stained), is_colour(grey[..., 0])) == (False, True, False)
+    for stem, size in (("e", 128), ("a", 32), ("b", 32), ("c", 32), ("d", 32)):  # c: test
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        image = np.full((size, size, 3), 90, np.uint8)
+        if stem == "d":
+            image[..., 0] = 160
+        labels = np.zeros((size, size), np.uint8)
+        labels[4:12, 4:12] = 255
+        Image.fromarray(image).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(labels).save(tmp_path / "masks" / f"{stem}.png")
+    dm = NucleiDataModule(str(tmp_path), layout="folder", mode="crop", crop_size=32,
+                          crops_per_image=4, test_size=0.2, crops_by_area=True,
+                          crops_by_kind=True)
+    with caplog.at_level(logging.INFO):
+        dm.setup()
+    train = dm.splits["train"]
+    assert dm.train_kinds == ["colour" if i == "d" else "grey" for i in train]
+    counts = np.bincount(dm.datasets["train"].order, minlength=len(train))
+    assert counts[train.index("d")] == 4 and counts[train.index("e")] == 11
+    assert "4 of them to the 1 colour (stained) images, 13 to the 3 grey ones" in caplog.text
+    with pytest.raises(ValueError, match="crops_by_kind=true .* needs data.crops_by_area=true"):
+        NucleiDataModule(str(tmp_path), crops_by_kind=True, mode="crop")

@@ -39,6 +39,7 @@ from cellseg import synthetic
 from cellseg.datasets import (
     Sample,
     Source,
+    is_colour,
     iter_samples,
     list_sources,
     prepare_image,
@@ -162,14 +163,30 @@ def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
     return np.pad(image, pad, mode="reflect"), np.pad(target, pad)
 
 
-def crop_counts(areas: Sequence[int], crops_per_image: int, power: float = 1.0) -> list[int]:
+def crop_counts(
+    areas: Sequence[int],
+    crops_per_image: int,
+    power: float = 1.0,
+    kinds: Sequence[str] | None = None,
+) -> list[int]:
     """Each image's crops per epoch when the epoch's ``crops_per_image * len(areas)`` crops are
     shared out in proportion to the images' areas to the ``power``, at least one per image.
 
     ``power=1``: by area (every pixel about as likely to be seen, so every annotated nucleus
     weighs about the same); ``0``: as many per image (every image, and so every kind of image,
     weighs the same); ``0.5`` between the two (a 1024x1024 field gets 4x a 256x256 one's crops).
+    With ``kinds`` (one per image, e.g. colour / grey) each kind first gets the share of the
+    crops its number of images earns, then shares it out among its images as above: a rare kind
+    of small images is not drowned out by a few large fields of another.
     """
+    if kinds is not None:
+        counts = [0] * len(areas)
+        for kind in set(kinds):
+            members = [i for i, k in enumerate(kinds) if k == kind]
+            shares = crop_counts([areas[i] for i in members], crops_per_image, power)
+            for i, n in zip(members, shares, strict=True):
+                counts[i] = n
+        return counts
     weights = [float(a) ** power for a in areas]
     total, weight_sum = crops_per_image * len(areas), sum(weights)
     return [max(1, round(total * w / weight_sum)) for w in weights]
@@ -220,6 +237,7 @@ class NucleiDataModule(L.LightningDataModule):
         crops_per_image: int = 1,
         crops_by_area: bool = False,
         area_power: float = 1.0,
+        crops_by_kind: bool = False,
         in_channels: int = 3,
         target_channels: int = 1,
         normalize: str = "percentile",
@@ -253,6 +271,11 @@ class NucleiDataModule(L.LightningDataModule):
                 f"data.area_power={area_power} shares out crops by area to that power; it needs "
                 "data.crops_by_area=true"
             )
+        if crops_by_kind and not crops_by_area:
+            raise ValueError(
+                "data.crops_by_kind=true gives colour and grey images crops by their numbers, "
+                "then by area within each; it needs data.crops_by_area=true"
+            )
         if touching_weight and (mode != "crop" or target_channels < 2):
             raise ValueError(
                 f"data.touching_weight={touching_weight} weighs the contour and distance channels "
@@ -263,7 +286,9 @@ class NucleiDataModule(L.LightningDataModule):
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
         self.crops_by_area, self.area_power = crops_by_area, area_power
+        self.crops_by_kind = crops_by_kind
         self.train_areas: list[int] = []  # pixels of each training image, in split order
+        self.train_kinds: list[str] = []  # colour (stained) or grey, in split order
         self.in_channels, self.target_channels = in_channels, target_channels
         self.normalize, self.invert_bright = normalize, invert_bright
         self.test_size, self.val_size, self.split_seed = test_size, val_size, split_seed
@@ -323,11 +348,12 @@ class NucleiDataModule(L.LightningDataModule):
         self.splits = make_splits(sorted(sources), self.test_size, self.val_size, self.split_seed)
         train, val, test = (self.splits[k] for k in ("train", "val", "test"))
         self.log_split()
-        diameters, areas, train_ids = [], {}, set(train)
+        diameters, areas, kinds, train_ids = [], {}, {}, set(train)
 
         def measure(sample: Sample) -> None:  # once, at the geometry the network sees
             diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
             areas[sample.id] = sample.labels.size
+            kinds[sample.id] = "colour" if is_colour(sample.image) else "grey"
 
         def prepare(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
             if sample.id in train_ids:
@@ -349,6 +375,7 @@ class NucleiDataModule(L.LightningDataModule):
         all_diameters = np.concatenate(diameters) if diameters else np.zeros(0)
         self.diameter = float(np.median(all_diameters)) if all_diameters.size else None
         self.train_areas = [areas[i] for i in train]
+        self.train_kinds = [kinds[i] for i in train]
         for name, split_pairs in pairs.items():
             self.datasets[name] = self.make_dataset(name, split_pairs)
 
@@ -386,11 +413,17 @@ class NucleiDataModule(L.LightningDataModule):
         transform = A.Compose(crop + extra, seed=self.seed)
         repeats = self.crops_per_image
         if self.crops_by_area:
-            repeats = crop_counts(self.train_areas, self.crops_per_image, self.area_power)
+            kinds = self.train_kinds if self.crops_by_kind else None
+            repeats = crop_counts(self.train_areas, self.crops_per_image, self.area_power, kinds)
             if self.trainer is None or self.trainer.is_global_zero:
                 log.info("Training crops shared out by image area (to the power %g): %d an epoch, "
                          "%d to %d per image", self.area_power, sum(repeats), min(repeats),
                          max(repeats))
+                if kinds:
+                    colour = sum(n for n, k in zip(repeats, kinds) if k == "colour")
+                    log.info("... by kind first: %d of them to the %d colour (stained) images, "
+                             "%d to the %d grey ones", colour, kinds.count("colour"),
+                             sum(repeats) - colour, kinds.count("grey"))
         return NucleiDataset(
             pairs, transform, repeats=repeats, labels_channel=True,
             touching_weight=self.touching_weight,

@@ -120,6 +120,15 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     return np.stack([foreground, contours, distance], axis=-1).astype(np.float32)
 
 
+def is_colour(image: np.ndarray) -> bool:
+    """Whether an image's RGB channels differ (stained brightfield, e.g. H&E), unlike grey
+    fluorescence stored as RGB: a mean channel spread above 2 % of the range."""
+    if image.ndim < 3 or image.shape[-1] < 3:
+        return False
+    rgb = image[..., :3].astype(np.float64)
+    return float((rgb.max(-1) - rgb.min(-1)).mean()) > 0.02 * max(float(rgb.max()), 1.0)
+
+
 def touching_weights(labels: np.ndarray, weight: float, radius: int = 2) -> np.ndarray:
     """Float32 (H, W) loss weights: ``1 + weight`` on pixels within ``radius`` of two different
     nuclei (the gaps and borders where touching nuclei meet, which a watershed must split), 1

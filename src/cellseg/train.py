@@ -126,6 +126,7 @@ def config_line(cfg: DictConfig) -> str:
     if data.get("crops_by_area"):  # refused in resize mode
         power = data.get("area_power", 1.0)
         geometry += " by area" if power == 1 else f" by area^{power:g}"
+        geometry += " and kind" if data.get("crops_by_kind") else ""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     optimizer = model.get("optimizer") or {}
     return (
