@@ -420,7 +420,7 @@ class NucleiDataModule(L.LightningDataModule):
                          "%d to %d per image", self.area_power, sum(repeats), min(repeats),
                          max(repeats))
                 if kinds:
-                    colour = sum(n for n, k in zip(repeats, kinds) if k == "colour")
+                    colour = sum(n for n, k in zip(repeats, kinds, strict=True) if k == "colour")
                     log.info("... by kind first: %d of them to the %d colour (stained) images, "
                              "%d to the %d grey ones", colour, kinds.count("colour"),
                              sum(repeats) - colour, kinds.count("grey"))
