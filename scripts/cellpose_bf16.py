@@ -13,9 +13,9 @@ CELLPOSE_RESUME_BATCHES=N continues a run stopped after N batches from the weigh
 (it saves every 5 batches, after batch 5k+1): it trains the remaining --epochs minus N batches with
 a fresh optimizer, from cellpose's 10-batch warm-up to the same final learning-rate decay;
 cellpose seeds each batch with its index, so these repeat the first batches' images and crops.
-CELLPOSE_AUGMENT=1 predicts with cellpose's test-time augmentation (``eval(augment=True)``: each
-tile also flipped, the flows averaged), the peer of cellseg's ``inference.tta=true``; with
---skip-seg it re-predicts a trained model.
+CELLPOSE_AUGMENT=1 predicts with cellpose's test-time augmentation (``eval(augment=True)``: "tiles
+image with overlapping tiles and flips overlapped regions to augment"), the peer of cellseg's
+``inference.tta=true``; with --skip-seg it re-predicts a trained model.
 """
 
 import os

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cellseg.datamodule import split_ids
-from cellseg.datasets import is_colour, read_samples
+from cellseg.datasets import image_kind, read_samples
 from cellseg.files import read_image
 from cellseg.metrics import InstanceScores, pixel_metrics
 
@@ -37,7 +37,7 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
         true = samples[i].labels
         pixel.update(torch.from_numpy(pred > 0), torch.from_numpy(true > 0))
         instance.update(true, pred)
-        kinds["colour" if is_colour(samples[i].image) else "grey"].update(true, pred)
+        kinds[image_kind(samples[i].image)].update(true, pred)
     scores = {"iou": pixel.compute()["iou"], **instance.compute()}
     result = {k: float(v) for k, v in scores.items()}
     print(" | ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -39,7 +39,7 @@ from cellseg import synthetic
 from cellseg.datasets import (
     Sample,
     Source,
-    is_colour,
+    image_kind,
     iter_samples,
     list_sources,
     prepare_image,
@@ -353,7 +353,7 @@ class NucleiDataModule(L.LightningDataModule):
         def measure(sample: Sample) -> None:  # once, at the geometry the network sees
             diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
             areas[sample.id] = sample.labels.size
-            kinds[sample.id] = "colour" if is_colour(sample.image) else "grey"
+            kinds[sample.id] = image_kind(sample.image)
 
         def prepare(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
             if sample.id in train_ids:

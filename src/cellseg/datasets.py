@@ -120,13 +120,15 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     return np.stack([foreground, contours, distance], axis=-1).astype(np.float32)
 
 
-def is_colour(image: np.ndarray) -> bool:
-    """Whether an image's RGB channels differ (stained brightfield, e.g. H&E), unlike grey
-    fluorescence stored as RGB: a mean channel spread above 2 % of the range."""
+def image_kind(image: np.ndarray) -> str:
+    """``"colour"`` when an image's RGB channels differ (stained brightfield, e.g. H&E), else
+    ``"grey"`` (fluorescence or unstained brightfield, even stored as RGB): a mean channel spread
+    above 2 % of the range."""
     if image.ndim < 3 or image.shape[-1] < 3:
-        return False
+        return "grey"
     rgb = image[..., :3].astype(np.float64)
-    return float((rgb.max(-1) - rgb.min(-1)).mean()) > 0.02 * max(float(rgb.max()), 1.0)
+    spread = float((rgb.max(-1) - rgb.min(-1)).mean())
+    return "colour" if spread > 0.02 * max(float(rgb.max()), 1.0) else "grey"
 
 
 def touching_weights(labels: np.ndarray, weight: float, radius: int = 2) -> np.ndarray:
