@@ -244,6 +244,34 @@ def test_zoomed_crops_have_contours_redrawn_one_pixel_wide(tmp_path):
         np.testing.assert_array_equal(redrawn[0], labels > 0)
 
 
+def test_centre_offsets_are_drawn_from_each_rotated_crops_own_nuclei(tmp_path):
+    """model.net.out_channels=5: the offsets are drawn after the transform (a rotated offset
+    would point the wrong way), for training crops and whole validation images alike."""
+    from cellseg.datasets import centre_offsets
+
+    turn = A.Compose([A.RandomRotate90(p=1.0)], seed=0)
+    dm = NucleiDataModule(
+        str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 6, "size": 96},
+        mode="crop", crop_size=64, batch_size=2, target_channels=5, augmentation=turn,
+    )
+    dm.set_multiple(16)
+    dm.prepare_data()
+    dm.setup()
+    image, target = dm.datasets["train"].pairs[0]
+    assert target.shape[-1] == 4  # foreground, contours, distance + the labels; no offsets
+    item = dm.datasets["train"]
+    item.transform = A.Compose([A.RandomRotate90(p=1.0)], seed=0)
+    labels = item.transform(image=image, mask=target)["mask"][..., -1].astype(int)
+    assert not np.array_equal(labels, target[..., -1])  # turned
+    mask = item[0]["mask"].numpy()
+    assert mask.shape == (5, 96, 96)
+    np.testing.assert_array_equal(np.moveaxis(mask[3:], 0, -1), centre_offsets(labels))
+    whole = dm.datasets["val"][0]["mask"]
+    assert whole.shape[0] == 5 and whole[3:][:, whole[0] == 0].eq(0.5).all()
+    with pytest.raises(ValueError, match="out_channels=5 predicts centre offsets.*data.mode=crop"):
+        NucleiDataModule(str(tmp_path / "s"), mode="resize", target_channels=5)
+
+
 def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
     dm = NucleiDataModule(
         str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 6, "size": 96},

@@ -11,6 +11,7 @@ from cellseg.inference import (
     predict_tensor,
     resize_shape,
     tile_layout,
+    turn_offsets,
     undo_dihedral,
 )
 from cellseg.unet import UNet
@@ -37,6 +38,25 @@ def test_dihedral_is_undone(k):
     x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
     assert torch.equal(undo_dihedral(dihedral(x, k), k), x)
     assert len({dihedral(x, j).flatten().tolist().__repr__() for j in range(8)}) == 8
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_centre_offsets_predicted_on_a_flipped_or_turned_image_are_turned_back(k):
+    """What a perfect network predicts on dihedral(image, k), put back in place and turned
+    back, is what it predicts on the image: so test-time augmentation may average it."""
+    from cellseg.datasets import targets_from_labels
+
+    labels = np.zeros((24, 28), np.int64)
+    labels[2:9, 3:15], labels[10:22, 5:11], labels[12:20, 13:22] = 1, 2, 3
+
+    def targets(lab):
+        return torch.from_numpy(targets_from_labels(lab, 5)).permute(2, 0, 1)[None]
+
+    turned = dihedral(torch.from_numpy(labels)[None, None], k)[0, 0].numpy()
+    back = turn_offsets(undo_dihedral(targets(turned), k), k)
+    torch.testing.assert_close(back, targets(labels), atol=1e-6, rtol=0)
+    if k:  # without turning the offsets back, they would point the wrong way
+        assert (undo_dihedral(targets(turned), k) - targets(labels)).abs().max() > 0.5
 
 
 def test_tiled_prediction_equals_whole_image_for_a_local_model():

@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from cellseg.datasets import targets_from_labels
-from cellseg.instances import distance_seeds, instances, labels_from_probs, remove_small
+from cellseg.datasets import centre_offsets, targets_from_labels
+from cellseg.instances import (
+    distance_seeds,
+    instances,
+    labels_from_probs,
+    offset_edges,
+    remove_small,
+)
 from helpers import two_peaks
 
 
@@ -73,6 +79,35 @@ def test_distance_target_is_one_at_each_centre_and_falls_to_the_own_border():
 def test_targets_refuse_an_unknown_channel_count():
     with pytest.raises(ValueError, match="out_channels=4; use 1"):
         targets_from_labels(touching_discs(), 4)
+
+
+def test_centre_offsets_run_from_0_to_1_across_each_nucleus_and_are_half_elsewhere():
+    labels = np.zeros((12, 20), np.int32)
+    labels[1:6, 2:11] = 40  # sparse ids, as in a crop
+    labels[7:10, 4:7] = 7
+    offsets = centre_offsets(labels)
+    assert offsets.shape == (12, 20, 2) and offsets.dtype == np.float32
+    assert (offsets[labels == 0] == 0.5).all()
+    np.testing.assert_allclose(offsets[3, 2:11, 1], np.linspace(0, 1, 9))  # columns, centre 6
+    np.testing.assert_allclose(offsets[1:6, 6, 0], [0, 0.25, 0.5, 0.75, 1])  # rows, centre 3
+    np.testing.assert_allclose(offsets[7:10, 5, 0], [0, 0.5, 1])
+    targets = targets_from_labels(labels, 5)
+    np.testing.assert_array_equal(targets[..., 3:], offsets)
+    np.testing.assert_array_equal(targets[..., :3], targets_from_labels(labels, 3))
+
+
+def test_centre_offsets_split_touching_nuclei_that_no_other_channel_splits():
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:12, 2:14], labels[2:12, 14:26] = 1, 2  # side by side, touching
+    probs = targets_from_labels(labels, 5)
+    probs[..., 1], probs[..., 2] = 0, labels > 0  # no contour, a flat distance: one core
+    edges = offset_edges(probs[..., 3:])
+    assert edges[6, 13] == pytest.approx(edges[6, 14]) == pytest.approx(0.45, abs=0.01)  # border
+    assert (edges[4:10, 4:12] == 0).all() and (edges[4:10, 16:24] == 0).all()  # inside
+    assert labels_from_probs(probs[..., :3], min_size=1).max() == 1
+    found = labels_from_probs(probs, min_size=1, offset_threshold=0.2)
+    assert found.max() == 2 and found[6, 5] != found[6, 20]
+    assert labels_from_probs(probs, min_size=1).max() == 1  # off (1.0) unless tuned or set
 
 
 def test_the_distance_channel_splits_nuclei_that_touch_without_a_contour():

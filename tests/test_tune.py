@@ -69,6 +69,10 @@ def test_the_searched_options_are_those_the_outputs_use():
         "threshold", "contour_threshold", "seed_threshold", "seed_h", "min_size"
     ]
     assert searched_options(3, use_contours=False) == ["threshold", "h", "min_size"]
+    assert searched_options(5) == [
+        "threshold", "contour_threshold", "seed_threshold", "seed_h", "offset_threshold",
+        "min_size",
+    ]
 
 
 def test_the_users_value_wins_over_the_tuned_one_and_is_logged(caplog):

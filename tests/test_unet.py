@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cellseg.unet import UNet, count_parameters
 
@@ -79,3 +80,16 @@ def test_dice_bce_is_bce_plus_one_minus_soft_dice_by_hand():
     weight = torch.tensor([[[1.0, 4.0], [1.0, 1.0]]])
     two = logits.repeat(1, 2, 1, 1), target.repeat(1, 2, 1, 1)
     assert segmentation_loss("bce", *two, weight).item() == pytest.approx(math.log(2) * 11 / 8)
+
+
+def test_dice_leaves_the_centre_offsets_out():
+    """Channels 3 and 4 (centre offsets, 0.5 in the background) are no masks: cross-entropy
+    only."""
+    from cellseg.module import segmentation_loss, soft_dice_loss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 5, 8, 8), torch.rand(2, 5, 8, 8)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    expected = bce + soft_dice_loss(logits[:, :3], target[:, :3])
+    assert segmentation_loss("dice_bce", logits, target).item() == pytest.approx(expected.item())
+    assert expected.item() != pytest.approx((bce + soft_dice_loss(logits, target)).item())

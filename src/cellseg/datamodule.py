@@ -39,6 +39,7 @@ from cellseg import synthetic
 from cellseg.datasets import (
     Sample,
     Source,
+    centre_offsets,
     image_kind,
     iter_samples,
     list_sources,
@@ -100,6 +101,9 @@ class NucleiDataset(Dataset):
     ``labels_channel``: the target's last channel holds the instance labels, which are dropped;
     after a transform the contour channel is first redrawn from them (a zoomed or rotated
     contour would otherwise be resampled: broken lines when zoomed out, doubled when zoomed in);
+    ``offsets`` appends the centre offsets drawn from them (:func:`~cellseg.datasets.
+    centre_offsets`; drawn after the transform, which would turn them the wrong way and, two
+    channels more, cost 4x the time);
     ``touching_weight`` > 0 adds the transformed item's loss ``weight`` map from them
     (:func:`~cellseg.datasets.touching_weights`).
     """
@@ -112,8 +116,12 @@ class NucleiDataset(Dataset):
         pad_multiple: int | None = None,
         labels_channel: bool = False,
         touching_weight: float = 0.0,
+        offsets: bool = False,
     ) -> None:
+        if offsets and not labels_channel:
+            raise ValueError("centre offsets are drawn from the labels: pass labels_channel=True")
         self.pairs, self.transform, self.pad_multiple = pairs, transform, pad_multiple
+        self.offsets = offsets
         n = len(pairs)
         if isinstance(repeats, int):  # image i at i, i + n, i + 2n, ...
             self.order = np.tile(np.arange(n), repeats)
@@ -137,6 +145,8 @@ class NucleiDataset(Dataset):
                 if self.touching_weight:
                     weights = touching_weights(labels, self.touching_weight)
                     item["weight"] = torch.from_numpy(weights)
+            if self.offsets:
+                target = np.concatenate([target, centre_offsets(labels)], axis=-1)
         size = image.shape[:2]
         if self.pad_multiple:
             image, target = pad_to_multiple(image, target, self.pad_multiple)
@@ -280,8 +290,14 @@ class NucleiDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.touching_weight={touching_weight} weighs the contour and distance channels "
                 "where nuclei touch in training crops; it needs data.mode=crop and "
-                "model.net.out_channels=2 or 3"
+                "model.net.out_channels=2 or more"
             )
+        if target_channels == 5 and mode != "crop":
+            raise ValueError(
+                "model.net.out_channels=5 predicts centre offsets, drawn from each training "
+                "crop's nuclei; it needs data.mode=crop (experiment=native)"
+            )
+        self.offsets = target_channels == 5
         self.root = Path(root)
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
@@ -404,7 +420,9 @@ class NucleiDataModule(L.LightningDataModule):
                 transform.set_random_seed(self.seed)
             return NucleiDataset(pairs, transform)
         if split != "train":
-            return NucleiDataset(pairs, pad_multiple=self.multiple, labels_channel=True)
+            return NucleiDataset(
+                pairs, pad_multiple=self.multiple, labels_channel=True, offsets=self.offsets
+            )
         crop = [
             A.PadIfNeeded(self.crop_size, self.crop_size, border_mode=cv2.BORDER_REFLECT_101),
             A.RandomCrop(self.crop_size, self.crop_size),
@@ -426,7 +444,7 @@ class NucleiDataModule(L.LightningDataModule):
                              sum(repeats) - colour, kinds.count("grey"))
         return NucleiDataset(
             pairs, transform, repeats=repeats, labels_channel=True,
-            touching_weight=self.touching_weight,
+            touching_weight=self.touching_weight, offsets=self.offsets,
         )
 
     def training_labels(self, labels: np.ndarray) -> np.ndarray:
@@ -439,7 +457,8 @@ class NucleiDataModule(L.LightningDataModule):
         self.check_size(sample)
         image = prepare_image(sample.image, self.in_channels, self.normalize, self.invert_bright)
         if self.mode == "crop":  # the labels ride along (last channel, see NucleiDataset)
-            targets = targets_from_labels(sample.labels, self.target_channels)
+            # the centre offsets are drawn from them after the transform
+            targets = targets_from_labels(sample.labels, min(self.target_channels, 3))
             labels = sample.labels[..., None].astype(np.float32)  # exact up to 2**24 nuclei
             return image, np.concatenate([targets, labels], axis=-1)
         # area-averaged foreground thresholded at 0.5: the fairest binary mask at low resolution;

@@ -93,8 +93,9 @@ def prepare_image(
 
 
 def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
-    """Float32 (H, W, channels) training targets: foreground, then (if 2 or 3) nucleus
-    contours, then (if 3) each nucleus's distance to its own border, 1 at its centre.
+    """Float32 (H, W, channels) training targets: foreground, then (2 or more) nucleus
+    contours, then (3 or more) each nucleus's distance to its own border, 1 at its centre,
+    then (5) each pixel's offset to its nucleus's centre (:func:`centre_offsets`).
 
     The contour channel marks each nucleus's inner boundary pixels, so touching nuclei are
     separated by a line the network can learn to predict. The distance channel is scaled per
@@ -104,10 +105,10 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     foreground = labels > 0
     if channels == 1:
         return foreground[..., None].astype(np.float32)
-    if channels not in (2, 3):
+    if channels not in (2, 3, 5):
         raise ValueError(
-            f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours) "
-            "or 3 (+ contours and distance)"
+            f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours), "
+            "3 (+ contours and distance) or 5 (+ contours, distance and centre offsets)"
         )
     contours = find_boundaries(labels, mode="inner") & foreground
     if channels == 2:
@@ -117,7 +118,37 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     peak = ndimage.maximum(depth, labels, np.arange(1, labels.max() + 1))
     scale = np.concatenate([[1.0], np.maximum(peak, 1.0)])
     distance = depth / scale[np.maximum(labels, 0)]
-    return np.stack([foreground, contours, distance], axis=-1).astype(np.float32)
+    targets = [foreground, contours, distance]
+    if channels == 5:
+        targets += list(np.moveaxis(centre_offsets(labels), -1, 0))
+    return np.stack(targets, axis=-1).astype(np.float32)
+
+
+def centre_offsets(labels: np.ndarray) -> np.ndarray:
+    """Float32 (H, W, 2): each nucleus pixel's row and column offset from its nucleus's centroid,
+    divided by the nucleus's largest offset on that axis and mapped from [-1, 1] to [0, 1]
+    (0.5 at the centre and in the background).
+
+    HoVer-Net's horizontal and vertical maps (Graham et al. 2019): within a nucleus they rise
+    smoothly from 0 to 1 across it, and where two nuclei touch they fall from 1 to 0 in a pixel,
+    whatever the image looks like there, so a falling offset marks where to split
+    (:func:`cellseg.instances.offset_edges`). Scaled per nucleus, so zoom leaves them alike.
+    """
+    inside = labels > 0
+    out = np.full((*labels.shape, 2), 0.5, np.float32)
+    ids, labels = np.unique(labels, return_inverse=True)  # 0..n: crops keep sparse ids
+    labels = labels.reshape(inside.shape) + int(ids[0] != 0)
+    index = np.arange(1, labels.max() + 1)
+    if not inside.any():
+        return out
+    for axis in (0, 1):
+        coords = np.indices(labels.shape, dtype=np.float64)[axis]
+        centre = np.concatenate([[0.0], ndimage.mean(coords, labels, index)])
+        offset = coords - centre[labels]
+        extent = ndimage.maximum(np.abs(offset), labels, index)
+        scale = np.concatenate([[1.0], np.maximum(extent, 1.0)])
+        out[..., axis] = np.where(inside, 0.5 + 0.5 * offset / scale[labels], 0.5)
+    return out
 
 
 def image_kind(image: np.ndarray) -> str:

@@ -53,7 +53,7 @@ CITATIONS = [
     },
 ]
 TAGS = ["nuclei", "fluorescence", "2d", "unet", "instance-segmentation", "cellseg"]
-CHANNELS = ["foreground", "contour", "distance"]
+CHANNELS = ["foreground", "contour", "distance", "offset_row", "offset_col"]
 PERCENTILES = (1.0, 99.8)  # datasets.normalize's "percentile"
 
 
@@ -156,6 +156,12 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
         contour += (
             " Channel 2 (`distance`) is each nucleus's distance to its own border, scaled to 1 "
             "at its centre: its cores (above 0.5) seed a watershed that floods down it."
+        )
+    if out_channels > 3:
+        contour += (
+            " Channels 3 and 4 (`offset_row`, `offset_col`) are each pixel's row and column "
+            "offset from its nucleus's centre, scaled per nucleus to [0, 1] (0.5 at the centre): "
+            "where one falls from about 1 to 0 two nuclei touch."
         )
     return f"""# {name}
 

@@ -40,13 +40,28 @@ def undo_dihedral(x: Tensor, k: int) -> Tensor:
     return torch.rot90(x, -(k % 4), dims=(-2, -1))
 
 
+def turn_offsets(probs: Tensor, k: int) -> Tensor:
+    """Probabilities predicted on ``dihedral(x, k)`` and put back in place by
+    :func:`undo_dihedral`, with their centre offsets (channels 3, 4 of five) turned back too:
+    a flip or rotation of the image flips or swaps the row and column offsets."""
+    if probs.shape[1] != 5 or k == 0:
+        return probs
+    r = torch.arange(3.0) - 1
+    grid = torch.stack(torch.meshgrid(r, r, indexing="ij"))[None]  # row, column coordinates
+    back = dihedral(grid, k)[0]  # at each new position, its old coordinates
+    turn = torch.stack([back[:, 2, 1], back[:, 1, 2]], dim=1)  # old from new: (row, col) x2
+    offsets = torch.einsum("ij,njhw->nihw", turn, probs[:, 3:] * 2 - 1)
+    return torch.cat([probs[:, :3], (offsets + 1) / 2], dim=1)
+
+
 def predict_batch(model: nn.Module, x: Tensor, tta: bool = False) -> Tensor:
     """Sigmoid probabilities of a batch, averaged over the 8 flips/rotations with ``tta``."""
     if not tta:
         return torch.sigmoid(model(x).float())
     total = torch.zeros(())
     for k in range(8):
-        total = total + undo_dihedral(torch.sigmoid(model(dihedral(x, k)).float()), k)
+        probs = undo_dihedral(torch.sigmoid(model(dihedral(x, k)).float()), k)
+        total = total + turn_offsets(probs, k)
     return total / 8
 
 

@@ -1,8 +1,10 @@
 """Probability maps -> instance label images (0 = background, 1..N = nuclei, int32).
 
 The network's output channels are, in order: foreground, then (``out_channels`` >= 2) the
-nuclei's inner contours, then (``out_channels`` = 3) each nucleus's distance to its own border,
-scaled to 1 at its centre. :func:`labels_from_probs` turns such a stack into nuclei.
+nuclei's inner contours, then (``out_channels`` >= 3) each nucleus's distance to its own border,
+scaled to 1 at its centre, then (``out_channels`` = 5) each pixel's row and column offset from its
+nucleus's centre (``cellseg.datasets.centre_offsets``). :func:`labels_from_probs` turns such a
+stack into nuclei.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def instances(
     distance: np.ndarray | None = None,
     seed_threshold: float = 0.5,
     seed_h: float = 0.0,
+    offsets: np.ndarray | None = None,
+    offset_threshold: float = 1.0,
 ) -> np.ndarray:
     """Label nuclei in a foreground probability map.
 
@@ -43,13 +47,18 @@ def instances(
     ``contours`` (at most ``contour_threshold``), else by the maxima of the distance transform
     deeper than ``h`` pixels. With ``seed_h`` > 0 a core is seeded once per maximum of the
     predicted distance at least ``seed_h`` deep (:func:`distance_seeds`), so touching nuclei
-    whose cores merged are still split. Objects below ``min_size`` pixels are dropped.
+    whose cores merged are still split. With the predicted centre ``offsets`` (H, W, 2), cores
+    are also cut where an offset falls faster than ``offset_threshold`` a pixel
+    (:func:`offset_edges`): the border between two touching nuclei. Objects below ``min_size``
+    pixels are dropped.
     """
     mask = foreground > threshold
     if distance is not None:
         cores = mask & (distance > seed_threshold)
         if contours is not None:
             cores &= contours <= contour_threshold
+        if offsets is not None:
+            cores &= offset_edges(offsets) <= offset_threshold
         if seed_h > 0:
             seeds = distance_seeds(cores, distance, seed_h)
         else:
@@ -96,6 +105,19 @@ def distance_seeds(cores: np.ndarray, distance: np.ndarray, h: float) -> np.ndar
     return seeds
 
 
+def offset_edges(offsets: np.ndarray) -> np.ndarray:
+    """How fast the centre offsets (H, W, 2: row, column, in [0, 1]) fall, per pixel.
+
+    Within a nucleus the row offset rises down the rows and the column offset along the columns
+    (by 1 / the nucleus's extent a pixel); where two nuclei touch one of them falls from about
+    1 to 0. The larger fall of the two (Sobel derivatives, so a pixel's neighbours smooth it),
+    clipped at 0: 0 inside nuclei, about 0.5 on the border between touching ones."""
+    offsets = offsets.astype(np.float32)
+    fall_rows = -ndimage.sobel(offsets[..., 0], axis=0) / 8
+    fall_cols = -ndimage.sobel(offsets[..., 1], axis=1) / 8
+    return np.maximum(np.maximum(fall_rows, fall_cols), 0)
+
+
 def labels_from_probs(probs: np.ndarray, use_contours: bool = True, **options) -> np.ndarray:
     """Nuclei from an (H, W, K) probability stack, using every channel the network predicts.
 
@@ -106,4 +128,5 @@ def labels_from_probs(probs: np.ndarray, use_contours: bool = True, **options) -
     k = probs.shape[-1] if use_contours else 1
     contours = probs[..., 1] if k >= 2 else None
     distance = probs[..., 2] if k >= 3 else None
-    return instances(probs[..., 0], contours, distance=distance, **options)
+    offsets = probs[..., 3:5] if k >= 5 else None
+    return instances(probs[..., 0], contours, distance=distance, offsets=offsets, **options)

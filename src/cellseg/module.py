@@ -58,14 +58,17 @@ def segmentation_loss(
 ) -> Tensor:
     """``bce`` (binary cross-entropy on logits, the study's) or ``dice_bce`` (their sum);
     ``weight`` (N, H, W) weighs each pixel's cross-entropy in the channels that split touching
-    nuclei (contours, distance), not in the foreground channel."""
+    nuclei (contours, distance, centre offsets), not in the foreground channel. Dice scores
+    the first three channels only: the centre offsets (3, 4) are no masks."""
     check_loss(name)
     if weight is None:
         bce = F.binary_cross_entropy_with_logits(logits, target)
     else:
         each = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         bce = torch.cat([each[:, :1], each[:, 1:] * weight[:, None]], dim=1).mean()
-    return bce + soft_dice_loss(logits, target) if name == "dice_bce" else bce
+    if name == "bce":
+        return bce
+    return bce + soft_dice_loss(logits[:, :3], target[:, :3])
 
 
 class SegmentationModule(L.LightningModule):

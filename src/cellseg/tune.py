@@ -4,10 +4,11 @@ checkpoint.
 As StarDist tunes its thresholds after training and saves them with the model: when fitting
 ends, :class:`TunePostprocessing` predicts the probability maps of the validation images once
 (whole images at native resolution, as ``cellseg.eval`` does), searches the instance options
-(``threshold``, ``contour_threshold``, ``seed_threshold``, ``seed_h``, ``h``, ``min_size``:
-those the network's outputs use) for the best mean ``map`` by coordinate descent, and writes
-them into every checkpoint file of the run as ``checkpoint["postprocess"]``. Eval and predict
-read them with :func:`instance_options`; a value the user sets wins (and is logged).
+(``threshold``, ``contour_threshold``, ``seed_threshold``, ``seed_h``, ``offset_threshold``,
+``h``, ``min_size``: those the network's outputs use) for the best mean ``map`` by coordinate
+descent, and writes them into every checkpoint file of the run as ``checkpoint["postprocess"]``.
+Eval and predict read them with :func:`instance_options`; a value the user sets wins (and is
+logged).
 
 ``images=train`` tunes on the training images instead of the validation ones, so that every
 annotated image can train (``data.val_size=0``) and still tune (README, Results on the real
@@ -46,6 +47,7 @@ SPACE = {
     "seed_h": [0.0, 0.05, 0.1, 0.2, 0.3],
     "h": [0.5, 1.0, 2.0, 3.0, 4.0],
     "min_size": [1, 5, 10, 20, 40],
+    "offset_threshold": [0.02, 0.03, 0.05, 0.1, 1.0],
 }
 DEFAULTS = {
     k: p.default for k, p in inspect.signature(instances).parameters.items() if k in SPACE
@@ -57,7 +59,8 @@ def searched_options(channels: int, use_contours: bool = True, split: bool = Tru
     k = channels if use_contours else 1
     extra = {1: ["h"] if split else [], 2: ["contour_threshold"]}
     three = ["contour_threshold", "seed_threshold", "seed_h"]
-    return ["threshold", *extra.get(k, three), "min_size"]
+    five = [*three, "offset_threshold"]
+    return ["threshold", *extra.get(k, three if k < 5 else five), "min_size"]
 
 
 def mean_map(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], options: dict) -> float:
