@@ -5,9 +5,10 @@
 ``PRED_DIR`` holds ``<id>.png`` (or ``.tif``) instance labels (0 = background) at each image's
 own size, e.g. what ``../shared/peers/ref_stardist.py PRED_DIR`` writes. Prints one table row:
 ``iou`` (foreground IoU summed over the set), ``map`` and ``ap50`` averaged over images, and
-``ap50_pooled`` over all nuclei, through the metric functions eval uses. A second line gives the
-true and false positives and the missed nuclei at IoU 0.5, and ``map`` and pooled ap50 of the
-colour (stained brightfield) and grey (fluorescence, unstained brightfield) images apart.
+``ap50_pooled`` and ``map_pooled`` over all nuclei, through the metric functions eval uses. A
+second line gives the true and false positives and the missed nuclei at IoU 0.5, and ``map``
+and pooled ap50 of the colour (stained brightfield) and grey (fluorescence, unstained
+brightfield) images apart.
 """
 
 from __future__ import annotations

@@ -223,6 +223,9 @@ def test_pooled_ap50_counts_every_nucleus_the_same_and_the_mean_every_image():
     result = scores.compute()
     assert float(result["ap50"]) == pytest.approx(0.5)  # (1 + 0) / 2 images
     assert float(result["ap50_pooled"]) == pytest.approx(0.25)  # 1 TP / (1 TP + 3 FN)
+    # the found square is exact, so at every threshold as at 0.5
+    assert float(result["map_pooled"]) == pytest.approx(0.25)
+    assert float(result["map"]) == pytest.approx(0.5)
 
 
 @needs_real_data
@@ -249,7 +252,8 @@ def test_score_labels_script_scores_another_tools_label_images(tmp_path, capsys)
         Image.fromarray(labels).save(tmp_path / "true" / f"{i}.png")
         Image.fromarray((labels > 0).astype(np.uint16)).save(tmp_path / "merged" / f"{i}.png")
     assert script.main(str(tmp_path / "true"), str(REAL_DATA)) == pytest.approx(
-        {"iou": 1.0, "map": 1.0, "ap50": 1.0, "f1_50": 1.0, "ap50_pooled": 1.0}
+        {"iou": 1.0, "map": 1.0, "ap50": 1.0, "f1_50": 1.0, "ap50_pooled": 1.0,
+         "map_pooled": 1.0}
     )
     nuclei = sum(int(samples[i].labels.max()) for i in test)
     # the test split holds 3 H&E-stained (colour) images and 7 grey ones

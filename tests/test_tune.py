@@ -15,9 +15,9 @@ from cellseg.tune import (
     SPACE,
     TunePostprocessing,
     instance_options,
-    mean_map,
     search,
     searched_options,
+    set_score,
     tuned_instances,
 )
 from helpers import compose_cfg, two_peaks
@@ -41,7 +41,7 @@ def faint_nuclei():
 def test_search_finds_the_threshold_that_scores_best_and_keeps_defaults_on_ties():
     probs, labels = faint_nuclei()
     start = {k: DEFAULTS[k] for k in ("threshold", "h", "min_size")}
-    assert mean_map(probs, labels, start) == 0.0  # nothing above 0.5
+    assert set_score(probs, labels, start) == 0.0  # nothing above 0.5
     best, score = search(probs, labels, {k: SPACE[k] for k in start}, start)
     assert score == 1.0
     assert best == {"threshold": 0.4, "h": DEFAULTS["h"], "min_size": DEFAULTS["min_size"]}
@@ -55,10 +55,34 @@ def test_search_turns_seed_h_on_where_touching_nuclei_have_merged_cores():
     options = searched_options(3)
     start = {"use_contours": True, **{k: DEFAULTS[k] for k in options}}
     assert start["seed_h"] == 0.0
-    assert mean_map([probs], [truth], start) < 0.1  # one merged blob: at best the larger nucleus
+    assert set_score([probs], [truth], start) < 0.1  # one merged blob: at best the larger one
     best, score = search([probs], [truth], {k: SPACE[k] for k in options}, start)
     assert best["seed_h"] > 0
     assert score > 0.5
+
+
+def test_pooled_map_lets_every_nucleus_count_the_same_in_the_search():
+    """A faint lone nucleus (found only at threshold 0.4) beside a field of 10 clear nuclei and
+    5 faint specks that are none: averaged over the two images, finding the lone one is worth
+    the specks; over all 11 nuclei it is not."""
+    lone = np.zeros((16, 16), np.int32)
+    lone[4:10, 4:10] = 1
+    lone_probs = np.where(lone > 0, 0.45, 0.0).astype(np.float32)[..., None]
+    field = np.zeros((40, 80), np.int32)
+    for i in range(10):
+        field[4:10, 2 + 8 * i : 8 + 8 * i] = i + 1
+    field_probs = np.where(field > 0, 0.55, 0.0).astype(np.float32)
+    for i in range(5):
+        field_probs[24:30, 2 + 8 * i : 8 + 8 * i] = 0.45
+    probs, labels = [lone_probs, field_probs[..., None]], [lone, field]
+    start = {"threshold": 0.5, "min_size": 1, "split": False}
+    space = {"threshold": [0.4, 0.5]}
+    assert set_score(probs, labels, start, "map") == pytest.approx(0.5)
+    assert set_score(probs, labels, start, "map_pooled") == pytest.approx(10 / 11)
+    assert search(probs, labels, space, start, score="map")[0]["threshold"] == 0.4
+    assert search(probs, labels, space, start, score="map_pooled")[0]["threshold"] == 0.5
+    with pytest.raises(ValueError, match="tune_postprocess.score='ap'; use map_pooled"):
+        TunePostprocessing(score="ap")
 
 
 def test_the_searched_options_are_those_the_outputs_use():
@@ -103,9 +127,10 @@ def test_training_with_a_validation_split_stores_the_tuned_options_in_its_checkp
     stored = torch.load(ckpt, weights_only=True)["postprocess"]
     assert (stored["split"], stored["images"]) == ("val", 2)
     assert set(stored["instances"]) == {"use_contours", "split", *searched_options(3)}
-    assert stored["map"] >= stored["map_defaults"]  # the search starts at the defaults
+    assert stored["score"] == "map_pooled"  # the default
+    assert stored["map_pooled"] >= stored["map_pooled_defaults"]  # the search starts there
     for other in Path(ckpt).parent.glob("*.ckpt"):  # the best-on-validation one too
-        assert "map" in torch.load(other, weights_only=True)["postprocess"]
+        assert "map_pooled" in torch.load(other, weights_only=True)["postprocess"]
     assert "Post-processing tuned on 2 validation images" in caplog.text
     # eval reads them: a tuned min_size larger than any image drops every nucleus
     state = torch.load(ckpt, weights_only=True)
@@ -120,6 +145,28 @@ def test_training_with_a_validation_split_stores_the_tuned_options_in_its_checkp
         )
     _, rows = evaluate(eval_cfg)
     assert [r["pred_nuclei"] for r in rows] == [1, 1]
+
+
+def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "retune.py"
+    spec = importlib.util.spec_from_file_location("retune", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = tiny_run(cfg_factory, "0.25")
+    ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
+    before = torch.load(ckpt, weights_only=True)
+    assert before["postprocess"]["score"] == "map_pooled"
+    result = script.main(ckpt, "map")
+    after = torch.load(ckpt, weights_only=True)
+    assert after["postprocess"] == result and result["score"] == "map" and "map" in result
+    assert (result["split"], result["images"]) == ("val", 2)
+    for k, v in before["state_dict"].items():  # the weights untouched
+        assert torch.equal(after["state_dict"][k], v)
+    assert "before: use_contours=True" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds out no validation images"):
+        script.main(tiny_run(cfg_factory, "0.0").paths.output_dir + "/checkpoints/last.ckpt")
 
 
 def test_tuning_is_refused_when_validation_is_the_test_split(cfg_factory, caplog):

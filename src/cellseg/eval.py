@@ -7,8 +7,8 @@ trained in, predictions are made for whole images at their own size (resize-mode
 at their training scale and are resized back) and compared with the original masks: pixel
 scores of the foreground probabilities (iou, miou, dice), the foreground IoU of the nuclei found
 (iou_nuclei: the label image after post-processing, as other tools' label images are scored)
-and instance scores (map, ap50, f1_50 per image, averaged; and ap50_pooled over all nuclei of
-the set), through the same metric classes training logs.
+and instance scores (map, ap50, f1_50 per image, averaged; and ap50_pooled and map_pooled over
+all nuclei of the set), through the same metric classes training logs.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def evaluate(
         row.update(pixel(torch.from_numpy(foreground), truth))
         row["iou_nuclei"] = nuclei_pixels(torch.from_numpy(labels > 0), truth)
         row.update(instance(sample.labels, labels))
-        del row["ap50_pooled"]  # of one image, its ap50
+        del row["ap50_pooled"], row["map_pooled"]  # of one image, its ap50 and map
         rows.append({k: v if isinstance(v, (str, int)) else float(v) for k, v in row.items()})
     seconds = time.perf_counter() - start
     scores = {**pixel.compute(), "iou_nuclei": nuclei_pixels.compute(), **instance.compute()}
@@ -180,11 +180,12 @@ def main(cfg: DictConfig) -> dict[str, float]:
     write_outputs(out_dir, metrics, rows)
     print_table(metrics, rows, f"{cfg.ckpt_path}: {cfg.split} split, {metrics['images']} images")
     log.info(
-        "%d images, ap50 pooled over all %d nuclei %.3f, iou of the nuclei found %.3f, "
-        "%.1f megapixels/s; metrics.json and per_image.csv in %s",
+        "%d images, pooled over all %d nuclei ap50 %.3f and map %.3f, iou of the nuclei found "
+        "%.3f, %.1f megapixels/s; metrics.json and per_image.csv in %s",
         metrics["images"],
         sum(r["true_nuclei"] for r in rows),
         metrics["ap50_pooled"],
+        metrics["map_pooled"],
         metrics["iou_nuclei"],
         metrics["megapixels_per_s"],
         out_dir,

@@ -167,9 +167,9 @@ INSTANCE_SCORES = ("map", "ap50", "f1_50")
 
 class InstanceScores(Metric):
     """Per-image instance scores averaged over images: ``compute()`` -> {map, ap50, f1_50,
-    ap50_pooled}; ``ap50_pooled`` is TP / (TP + FP + FN) at t = 0.5 summed over every nucleus of
-    the set (each nucleus counts the same, so crowded images weigh most; as StarDist's and the
-    peers' tables report it).
+    ap50_pooled, map_pooled}; ``ap50_pooled`` is TP / (TP + FP + FN) at t = 0.5 summed over every
+    nucleus of the set (each nucleus counts the same, so crowded images weigh most; as StarDist's
+    and the peers' tables report it), ``map_pooled`` the same averaged over t = 0.5 ... 0.95.
 
     ``update(true_labels, pred_labels)`` takes one label image pair or lists of them (numpy or
     tensors); calling the metric returns the scores of that update and accumulates them. Sums,
@@ -185,7 +185,13 @@ class InstanceScores(Metric):
         self.add_state("sums", default=torch.zeros(len(INSTANCE_SCORES), dtype=torch.float64),
                        dist_reduce_fx="sum")
         self.add_state("n_images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("counts50", default=torch.zeros(3, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(len(DSB_THRESHOLDS), 3, dtype=torch.long),
+                       dist_reduce_fx="sum")  # [TP, FP, FN] per threshold, summed over images
+
+    @property
+    def counts50(self) -> Tensor:
+        """[TP, FP, FN] at IoU 0.5 over every image so far."""
+        return self.counts[0]
 
     def update(self, true_labels, pred_labels) -> None:
         if isinstance(true_labels, (np.ndarray, Tensor)) and true_labels.ndim == 2:
@@ -194,13 +200,14 @@ class InstanceScores(Metric):
             counts = matching_counts(np.asarray(t), np.asarray(p))
             scores = scores_of_counts(counts)
             self.sums += torch.tensor([scores[k] for k in INSTANCE_SCORES], dtype=torch.float64)
-            self.counts50 += torch.from_numpy(counts[0].astype(np.int64))
+            self.counts += torch.from_numpy(counts.astype(np.int64))
             self.n_images += 1
 
     def compute(self) -> dict[str, Tensor]:
         means = self.sums / self.n_images.clamp(min=1)
-        pooled = float(_per_threshold(self.counts50.cpu().numpy()[None])[0])
+        pooled = _per_threshold(self.counts.cpu().numpy())
         return {
             **{k: means[i].float() for i, k in enumerate(INSTANCE_SCORES)},
-            "ap50_pooled": torch.tensor(pooled),
+            "ap50_pooled": torch.tensor(float(pooled[0])),
+            "map_pooled": torch.tensor(float(pooled.mean())),
         }
