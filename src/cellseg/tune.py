@@ -11,9 +11,9 @@ coordinate descent, and writes them into every checkpoint file of the run as
 the user sets wins (and is logged).
 
 ``map_pooled`` is ``map`` over all the images' nuclei, each counting the same. A few validation
-images hold from a handful to hundreds of nuclei: averaged over images (``score=map``, as
-before 2026-11-30), a 3-nucleus image steers the choice as much as a 183-nucleus field, and the
-options are chosen on far fewer nuclei than the images hold (README, Results on the real data).
+images hold from a score to hundreds of nuclei (``experiment=native``'s: 23, 23, 101, 183):
+averaged over images (``score=map``, as before 2026-11-30), a 23-nucleus image steers the choice
+as much as a 183-nucleus field (README, Results on the real data).
 
 ``images=train`` tunes on the training images instead of the validation ones, so that every
 annotated image can train (``data.val_size=0``) and still tune (README, Results on the real
