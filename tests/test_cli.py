@@ -170,6 +170,19 @@ def test_progress_without_a_terminal_logs_every_tenth_of_the_way(caplog):
     assert lines == [*(f"Predicting: {n} of 40" for n in range(4, 41, 4)), "Segmenting: 30 of 30"]
 
 
+def test_a_config_the_data_module_refuses_is_one_line(tmp_path):
+    """A cellseg class refusing its config in its constructor (Hydra wraps that error in an
+    InstantiationException) is still one line, in the terminal and in train.log."""
+    out = user_cli(["model.net.out_channels=5", "trainer.max_epochs=1"], tmp_path)
+    assert out.returncode == 1
+    expected = ("model.net.out_channels=5 predicts centre offsets, drawn from each training "
+                "crop's nuclei; it needs data.mode=crop (experiment=native)")
+    assert f"ERROR: {expected}" in out.stdout + out.stderr
+    assert "Error in call to target" not in out.stdout + out.stderr
+    (run,) = (tmp_path / "logs/train/runs").iterdir()
+    assert f"[ERROR] - {expected}" in (run / "train.log").read_text()
+
+
 def test_a_missing_required_option_is_named_in_one_line():
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue

@@ -270,6 +270,9 @@ def test_centre_offsets_are_drawn_from_each_rotated_crops_own_nuclei(tmp_path):
     assert whole.shape[0] == 5 and whole[3:][:, whole[0] == 0].eq(0.5).all()
     with pytest.raises(ValueError, match="out_channels=5 predicts centre offsets.*data.mode=crop"):
         NucleiDataModule(str(tmp_path / "s"), mode="resize", target_channels=5)
+    for channels in (4, 6):  # refused when the data module is made, before any training step
+        with pytest.raises(ValueError, match=f"out_channels={channels}; use 1 .* or 5"):
+            NucleiDataModule(str(tmp_path / "s"), mode="crop", target_channels=channels)
 
 
 def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):

@@ -165,8 +165,16 @@ def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
     for k, v in before["state_dict"].items():  # the weights untouched
         assert torch.equal(after["state_dict"][k], v)
     assert "before: use_contours=True" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="holds out no validation images"):
+    with pytest.raises(SystemExit, match="score 'ap': use map_pooled or map"):
+        script.main(ckpt, "ap")
+    with pytest.raises(SystemExit, match="not in .*nope: pass the folder they are in now"):
+        script.main(ckpt, "map", str(Path(ckpt).parent / "nope"))
+    with pytest.raises(SystemExit, match="holds out no validation images .* data.val_size=0.1"):
         script.main(tiny_run(cfg_factory, "0.0").paths.output_dir + "/checkpoints/last.ckpt")
+    # tuned on the training images (every image trains): tuned there again
+    cfg = tiny_run(cfg_factory, "0.0", "callbacks.tune_postprocess.images=train")
+    result = script.main(cfg.paths.output_dir + "/checkpoints/last.ckpt")
+    assert (result["split"], result["images"], result["score"]) == ("train", 8, "map_pooled")
 
 
 def test_tuning_is_refused_when_validation_is_the_test_split(cfg_factory, caplog):

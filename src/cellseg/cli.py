@@ -37,6 +37,16 @@ def raised_by_cellseg(err: BaseException) -> bool:
     return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(PACKAGE)
 
 
+def own_cause(err: BaseException) -> BaseException:
+    """The error itself, or for Hydra's ``InstantiationException`` (a cellseg class refusing its
+    config in its constructor, e.g. the datamodule) the error that the constructor raised."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return err.__cause__
+    return err
+
+
 def message(err: BaseException) -> str:
     """The error's text on one line (a KeyError's without the quotes that ``str`` adds)."""
     if isinstance(err, MissingMandatoryValue):
@@ -67,10 +77,11 @@ def one_line_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except Exception as err:
-            for_people = raised_by_cellseg(err) or isinstance(err, MissingMandatoryValue)
+            cause = own_cause(err)
+            for_people = raised_by_cellseg(cause) or isinstance(cause, MissingMandatoryValue)
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or not for_people:
                 raise
-            log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", message(err))
+            log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", message(cause))
             if in_multirun():
                 raise
             sys.exit(1)

@@ -40,6 +40,7 @@ from cellseg.datasets import (
     Sample,
     Source,
     centre_offsets,
+    check_target_channels,
     image_kind,
     iter_samples,
     list_sources,
@@ -288,10 +289,11 @@ class NucleiDataModule(L.LightningDataModule):
             )
         if touching_weight and (mode != "crop" or target_channels < 2):
             raise ValueError(
-                f"data.touching_weight={touching_weight} weighs the contour and distance channels "
-                "where nuclei touch in training crops; it needs data.mode=crop and "
+                f"data.touching_weight={touching_weight} weighs the contour, distance and offset "
+                "channels where nuclei touch in training crops; it needs data.mode=crop and "
                 "model.net.out_channels=2 or more"
             )
+        check_target_channels(target_channels)
         if target_channels == 5 and mode != "crop":
             raise ValueError(
                 "model.net.out_channels=5 predicts centre offsets, drawn from each training "

@@ -102,14 +102,10 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     nucleus, so small and large nuclei alike have cores near 1 that seed the watershed, and
     a zoomed (resampled) target keeps its meaning.
     """
+    check_target_channels(channels)
     foreground = labels > 0
     if channels == 1:
         return foreground[..., None].astype(np.float32)
-    if channels not in (2, 3, 5):
-        raise ValueError(
-            f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours), "
-            "3 (+ contours and distance) or 5 (+ contours, distance and centre offsets)"
-        )
     contours = find_boundaries(labels, mode="inner") & foreground
     if channels == 2:
         return np.stack([foreground, contours], axis=-1).astype(np.float32)
@@ -122,6 +118,15 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     if channels == 5:
         targets += list(np.moveaxis(centre_offsets(labels), -1, 0))
     return np.stack(targets, axis=-1).astype(np.float32)
+
+
+def check_target_channels(channels: int) -> None:
+    """Refuse a number of output channels that no target is drawn for."""
+    if channels not in (1, 2, 3, 5):
+        raise ValueError(
+            f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours), "
+            "3 (+ contours and distance) or 5 (+ contours, distance and centre offsets)"
+        )
 
 
 def centre_offsets(labels: np.ndarray) -> np.ndarray:

@@ -180,8 +180,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     write_outputs(out_dir, metrics, rows)
     print_table(metrics, rows, f"{cfg.ckpt_path}: {cfg.split} split, {metrics['images']} images")
     log.info(
-        "%d images, pooled over all %d nuclei ap50 %.3f and map %.3f, iou of the nuclei found "
-        "%.3f, %.1f megapixels/s; metrics.json and per_image.csv in %s",
+        "%d images, over all %d nuclei ap50_pooled %.3f and map_pooled %.3f, iou of the nuclei "
+        "found %.3f, %.1f megapixels/s; metrics.json and per_image.csv in %s",
         metrics["images"],
         sum(r["true_nuclei"] for r in rows),
         metrics["ap50_pooled"],
