@@ -143,11 +143,10 @@ def centre_offsets(labels: np.ndarray) -> np.ndarray:
     out = np.full((*labels.shape, 2), 0.5, np.float32)
     ids, labels = np.unique(labels, return_inverse=True)  # 0..n: crops keep sparse ids
     labels = labels.reshape(inside.shape) + int(ids[0] != 0)
-    index = np.arange(1, labels.max() + 1)
     if not inside.any():
         return out
-    for axis in (0, 1):
-        coords = np.indices(labels.shape, dtype=np.float64)[axis]
+    index = np.arange(1, labels.max() + 1)
+    for axis, coords in enumerate(np.indices(labels.shape, dtype=np.float64)):
         centre = np.concatenate([[0.0], ndimage.mean(coords, labels, index)])
         offset = coords - centre[labels]
         extent = ndimage.maximum(np.abs(offset), labels, index)

@@ -72,7 +72,10 @@ SCORES = ("map_pooled", "map")  # what the search maximises (callbacks.tune_post
 
 
 def set_score(
-    probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], options: dict, score: str = "map"
+    probs: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    options: dict,
+    score: str = "map_pooled",
 ) -> float:
     """The images' ``map`` (averaged over images) or ``map_pooled`` (over all their nuclei) of
     the nuclei found with ``options``."""
@@ -88,7 +91,7 @@ def search(
     space: Mapping[str, Sequence],
     start: dict[str, Any],
     rounds: int = 3,
-    score: str = "map",
+    score: str = "map_pooled",
 ) -> tuple[dict[str, Any], float]:
     """Coordinate descent: each option in turn set to its best value in ``space`` (the others
     fixed), until a round changes nothing; returns the options (``start`` updated) and their
