@@ -180,7 +180,9 @@ def test_a_config_the_data_module_refuses_is_one_line(tmp_path):
     assert f"ERROR: {expected}" in out.stdout + out.stderr
     assert "Error in call to target" not in out.stdout + out.stderr
     (run,) = (tmp_path / "logs/train/runs").iterdir()
-    assert f"[ERROR] - {expected}" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert f"[ERROR] - {expected}" in log
+    assert "outputs=foreground,contour,distance,offset_row,offset_col, loss=bce" in log
 
 
 def test_a_missing_required_option_is_named_in_one_line():

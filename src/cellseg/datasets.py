@@ -120,6 +120,10 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     return np.stack(targets, axis=-1).astype(np.float32)
 
 
+# the network's output channels, in order (1, 2, 3 or all 5 of them: model.net.out_channels)
+TARGET_NAMES = ("foreground", "contour", "distance", "offset_row", "offset_col")
+
+
 def check_target_channels(channels: int) -> None:
     """Refuse a number of output channels that no target is drawn for."""
     if channels not in (1, 2, 3, 5):

@@ -35,7 +35,7 @@ from torch import nn
 from cellseg import config_dir
 from cellseg.backends import ONNX_OPSET, onnx_bytes, plain_network, torchscript
 from cellseg.cli import one_line_errors
-from cellseg.datasets import normalize, read_image, to_channels
+from cellseg.datasets import TARGET_NAMES, normalize, read_image, to_channels
 from cellseg.inference import load_model, preprocessing
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ CITATIONS = [
     },
 ]
 TAGS = ["nuclei", "fluorescence", "2d", "unet", "instance-segmentation", "cellseg"]
-CHANNELS = ["foreground", "contour", "distance", "offset_row", "offset_col"]
 PERCENTILES = (1.0, 99.8)  # datasets.normalize's "percentile"
 
 
@@ -282,7 +281,7 @@ def build_package(
         data=v0_5.IntervalOrRatioDataDescr(type="float32"),
         preprocessing=preprocessing_steps(pre["normalize"]),
     )
-    out_names = [v0_5.Identifier(c) for c in CHANNELS[: net.head.out_channels]]
+    out_names = [v0_5.Identifier(c) for c in TARGET_NAMES[: net.head.out_channels]]
     outputs = v0_5.OutputTensorDescr(
         id=v0_5.TensorId("probabilities"),
         axes=[

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cellseg import config_dir
 from cellseg.callbacks import tensorboard_writers
 from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger
+from cellseg.datasets import TARGET_NAMES
 from cellseg.unet import count_parameters
 
 log = rank_zero_logger(__name__)
@@ -131,7 +132,8 @@ def config_line(cfg: DictConfig) -> str:
     optimizer = model.get("optimizer") or {}
     return (
         f"Run {cfg.name}: data={data.layout} ({geometry}), "
-        f"augmentation={choices.get('augmentation', '?')}, loss={model.loss}, "
+        f"augmentation={choices.get('augmentation', '?')}, "
+        f"outputs={','.join(TARGET_NAMES[: model.net.out_channels])}, loss={model.loss}, "
         f"{str(optimizer.get('_target_', 'Adam')).rsplit('.', 1)[-1]} lr={optimizer.get('lr')}, "
         f"batch {data.batch_size}, {cfg.trainer.max_epochs} epochs, "
         f"precision={cfg.trainer.precision}, seed={cfg.get('seed')}"
