@@ -25,25 +25,26 @@ from cellseg.datamodule import describe_data
 from cellseg.datasets import iter_samples, list_sources
 from cellseg.files import atomic
 from cellseg.inference import load_model, preprocessing
+from cellseg.train import read_checkpoint
 from cellseg.tune import SCORES, TunePostprocessing, options_text
 
 USAGE = "usage: python scripts/retune.py CKPT [map_pooled|map] [DATA_ROOT]"
 
 
-def read_checkpoint(ckpt: str) -> dict:
+def checkpoint_file(ckpt: str) -> dict:
+    """The checkpoint (cellseg.train's reader), or the reason it is none, in one line."""
     if not Path(ckpt).is_file():
         raise SystemExit(f"{ckpt} does not exist: pass a .ckpt written by python -m cellseg.train")
     try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception:
-        message = f"{ckpt} is not a cellseg checkpoint (torch.load cannot read it)"
-        raise SystemExit(message) from None
+        return read_checkpoint(ckpt)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def main(ckpt: str, score: str = "map_pooled", root: str | None = None) -> dict:
     if score not in SCORES:
         raise SystemExit(f"score {score!r}: use map_pooled or map ({USAGE})")
-    checkpoint = read_checkpoint(ckpt)
+    checkpoint = checkpoint_file(ckpt)
     data = describe_data(checkpoint)
     old = checkpoint.get("postprocess") or {}
     split = old.get("split", "val")  # tuned on the training images: tuned there again

@@ -299,7 +299,6 @@ class NucleiDataModule(L.LightningDataModule):
                 "model.net.out_channels=5 predicts centre offsets, drawn from each training "
                 "crop's nuclei; it needs data.mode=crop (experiment=native)"
             )
-        self.offsets = target_channels == 5
         self.root = Path(root)
         self.layout, self.mode = layout, mode
         self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
@@ -448,6 +447,11 @@ class NucleiDataModule(L.LightningDataModule):
             pairs, transform, repeats=repeats, labels_channel=True,
             touching_weight=self.touching_weight, offsets=self.offsets,
         )
+
+    @property
+    def offsets(self) -> bool:
+        """Whether the targets end with the centre offsets, drawn after the transform."""
+        return self.target_channels == 5
 
     def training_labels(self, labels: np.ndarray) -> np.ndarray:
         """Instance labels at the geometry the network sees: native, or resized to img_size."""

@@ -9,6 +9,7 @@ runs the network (as MONAI, the network's device is not the device that accumula
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -46,12 +47,18 @@ def turn_offsets(probs: Tensor, k: int) -> Tensor:
     a flip or rotation of the image flips or swaps the row and column offsets."""
     if probs.shape[1] != 5 or k == 0:
         return probs
+    offsets = torch.einsum("ij,njhw->nihw", offset_turn(k), probs[:, 3:] * 2 - 1)
+    return torch.cat([probs[:, :3], (offsets + 1) / 2], dim=1)
+
+
+@functools.cache
+def offset_turn(k: int) -> Tensor:
+    """The 2x2 signed permutation taking (row, column) offsets seen after ``dihedral(., k)``
+    back to the image's own axes, read off ``dihedral`` applied to a coordinate grid."""
     r = torch.arange(3.0) - 1
     grid = torch.stack(torch.meshgrid(r, r, indexing="ij"))[None]  # row, column coordinates
     back = dihedral(grid, k)[0]  # at each new position, its old coordinates
-    turn = torch.stack([back[:, 2, 1], back[:, 1, 2]], dim=1)  # old from new: (row, col) x2
-    offsets = torch.einsum("ij,njhw->nihw", turn, probs[:, 3:] * 2 - 1)
-    return torch.cat([probs[:, :3], (offsets + 1) / 2], dim=1)
+    return torch.stack([back[:, 2, 1], back[:, 1, 2]], dim=1)  # old from new: (row, col) x2
 
 
 def predict_batch(model: nn.Module, x: Tensor, tta: bool = False) -> Tensor:

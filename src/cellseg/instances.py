@@ -57,7 +57,7 @@ def instances(
         cores = mask & (distance > seed_threshold)
         if contours is not None:
             cores &= contours <= contour_threshold
-        if offsets is not None:
+        if offsets is not None and offset_threshold < 1:  # 1: off (no fall reaches it)
             cores &= offset_edges(offsets) <= offset_threshold
         if seed_h > 0:
             seeds = distance_seeds(cores, distance, seed_h)
