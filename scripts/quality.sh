@@ -18,7 +18,8 @@ DATA=${DSB2018:-data/dsb2018/stage1_train}   # as the Makefile; DSB2018=DIR else
 OUT=${OUT:-logs/quality}
 RECIPE=${RECIPE:-experiment=native}
 DEFAULTS="instances.threshold=0.5 instances.contour_threshold=0.5 instances.seed_threshold=0.5
-  instances.seed_h=0.0 instances.min_size=10 instances.h=2.0 instances.offset_threshold=1.0"
+  instances.seed_h=0.0 instances.min_size=10 instances.h=2.0 instances.offset_threshold=1.0
+  instances.min_score=0.0"
 
 run() {  # run NAME OVERRIDES...: train (timed), then evaluate tuned and untuned
   local name=$1; shift

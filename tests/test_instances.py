@@ -45,6 +45,18 @@ def test_small_objects_dropped_and_labels_consecutive():
     assert sorted(np.unique(out).tolist()) == [0, 1]
 
 
+def test_min_score_drops_objects_by_their_mean_foreground_probability():
+    prob = np.zeros((40, 60), np.float32)
+    prob[disc(prob.shape, 20, 15, 8)] = 0.95  # sure
+    prob[disc(prob.shape, 20, 45, 8)] = 0.6  # doubtful: passes the pixel threshold only just
+    prob[20, 40:50] = 1.0  # a sure streak does not save it: its mean is 0.62
+    assert instances(prob, split=False).max() == 2  # off by default
+    kept = instances(prob, split=False, min_score=0.8)
+    assert kept.max() == 1 and kept[20, 15] == 1 and kept[20, 45] == 0
+    assert instances(prob, split=False, min_score=0.6).max() == 2  # at the score: kept
+    assert instances(prob, split=False, min_score=0.96).max() == 0
+
+
 def test_empty_probability_map():
     assert instances(np.zeros((16, 16), np.float32)).max() == 0
 

@@ -36,6 +36,16 @@ def test_measurements_per_nucleus_in_every_channel_and_in_square_micrometres():
     assert second["max_DAPI"] == 290 and second["integrated_DAPI"] == 8 * 200 + 290
     assert second["mean_GFP"] == 7 and second["integrated_GFP"] == 63
     assert measure(labels, image, ["DAPI", "GFP"])[0]["area_um2"] == ""  # no pixel size
+    assert "score" not in first  # no probabilities given
+
+
+def test_each_nucleus_scores_its_mean_foreground_probability():
+    labels, image = two_nuclei()
+    foreground = np.where(labels == 1, 0.9, 0.0)
+    foreground[5:8, 6:9] = 0.6
+    foreground[7, 8] = 0.96
+    rows = measure(labels, image, ["DAPI", "GFP"], foreground=foreground)
+    assert [r["score"] for r in rows] == pytest.approx([0.9, (8 * 0.6 + 0.96) / 9])
 
 
 def test_summary_counts_areas_and_fraction():

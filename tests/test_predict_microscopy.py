@@ -45,8 +45,8 @@ def test_ome_tiff_needs_its_channel_then_measures_every_channel(trained, tmp_pat
     assert summary["images"] == 1 and summary["failed"] == 0
     assert not (out / "tables/cells.error.txt").exists()
     labels = np.asarray(Image.open(out / "labels/cells.png"))
-    expected = connected_components(prepare_image(data[0][..., None], 1)[..., 0] > 0.5)
-    np.testing.assert_array_equal(labels, expected)
+    foreground = prepare_image(data[0][..., None], 1)[..., 0]  # the stand-in's probabilities
+    np.testing.assert_array_equal(labels, connected_components(foreground > 0.5))
     rows = read_csv(out / "measurements.csv")
     assert len(rows) == labels.max() > 2
     areas = np.bincount(labels.ravel())
@@ -55,6 +55,7 @@ def test_ome_tiff_needs_its_channel_then_measures_every_channel(trained, tmp_pat
         assert (row["image"], row["t"], row["z"]) == ("cells", "0", "0")
         assert int(row["area_px"]) == areas[k] and float(row["area_um2"]) == areas[k] * 0.25
         assert float(row["mean_DAPI"]) == pytest.approx(data[0][labels == k].mean())
+        assert float(row["score"]) == pytest.approx(foreground[labels == k].mean())
         assert float(row["max_noise"]) == data[1][labels == k].max()
         assert float(row["integrated_noise"]) == pytest.approx(data[1][labels == k].sum())
     (summary_row,) = read_csv(out / "summary.csv")

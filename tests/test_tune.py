@@ -61,6 +61,21 @@ def test_search_turns_seed_h_on_where_touching_nuclei_have_merged_cores():
     assert score > 0.5
 
 
+def test_search_turns_min_score_on_where_doubtful_objects_are_no_nuclei():
+    """Sure nuclei (0.95) beside blobs the network doubts (0.6, the size of a nucleus): no pixel
+    threshold tried removes the blobs without the nuclei's rims (0.7); the objects' score does."""
+    truth = np.zeros((40, 40), np.int32)
+    truth[4:14, 4:14], truth[24:34, 24:34] = 1, 2
+    p = np.where(truth > 0, 0.95, 0.0).astype(np.float32)
+    p[4, 4:14] = p[13, 4:14] = p[24, 24:34] = p[33, 24:34] = 0.7  # the nuclei's rims
+    p[4:14, 24:34] = p[24:34, 4:14] = 0.75  # the doubtful blobs
+    options = ["threshold", "min_size", "min_score"]
+    start = {"split": False, **{k: DEFAULTS[k] for k in options}}
+    assert set_score([p[..., None]], [truth], start) == pytest.approx(0.5)  # 2 of 4 found
+    best, score = search([p[..., None]], [truth], {k: SPACE[k] for k in options}, start)
+    assert best["min_score"] == 0.8 and score == 1.0
+
+
 def test_pooled_map_lets_every_nucleus_count_the_same_in_the_search():
     """A faint lone nucleus (found only at threshold 0.4) beside a field of 10 clear nuclei and
     5 faint specks that are none: averaged over the two images, finding the lone one is worth
@@ -86,17 +101,18 @@ def test_pooled_map_lets_every_nucleus_count_the_same_in_the_search():
 
 
 def test_the_searched_options_are_those_the_outputs_use():
-    assert searched_options(1) == ["threshold", "h", "min_size"]
-    assert searched_options(1, split=False) == ["threshold", "min_size"]
-    assert searched_options(2) == ["threshold", "contour_threshold", "min_size"]
+    last = ["min_size", "min_score"]  # the foreground's: searched for every network
+    assert searched_options(1) == ["threshold", "h", *last]
+    assert searched_options(1, split=False) == ["threshold", *last]
+    assert searched_options(2) == ["threshold", "contour_threshold", *last]
     assert searched_options(3) == [
-        "threshold", "contour_threshold", "seed_threshold", "seed_h", "min_size"
+        "threshold", "contour_threshold", "seed_threshold", "seed_h", *last
     ]
-    assert searched_options(3, use_contours=False) == ["threshold", "h", "min_size"]
+    assert searched_options(3, use_contours=False) == ["threshold", "h", *last]
     assert searched_options(5) == [
-        "threshold", "contour_threshold", "seed_threshold", "seed_h", "offset_threshold",
-        "min_size",
+        "threshold", "contour_threshold", "seed_threshold", "seed_h", "offset_threshold", *last
     ]
+    assert DEFAULTS["min_score"] == 0.0 and 0.0 in SPACE["min_score"]  # off unless it pays
 
 
 def test_the_users_value_wins_over_the_tuned_one_and_is_logged(caplog):

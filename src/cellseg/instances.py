@@ -16,12 +16,21 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
 
-def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop objects of fewer than ``min_size`` pixels and renumber 1..N."""
+def remove_small(
+    labels: np.ndarray,
+    min_size: int,
+    foreground: np.ndarray | None = None,
+    min_score: float = 0.0,
+) -> np.ndarray:
+    """Drop objects of fewer than ``min_size`` pixels, and with ``foreground`` those whose score
+    (their mean foreground probability) is below ``min_score``; renumber 1..N."""
     sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
-    small[0] = False
-    labels = np.where(small[labels], 0, labels)
+    drop = sizes < min_size
+    if foreground is not None and min_score > 0:
+        sums = np.bincount(labels.ravel(), weights=foreground.ravel().astype(np.float64))
+        drop |= sums < min_score * sizes
+    drop[0] = False
+    labels = np.where(drop[labels], 0, labels)
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
@@ -38,6 +47,7 @@ def instances(
     seed_h: float = 0.0,
     offsets: np.ndarray | None = None,
     offset_threshold: float = 1.0,
+    min_score: float = 0.0,
 ) -> np.ndarray:
     """Label nuclei in a foreground probability map.
 
@@ -50,7 +60,9 @@ def instances(
     whose cores merged are still split. With the predicted centre ``offsets`` (H, W, 2), cores
     are also cut where an offset falls faster than ``offset_threshold`` a pixel
     (:func:`offset_edges`): the border between two touching nuclei. Objects below ``min_size``
-    pixels are dropped.
+    pixels are dropped, and those whose score, their mean foreground probability, is below
+    ``min_score`` (as StarDist keeps an object by its probability): the network's doubtful
+    specks and fragments, whose pixels pass ``threshold`` only just.
     """
     mask = foreground > threshold
     if distance is not None:
@@ -78,7 +90,7 @@ def instances(
     if orphans.any():
         extra = connected_components(orphans, connectivity=1)
         labels = np.where(orphans, extra + labels.max() * (extra > 0), labels)
-    return remove_small(labels.astype(np.int32), min_size)
+    return remove_small(labels.astype(np.int32), min_size, foreground, min_score)
 
 
 def distance_seeds(cores: np.ndarray, distance: np.ndarray, h: float) -> np.ndarray:

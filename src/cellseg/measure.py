@@ -23,14 +23,21 @@ def measure(
     intensity: np.ndarray,
     channel_names: Sequence[str],
     pixel_size: tuple[float, float] | None = None,
+    foreground: np.ndarray | None = None,
     **keys,
 ) -> list[dict]:
     """One row per nucleus of a label image: ``keys`` (image id, plane), label, area in pixels
     (and µm² with a (y, x) pixel size in µm), centroid, bounding box (y0, x0, y1, x1 with the
-    ends excluded), equivalent diameter (px), eccentricity, solidity, and the mean, max and
-    integrated intensity of every channel of ``intensity`` (Y, X, C) as stored."""
+    ends excluded), equivalent diameter (px), eccentricity, solidity, with the ``foreground``
+    probabilities its score (their mean over the nucleus, what ``instances.min_score`` keeps
+    nuclei by), and the mean, max and integrated intensity of every channel of ``intensity``
+    (Y, X, C) as stored."""
     if intensity.ndim == 2:
         intensity = intensity[..., None]
+    scores = None
+    if foreground is not None:
+        sums = np.bincount(labels.ravel(), weights=foreground.ravel().astype(np.float64))
+        scores = sums / np.maximum(np.bincount(labels.ravel()), 1)
     table = regionprops_table(
         labels.astype(np.int32, copy=False),
         intensity,
@@ -55,6 +62,8 @@ def measure(
             "eccentricity": float(table["eccentricity"][i]),
             "solidity": float(table["solidity"][i]),
         }
+        if scores is not None:
+            row["score"] = float(scores[row["label"]])
         for c, name in enumerate(channel_names):
             mean = float(table[f"intensity_mean-{c}"][i])
             row[f"mean_{name}"] = mean

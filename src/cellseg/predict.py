@@ -205,7 +205,7 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
                 raise ValueError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
             keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
             measurements.extend(
-                measure(labels, plane, image.channel_names, image.pixel_size, **keys)
+                measure(labels, plane, image.channel_names, image.pixel_size, foreground, **keys)
             )
             summaries.append(summarize(labels, image.pixel_size, **keys))
             nuclei_total += int(labels.max())
