@@ -3,8 +3,8 @@
     python scripts/retune.py CKPT [SCORE] [DATA_ROOT]
 
 For checkpoints tuned before the search changed (``SCORE`` ``map_pooled``, the default since
-2026-11-30, or ``map``; new options such as ``offset_threshold``). The images the checkpoint was
-tuned on (its own validation images, or its training images for a run with
+2026-11-30, or ``map``; new options such as ``offset_threshold`` or ``min_score``). The images
+the checkpoint was tuned on (its own validation images, or its training images for a run with
 ``callbacks.tune_postprocess.images=train``) are predicted once, the options searched with
 ``cellseg.tune``'s search for the best ``SCORE``, and the checkpoint's ``postprocess`` entry
 replaced (the old options are printed first; the weights are not touched; the file is replaced

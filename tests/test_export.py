@@ -20,6 +20,7 @@ from cellseg.datasets import prepare_image, read_samples  # noqa: E402
 from cellseg.export import export  # noqa: E402
 from cellseg.inference import load_model, predict_tensor  # noqa: E402
 from cellseg.predict import predict  # noqa: E402
+from cellseg.tune import options_text, tuned_instances  # noqa: E402
 from helpers import compose_cfg  # noqa: E402
 
 
@@ -103,6 +104,7 @@ def small_trained(tmp_path_factory):
             "model.net.out_channels=3",  # foreground, contour, distance
             "trainer.max_epochs=1",
             "test=false",
+            "data.val_size=0.25",  # validation images: the post-processing is tuned
         ],
     )
     train(cfg)
@@ -153,6 +155,7 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
         import yaml
 
         rdf = yaml.safe_load(z.read("rdf.yaml"))
+        doc = z.read("documentation.md").decode()
     assert {"weights.pt", "model.pt", "model.onnx", "unet.py", "cover.png"} <= names
     assert {"test_input.npy", "test_output.npy", "sample_input.tif", "sample_output.tif"} <= names
     assert {"nuclei", "fluorescence", "2d", "unet", "instance-segmentation"} <= set(rdf["tags"])
@@ -168,6 +171,10 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     training = rdf["config"]["cellseg"]["training"]
     assert training["scores"] == {"iou": 0.5, "map": 0.25}
     assert (training["loss"], training["net"]["channels"]) == ("bce", [8, 16])
+    # the post-processing the checkpoint was tuned with travels with it, as eval uses it
+    tuned = tuned_instances(ckpt)
+    assert "min_score" in tuned and training["postprocess"] == tuned
+    assert f"{options_text(tuned)}, tuned on the training run's validation images" in doc
 
     gc.freeze()  # bioimageio.core collects garbage after each model: skip the suite's objects
     try:

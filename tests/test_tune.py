@@ -62,7 +62,7 @@ def test_search_turns_seed_h_on_where_touching_nuclei_have_merged_cores():
 
 
 def test_search_turns_min_score_on_where_doubtful_objects_are_no_nuclei():
-    """Sure nuclei (0.95) beside blobs the network doubts (0.6, the size of a nucleus): no pixel
+    """Sure nuclei (0.95) beside blobs the network doubts (0.75, the size of a nucleus): no pixel
     threshold tried removes the blobs without the nuclei's rims (0.7); the objects' score does."""
     truth = np.zeros((40, 40), np.int32)
     truth[4:14, 4:14], truth[24:34, 24:34] = 1, 2

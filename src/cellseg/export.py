@@ -37,6 +37,7 @@ from cellseg.backends import ONNX_OPSET, onnx_bytes, plain_network, torchscript
 from cellseg.cli import one_line_errors
 from cellseg.datasets import TARGET_NAMES, normalize, read_image, to_channels
 from cellseg.inference import load_model, preprocessing
+from cellseg.tune import options_text, tuned_instances
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,13 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
             "offset from its nucleus's centre, scaled per nucleus to [0, 1] (0.5 at the centre): "
             "where one falls from about 1 to 0 two nuclei touch."
         )
+    options = recipe.get("postprocess")
+    instances = (
+        f"{options_text(options)}, tuned on the training run's validation images "
+        "(`min_score`: objects whose mean foreground probability is lower are dropped)."
+        if options
+        else "threshold 0.5, objects under 10 pixels dropped."
+    )
     return f"""# {name}
 
 A U-Net (trained with cellseg) that segments cell nuclei in 2-D microscopy images,
@@ -180,8 +188,7 @@ channels map to 0 and 1, then clipped to [0, 1]).
 
 ## Output
 Per-pixel probabilities (sigmoid of the network's logits), channel 0 = `foreground`.
-{contour} cellseg turns them into instances with a watershed (`cellseg.instances`): threshold
-0.5, objects under 10 pixels dropped.
+{contour} cellseg turns them into instances with a watershed (`cellseg.instances`): {instances}
 
 ## Other formats
 `model.pt` (TorchScript) and `model.onnx` output logits for prepared float32 input; their
@@ -199,12 +206,13 @@ see `scores` below (from `cellseg.eval`, when given to the export).
 """
 
 
-def cover_image(image: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Image beside image with predicted nucleus outlines (2:1, as bioimage.io shows covers)."""
+def cover_image(image: np.ndarray, probabilities: np.ndarray, options: dict) -> np.ndarray:
+    """Image beside image with predicted nucleus outlines (2:1, as bioimage.io shows covers),
+    the nuclei found with the instance ``options``."""
     from cellseg.instances import labels_from_probs
     from cellseg.predict import overlay
 
-    labels = labels_from_probs(np.moveaxis(probabilities, 0, -1))
+    labels = labels_from_probs(np.moveaxis(probabilities, 0, -1), **options)
     return np.concatenate([overlay(image, np.zeros_like(labels)), overlay(image, labels)], axis=1)
 
 
@@ -229,6 +237,9 @@ def training_recipe(model: nn.Module, ckpt_path: Path, metrics_path: str | None)
     overrides = run_config.with_name("overrides.yaml")
     if overrides.is_file():
         recipe["overrides"] = list(OmegaConf.load(overrides))
+    postprocess = tuned_instances(model)  # tuned after training, as eval and predict use it
+    if postprocess:
+        recipe["postprocess"] = postprocess
     if metrics_path:
         metrics = json.loads(Path(metrics_path).read_text())
         recipe["scores"] = {k: metrics[k] for k in ("iou", "dice", "map", "ap50") if k in metrics}
@@ -256,7 +267,8 @@ def build_package(
     np.save(files / "test_output.npy", probs)
     tifffile.imwrite(files / "sample_input.tif", raw)  # what viewers show beside the model
     tifffile.imwrite(files / "sample_output.tif", probs)
-    Image.fromarray(cover_image(crop, probs[0])).save(files / "cover.png")
+    cover = cover_image(crop, probs[0], recipe.get("postprocess", {}))
+    Image.fromarray(cover).save(files / "cover.png")
     torch.save(plain_network(net).state_dict(), files / "weights.pt")
     shutil.copy(unet.__file__, files / "unet.py")
     shutil.copy(out / "model.pt", files / "model.pt")
