@@ -8,12 +8,14 @@ own size, e.g. what ``../shared/peers/ref_stardist.py PRED_DIR`` writes. Prints 
 ``ap50_pooled`` and ``map_pooled`` over all nuclei, through the metric functions eval uses. A
 second line gives the true and false positives and the missed nuclei at IoU 0.5, and ``map``
 and pooled ap50 of the colour (stained brightfield) and grey (fluorescence, unstained
-brightfield) images apart.
+brightfield) images apart; a third the false and missed ones by kind
+(``cellseg.metrics.error_kinds``: merges, pieces, on background, ...).
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from cellseg.datamodule import split_ids
 from cellseg.datasets import image_kind, read_samples
 from cellseg.files import read_image
-from cellseg.metrics import InstanceScores, pixel_metrics
+from cellseg.metrics import ERROR_KINDS, InstanceScores, error_kinds, pixel_metrics
 
 
 def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> dict[str, float]:
@@ -30,6 +32,7 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
     _, test = split_ids(sorted(samples), 0.2, 0)
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     kinds = {"colour": InstanceScores(), "grey": InstanceScores()}
+    errors = Counter()
     for i in test:
         found = [p for p in Path(pred_dir).glob(f"{i}.*") if p.suffix in (".png", ".tif")]
         if not found:
@@ -39,6 +42,7 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
         pixel.update(torch.from_numpy(pred > 0), torch.from_numpy(true > 0))
         instance.update(true, pred)
         kinds[image_kind(samples[i].image)].update(true, pred)
+        errors.update(error_kinds(true, pred))
     scores = {"iou": pixel.compute()["iou"], **instance.compute()}
     result = {k: float(v) for k, v in scores.items()}
     print(" | ".join(f"{k} {v:.3f}" for k, v in result.items()))
@@ -51,6 +55,7 @@ def main(pred_dir: str, root: str = "../shared/data/dsb2018/stage1_train") -> di
                            f"map {float(kind_scores['map']):.3f}, "
                            f"ap50_pooled {float(kind_scores['ap50_pooled']):.3f}")
     print(f"at IoU 0.5: {tp} found, {fp} false, {fn} missed | " + " | ".join(by_kind))
+    print("by kind: " + ", ".join(f"{k} {errors[k]}" for k in ERROR_KINDS))
     return result
 
 

@@ -14,6 +14,7 @@ from cellseg.metrics import (
     PixelScore,
     confusion_counts,
     dice,
+    error_kinds,
     foreground_iou,
     instance_scores,
     iou_matrix,
@@ -228,6 +229,27 @@ def test_pooled_ap50_counts_every_nucleus_the_same_and_the_mean_every_image():
     assert float(result["map"]) == pytest.approx(0.5)
 
 
+def test_error_kinds_sort_each_false_and_missed_nucleus():
+    true, pred = np.zeros((40, 80), np.int32), np.zeros((40, 80), np.int32)
+    true[2:12, 2:12], true[2:12, 12:22] = 1, 2
+    pred[2:12, 2:22] = 1  # one object over both: a merge
+    true[2:12, 30:40] = 3
+    pred[2:12, 30:38], pred[2:12, 38:40] = 2, 3  # matched (IoU 0.8), and a piece beside it
+    true[20:30, 2:12] = 4
+    pred[20:25, 2:12], pred[25:30, 2:12] = 4, 5  # cut in halves (IoU 0.5 each: no match)
+    true[20:30, 20:30] = 5  # nothing found there
+    true[20:30, 40:50] = 6
+    pred[20:26, 40:50], pred[30:35, 40:50] = 6, 6  # 60 % of it, and more background: IoU 0.4
+    pred[35:39, 60:70] = 7  # on background
+    assert error_kinds(true, pred) == {
+        "false_merge": 1, "false_piece": 3, "false_background": 1, "false_shape": 1,
+        "missed_merged": 2, "missed_pieces": 1, "missed_unfound": 1, "missed_shape": 1,
+    }
+    assert matching_counts(true, pred)[0].tolist() == [1, 6, 5]  # the kinds add up
+    assert set(error_kinds(true, true).values()) == {0}
+    assert error_kinds(true, np.zeros_like(pred))["missed_unfound"] == 6
+
+
 @needs_real_data
 def test_score_labels_script_scores_another_tools_label_images(tmp_path, capsys):
     """scripts/score_labels.py (the peer table's scorer): the true labels score 1, the same
@@ -261,7 +283,10 @@ def test_score_labels_script_scores_another_tools_label_images(tmp_path, capsys)
             "ap50_pooled 1.000 | grey images (7): map 1.000") in capsys.readouterr().out
     merged = script.main(str(tmp_path / "merged"), str(REAL_DATA))
     assert merged["iou"] == 1.0 and merged["ap50_pooled"] < 0.05
-    assert f"at IoU 0.5: 0 found, 10 false, {nuclei} missed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"at IoU 0.5: 0 found, 10 false, {nuclei} missed" in out
+    # each image's one object holds over half of two or more of its nuclei
+    assert "by kind: false_merge 10, false_piece 0, false_background 0, false_shape 0, " in out
     (tmp_path / "merged" / f"{test[0]}.png").unlink()
     with pytest.raises(SystemExit, match=f"has no {test[0]}.png"):
         script.main(str(tmp_path / "merged"), str(REAL_DATA))

@@ -162,6 +162,56 @@ def scores_of_counts(counts: np.ndarray) -> dict[str, float]:
     }
 
 
+ERROR_KINDS = (
+    "false_merge", "false_piece", "false_background", "false_shape",
+    "missed_merged", "missed_pieces", "missed_unfound", "missed_shape",
+)
+
+
+def error_kinds(true_labels: np.ndarray, pred_labels: np.ndarray) -> dict[str, int]:
+    """One image's errors at IoU 0.5 by kind (:data:`ERROR_KINDS`), for reading, not scoring.
+
+    A false object is a ``merge`` when it holds over half of two or more true nuclei, on
+    ``background`` when most of it lies there, a ``piece`` when the nucleus it shares most with
+    was matched by another object or has two or more objects lying mostly on it, else a
+    ``shape`` error. A missed nucleus is ``unfound`` when objects cover less than half of it,
+    ``merged`` when the object sharing most with it is a merge, in ``pieces`` when two or more
+    objects lie mostly on it or that object matched another nucleus, else a ``shape`` error."""
+    t = np.unique(np.concatenate([[0], true_labels.ravel()]), return_inverse=True)[1][1:]
+    p = np.unique(np.concatenate([[0], pred_labels.ravel()]), return_inverse=True)[1][1:]
+    n_p = p.max() + 1
+    overlap = np.bincount(t * n_p + p, minlength=(t.max() + 1) * n_p).reshape(-1, n_p)
+    inside = overlap[1:, 1:]  # (true, pred) shared pixels, background left out
+    true_area, pred_area = overlap[1:].sum(1), overlap[:, 1:].sum(0)
+    matched = inside > 0.5 * (true_area[:, None] + pred_area[None, :] - inside)  # IoU > 0.5
+    covers = inside > 0.5 * true_area[:, None]  # object holds over half of the nucleus
+    lies_on = inside > 0.5 * pred_area[None, :]  # object lies mostly on the nucleus
+    merges = covers.sum(0) >= 2
+    cut = lies_on.sum(1) >= 2
+    kinds = dict.fromkeys(ERROR_KINDS, 0)
+    for j in np.flatnonzero(~matched.any(0)):
+        if merges[j]:
+            kind = "merge"
+        elif overlap[0, j + 1] > 0.5 * pred_area[j]:
+            kind = "background"
+        else:
+            i = inside[:, j].argmax()
+            kind = "piece" if cut[i] or matched[i].any() else "shape"
+        kinds[f"false_{kind}"] += 1
+    for i in np.flatnonzero(~matched.any(1)):
+        best = inside[i].argmax() if inside.shape[1] else 0
+        if inside[i].sum() < 0.5 * true_area[i]:
+            kind = "unfound"
+        elif merges[best]:
+            kind = "merged"
+        elif cut[i] or matched[:, best].any():
+            kind = "pieces"
+        else:
+            kind = "shape"
+        kinds[f"missed_{kind}"] += 1
+    return kinds
+
+
 INSTANCE_SCORES = ("map", "ap50", "f1_50")
 
 
