@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime", reason="pip install 'cellseg[export]'")
 
 from cellseg.backends import network  # noqa: E402
 from cellseg.datasets import prepare_image, read_samples  # noqa: E402
-from cellseg.export import export  # noqa: E402
+from cellseg.export import documentation, export  # noqa: E402
 from cellseg.inference import load_model, predict_tensor  # noqa: E402
 from cellseg.predict import predict  # noqa: E402
 from cellseg.tune import options_text, tuned_instances  # noqa: E402
@@ -173,8 +173,9 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     assert (training["loss"], training["net"]["channels"]) == ("bce", [8, 16])
     # the post-processing the checkpoint was tuned with travels with it, as eval uses it
     tuned = tuned_instances(ckpt)
-    assert "min_score" in tuned and training["postprocess"] == tuned
-    assert f"{options_text(tuned)}, tuned on the training run's validation images" in doc
+    assert "min_score" in tuned and training["postprocess"]["instances"] == tuned
+    assert training["postprocess"]["split"] == "val"
+    assert f"{options_text(tuned)}, tuned on the run's validation images" in doc
 
     gc.freeze()  # bioimageio.core collects garbage after each model: skip the suite's objects
     try:
@@ -188,6 +189,16 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     assert connections == []
     formats = {d.name for d in summary.details if d.name.startswith("Reproduce test outputs")}
     assert len(formats) == 3  # every weight format ran the test image
+
+
+def test_the_documentation_names_the_post_processing_and_the_images_it_was_tuned_on():
+    pre = {"invert_bright": False, "mode": "crop", "img_size": 64, "in_channels": 3,
+           "normalize": "percentile"}
+    untuned = documentation(pre, {}, 1, "m")
+    assert "threshold 0.5, objects under 10 pixels dropped (not tuned after training)." in untuned
+    tuned = {"instances": {"threshold": 0.6, "min_size": 20}, "split": "train"}
+    doc = documentation(pre, {"postprocess": tuned}, 1, "m")
+    assert "threshold=0.6 min_size=20, tuned on the run's training images." in doc
 
 
 def test_export_refuses_an_image_smaller_than_the_package_minimum(small_trained, tmp_path):

@@ -37,7 +37,7 @@ from cellseg.backends import ONNX_OPSET, onnx_bytes, plain_network, torchscript
 from cellseg.cli import one_line_errors
 from cellseg.datasets import TARGET_NAMES, normalize, read_image, to_channels
 from cellseg.inference import load_model, preprocessing
-from cellseg.tune import options_text, tuned_instances
+from cellseg.tune import DEFAULTS, options_text, tuned_instances
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +163,17 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
             "offset from its nucleus's centre, scaled per nucleus to [0, 1] (0.5 at the centre): "
             "where one falls from about 1 to 0 two nuclei touch."
         )
-    options = recipe.get("postprocess")
-    instances = (
-        f"{options_text(options)}, tuned on the training run's validation images "
-        "(`min_score`: objects whose mean foreground probability is lower are dropped)."
-        if options
-        else "threshold 0.5, objects under 10 pixels dropped."
-    )
+    tuned = recipe.get("postprocess") or {}
+    if tuned:
+        kind = {"val": "validation", "train": "training"}.get(tuned.get("split"), "held-out")
+        instances = f"{options_text(tuned['instances'])}, tuned on the run's {kind} images"
+        if "min_score" in tuned["instances"]:
+            instances += (" (`min_score`: objects whose mean foreground probability is lower "
+                          "are dropped)")
+        instances += "."
+    else:
+        instances = (f"threshold {DEFAULTS['threshold']}, objects under {DEFAULTS['min_size']} "
+                     "pixels dropped (not tuned after training).")
     return f"""# {name}
 
 A U-Net (trained with cellseg) that segments cell nuclei in 2-D microscopy images,
@@ -237,9 +241,8 @@ def training_recipe(model: nn.Module, ckpt_path: Path, metrics_path: str | None)
     overrides = run_config.with_name("overrides.yaml")
     if overrides.is_file():
         recipe["overrides"] = list(OmegaConf.load(overrides))
-    postprocess = tuned_instances(model)  # tuned after training, as eval and predict use it
-    if postprocess:
-        recipe["postprocess"] = postprocess
+    if tuned_instances(model):  # tuned after training, as eval and predict use it
+        recipe["postprocess"] = dict(model.postprocess)  # options, images tuned on, scores
     if metrics_path:
         metrics = json.loads(Path(metrics_path).read_text())
         recipe["scores"] = {k: metrics[k] for k in ("iou", "dice", "map", "ap50") if k in metrics}
@@ -267,7 +270,7 @@ def build_package(
     np.save(files / "test_output.npy", probs)
     tifffile.imwrite(files / "sample_input.tif", raw)  # what viewers show beside the model
     tifffile.imwrite(files / "sample_output.tif", probs)
-    cover = cover_image(crop, probs[0], recipe.get("postprocess", {}))
+    cover = cover_image(crop, probs[0], (recipe.get("postprocess") or {}).get("instances", {}))
     Image.fromarray(cover).save(files / "cover.png")
     torch.save(plain_network(net).state_dict(), files / "weights.pt")
     shutil.copy(unet.__file__, files / "unet.py")

@@ -24,14 +24,19 @@ def remove_small(
 ) -> np.ndarray:
     """Drop objects of fewer than ``min_size`` pixels, and with ``foreground`` those whose score
     (their mean foreground probability) is below ``min_score``; renumber 1..N."""
-    sizes = np.bincount(labels.ravel())
-    drop = sizes < min_size
+    drop = np.bincount(labels.ravel()) < min_size
     if foreground is not None and min_score > 0:
-        sums = np.bincount(labels.ravel(), weights=foreground.ravel().astype(np.float64))
-        drop |= sums < min_score * sizes
+        drop |= object_scores(labels, foreground) < min_score
     drop[0] = False
     labels = np.where(drop[labels], 0, labels)
     return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def object_scores(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Each label's score, its mean foreground probability, indexed by label (0: background;
+    labels absent from the image score 0)."""
+    sums = np.bincount(labels.ravel(), weights=foreground.ravel().astype(np.float64))
+    return sums / np.maximum(np.bincount(labels.ravel()), 1)
 
 
 def instances(

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from skimage.measure import regionprops_table
 
+from cellseg.instances import object_scores
+
 SHAPE = (
     "label",
     "area",
@@ -34,10 +36,7 @@ def measure(
     (Y, X, C) as stored."""
     if intensity.ndim == 2:
         intensity = intensity[..., None]
-    scores = None
-    if foreground is not None:
-        sums = np.bincount(labels.ravel(), weights=foreground.ravel().astype(np.float64))
-        scores = sums / np.maximum(np.bincount(labels.ravel()), 1)
+    scores = None if foreground is None else object_scores(labels, foreground)
     table = regionprops_table(
         labels.astype(np.int32, copy=False),
         intensity,

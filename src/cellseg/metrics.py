@@ -110,23 +110,34 @@ def pixel_metrics(prefix: str = "", threshold: float = 0.0) -> MetricCollection:
 DSB_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 
 
+def overlap_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
+    """Pixels shared by every (true, predicted) pair of the labels present, shape
+    (1 + n_true, 1 + n_pred); row and column 0 are the background, present or not.
+
+    Labels need not be consecutive.
+    """
+    if true_labels.shape != pred_labels.shape:
+        raise ValueError(f"label images differ: {true_labels.shape} vs {pred_labels.shape}")
+
+    def indices(labels: np.ndarray) -> tuple[np.ndarray, int]:
+        values, inverse = np.unique(labels, return_inverse=True)
+        shift = int(values[0] != 0)  # no background pixel: index 0 stays empty
+        return inverse.ravel() + shift, len(values) + shift
+
+    t, n_t = indices(true_labels)
+    p, n_p = indices(pred_labels)
+    return np.bincount(t * n_p + p, minlength=n_t * n_p).reshape(n_t, n_p)
+
+
 def iou_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
     """IoU of every (true object, predicted object) pair, shape (n_true, n_pred).
 
     Labels need not be consecutive; only labels present count as objects.
     """
-    if true_labels.shape != pred_labels.shape:
-        raise ValueError(f"label images differ: {true_labels.shape} vs {pred_labels.shape}")
-    _, t = np.unique(true_labels, return_inverse=True)
-    _, p = np.unique(pred_labels, return_inverse=True)
-    t_has_bg, p_has_bg = (true_labels == 0).any(), (pred_labels == 0).any()
-    n_t, n_p = t.max() + 1, p.max() + 1
-    overlap = np.bincount(t.ravel() * n_p + p.ravel(), minlength=n_t * n_p).reshape(n_t, n_p)
-    overlap = overlap[int(t_has_bg) :, int(p_has_bg) :]  # drop background row and column
-    area_t = np.bincount(t.ravel(), minlength=n_t)[int(t_has_bg) :]
-    area_p = np.bincount(p.ravel(), minlength=n_p)[int(p_has_bg) :]
-    union = area_t[:, None] + area_p[None, :] - overlap
-    return overlap / np.maximum(union, 1)
+    overlap = overlap_matrix(true_labels, pred_labels)
+    inside = overlap[1:, 1:]
+    union = overlap[1:].sum(1)[:, None] + overlap[:, 1:].sum(0)[None, :] - inside
+    return inside / np.maximum(union, 1)
 
 
 def matching_counts(
@@ -177,10 +188,7 @@ def error_kinds(true_labels: np.ndarray, pred_labels: np.ndarray) -> dict[str, i
     ``shape`` error. A missed nucleus is ``unfound`` when objects cover less than half of it,
     ``merged`` when the object sharing most with it is a merge, in ``pieces`` when two or more
     objects lie mostly on it or that object matched another nucleus, else a ``shape`` error."""
-    t = np.unique(np.concatenate([[0], true_labels.ravel()]), return_inverse=True)[1][1:]
-    p = np.unique(np.concatenate([[0], pred_labels.ravel()]), return_inverse=True)[1][1:]
-    n_p = p.max() + 1
-    overlap = np.bincount(t * n_p + p, minlength=(t.max() + 1) * n_p).reshape(-1, n_p)
+    overlap = overlap_matrix(true_labels, pred_labels)
     inside = overlap[1:, 1:]  # (true, pred) shared pixels, background left out
     true_area, pred_area = overlap[1:].sum(1), overlap[:, 1:].sum(0)
     matched = inside > 0.5 * (true_area[:, None] + pred_area[None, :] - inside)  # IoU > 0.5
