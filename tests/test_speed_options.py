@@ -98,10 +98,11 @@ def test_keep_freed_memory_stops_steps_from_faulting_their_memory_in_again():
         cmd = [sys.executable, "-c", FAULTS_PER_STEP, mode]
         return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
-    # glibc's default gives the freed activations back and faults them in again (2,900-3,900
-    # pages per step measured here); kept, a step reuses its memory (0-57)
+    # glibc's default gives the freed activations back and faults them in again (2,400-4,000
+    # pages per step measured here, once 902 within the suite); kept, a step reuses its memory
+    # (0-57). The first bound only says the default faults at all, so the ratio means something
     default, keep = faults_per_step("default"), faults_per_step("keep")
-    assert default > 1000
+    assert default > 300
     assert keep < default / 10
     assert compose_cfg("train", []).keep_freed_memory is True
 
