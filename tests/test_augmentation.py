@@ -45,3 +45,21 @@ def test_crops_carry_the_distance_target_through_the_zoom(tmp_path):
     assert set(fg.unique().tolist()) == {0.0, 1.0}
     assert (contours <= fg).all() and (distance[fg == 0] == 0).all()
     assert distance.max() <= 1.0 and (distance[fg == 1] > 0).all()
+
+
+def test_nuclei_colour_varies_the_stain_of_colour_images_and_leaves_grey_ones_grey():
+    cfg = compose_cfg("train", ["augmentation=nuclei_colour"])
+    pipeline = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    (jitter,) = [t for t in pipeline.transforms if type(t).__name__ == "ColorJitter"]
+    jitter.p = 1.0
+    jitter.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.random((64, 64, 1), dtype=np.float32), 3, axis=-1)
+    stained = np.stack([np.full((64, 64), v, np.float32) for v in (0.6, 0.4, 0.8)], axis=-1)
+    spreads = []
+    for _ in range(50):
+        np.testing.assert_allclose(jitter(image=grey)["image"], grey, atol=1e-5)
+        colour = jitter(image=stained)["image"].reshape(-1, 3).mean(0)
+        spreads.append(colour.max() - colour.min())  # the saturation: 0.4 before
+    spreads = np.array(spreads)
+    assert spreads.min() < 0.3 and spreads.max() > 0.5  # paler and stronger stains both drawn
