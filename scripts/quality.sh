@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15's measurements on the real data, on an otherwise idle machine (times are wall clock).
-#   scripts/quality.sh levers   # native vs each of its levers off (~1 h)
+#   scripts/quality.sh levers   # native vs each of its levers off (~1.25 h)
 #   scripts/quality.sh time     # the time-to-quality curve: 40/120/240/480 epochs, ~5/15/30/60 min (~2 h)
 #   scripts/quality.sh seeds    # RECIPE (default: experiment=native) with seeds 0, 1, 2 (~45 min;
 #                               # RECIPE=experiment=native_long: ~1.5 h), into logs/quality/<recipe>_sN
@@ -67,10 +67,11 @@ EOF
 if [[ ${1:-} == run ]]; then shift; run "$@"; exit; fi
 for step in "${@:-summary}"; do
   case $step in
-    levers)  # experiment=native is scale + distance + touching weight; each taken away in turn
+    levers)  # experiment=native is stain + scale + distance + touching weight; each taken away in turn
       run native experiment=native
       run native_no_touching experiment=native data.touching_weight=0
-      run native_no_scale experiment=native augmentation=nuclei
+      run native_no_stain experiment=native augmentation=nuclei_scale
+      run native_no_scale experiment=native augmentation=nuclei   # (nor stain variation)
       run native_contour_only experiment=native model.net.out_channels=2
       ;;
     time)  # the cosine schedule follows max_epochs (README: minutes per epoch on this machine)
