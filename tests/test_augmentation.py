@@ -1,4 +1,5 @@
-"""Scale augmentation (augmentation=nuclei_scale) and the 3-channel target through the loaders."""
+"""Scale augmentation (augmentation=nuclei_scale), stain variation (nuclei_colour, the native
+recipe's) and the 3-channel target through the loaders."""
 
 import hydra
 import numpy as np
@@ -49,6 +50,7 @@ def test_crops_carry_the_distance_target_through_the_zoom(tmp_path):
 
 def test_nuclei_colour_varies_the_stain_of_colour_images_and_leaves_grey_ones_grey():
     cfg = compose_cfg("train", ["augmentation=nuclei_colour"])
+    assert compose_cfg("train", ["experiment=native"]).augmentation == cfg.augmentation
     pipeline = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
     (jitter,) = [t for t in pipeline.transforms if type(t).__name__ == "ColorJitter"]
     jitter.p = 1.0
