@@ -42,8 +42,8 @@ from cellseg.datasets import (
     centre_offsets,
     check_target_channels,
     image_kind,
+    all_sources,
     iter_samples,
-    list_sources,
     prepare_image,
     resize,
     targets_from_labels,
@@ -67,11 +67,14 @@ def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str
 
 
 def make_splits(
-    ids: list[str], test_size: float, val_size: float, seed: int
+    ids: list[str], test_size: float, val_size: float, seed: int,
+    extra: Sequence[str] = (),
 ) -> dict[str, list[str]]:
-    """Train / val / test ids: the test split first, then ``val_size`` off the training ids;
-    without ``val_size`` the test images also validate (the study)."""
+    """Train / val / test ids: the test split first, then ``val_size`` off the training ids
+    and the ``extra`` ones (images of ``data.train_roots``, which never test); without
+    ``val_size`` the test images also validate (the study)."""
     train, test = split_ids(ids, test_size, seed)
+    train = train + sorted(extra)
     val = test
     if val_size:
         train, val = split_ids(train, val_size, seed)
@@ -266,6 +269,7 @@ class NucleiDataModule(L.LightningDataModule):
         cache: bool = True,
         channel: int | str | None = None,
         touching_weight: float = 0.0,
+        train_roots: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         # primitives only: the checkpoint's description of its data (weights_only loading)
@@ -317,6 +321,7 @@ class NucleiDataModule(L.LightningDataModule):
         self.cache = cache
         self.channel = channel  # the nuclei channel of multi-channel files (index or name)
         self.touching_weight = touching_weight
+        self.train_roots = [str(r) for r in train_roots or []]  # more folders, training side only
         self.splits: dict[str, list[str]] = {}
         self.diameter: float | None = None
         self.multiple: int | None = None  # the network's size multiple, see set_multiple
@@ -361,8 +366,10 @@ class NucleiDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and hasattr(getattr(module, "net", None), "multiple"):
             self.set_multiple(module.net.multiple)
-        sources = {s.id: s for s in list_sources(self.root, self.layout, self.channel)}
-        self.splits = make_splits(sorted(sources), self.test_size, self.val_size, self.split_seed)
+        sources = self.sources()
+        extra = [i for i in sources if "/" in i]  # the train_roots' images: prefixed ids
+        own = sorted(set(sources) - set(extra))
+        self.splits = make_splits(own, self.test_size, self.val_size, self.split_seed, extra)
         train, val, test = (self.splits[k] for k in ("train", "val", "test"))
         self.log_split()
         diameters, areas, kinds, train_ids = [], {}, {}, set(train)
@@ -396,13 +403,18 @@ class NucleiDataModule(L.LightningDataModule):
         for name, split_pairs in pairs.items():
             self.datasets[name] = self.make_dataset(name, split_pairs)
 
+    def sources(self) -> dict[str, Source]:
+        """Every sample of ``root`` and the ``train_roots`` by id, found but not decoded."""
+        return all_sources(self.root, self.layout, self.channel, self.train_roots)
+
     def log_split(self) -> None:
         """Say which images validate (and so choose the 'best' checkpoint)."""
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
         s = self.splits
         n = len({i for ids in s.values() for i in ids})
-        sizes = f"{n} images in {self.root} ({len(s['train'])} train, {len(s['test'])} test)"
+        where = ", ".join(map(str, [self.root, *self.train_roots]))
+        sizes = f"{n} images in {where} ({len(s['train'])} train, {len(s['test'])} test)"
         if s["val"] == s["test"]:
             log.info(
                 "Data: %s; validation = the test split (data.val_size=0, as the study): "

@@ -306,6 +306,55 @@ def list_sources(
     return LAYOUTS[layout](root, channel)
 
 
+def root_layout(root: str | Path) -> str:
+    """The layout of a folder of annotated images: ``folder`` when it has ``images/``, else
+    ``dsb2018`` (one folder per image)."""
+    return "folder" if (_existing_dir(root) / "images").is_dir() else "dsb2018"
+
+
+def renamed(source: Source, new_id: str) -> Source:
+    """The same stored sample under another id (its Sample carries the new id too)."""
+    return Source(new_id, partial(_read_renamed, source.read, new_id))
+
+
+def _read_renamed(read: Callable[[], Sample], new_id: str) -> Sample:
+    sample = read()
+    sample.id = new_id
+    return sample
+
+
+def training_sources(
+    roots: list[str | Path] | tuple = (), channel: int | str | None = None
+) -> list[Source]:
+    """The samples of more folders (``data.train_roots``), each id prefixed with its folder's
+    name (``dsb2018-pool/<id>``) so that folders with the same file names do not collide; each
+    folder's layout is read from it (:func:`root_layout`)."""
+    sources = []
+    for root in roots:
+        prefix = Path(root).expanduser().name
+        for source in list_sources(root, root_layout(root), channel):
+            sources.append(renamed(source, f"{prefix}/{source.id}"))
+    ids = [s.id for s in sources]
+    if len(set(ids)) != len(ids):
+        raise ValueError(
+            f"data.train_roots={list(map(str, roots))} holds two folders of the same name; "
+            "give each its own folder name"
+        )
+    return sources
+
+
+def all_sources(
+    root: str | Path, layout: str, channel: int | str | None = None,
+    train_roots: list[str | Path] | tuple = (),
+) -> dict[str, Source]:
+    """A dataset's samples by id: ``root``'s (split into train / val / test) and those of the
+    ``train_roots`` (training side only), found but not decoded."""
+    sources = {s.id: s for s in list_sources(root, layout, channel)}
+    for source in training_sources(train_roots or (), channel):
+        sources[source.id] = source
+    return sources
+
+
 def iter_samples(sources: list[Source], description: str) -> Iterator[Sample]:
     """Decode the sources one after another (a progress bar from 20 of them on)."""
     for source in _progress(sources, description):

@@ -71,6 +71,9 @@ def segmentation_loss(
     return bce + soft_dice_loss(logits[:, :3], target[:, :3])
 
 
+CHECKPOINT_FORMAT = 2  # cellseg's own keys: 2 adds checkpoint["cellseg"] (format, commit, command)
+
+
 class SegmentationModule(L.LightningModule):
     """Binary nucleus segmentation with the study's U-Net.
 
@@ -112,6 +115,7 @@ class SegmentationModule(L.LightningModule):
         self.test_loss = MeanMetric(nan_strategy="ignore")
         self.val_iou_best = MaxMetric()
         self.resumed_iou_best: float | None = None  # from the checkpoint a run resumes
+        self.provenance: dict[str, Any] = {}  # train.py: the commit and command of the run
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what the checkpoint says beside the weights, read once with them
@@ -124,6 +128,7 @@ class SegmentationModule(L.LightningModule):
         # resumed run reports the best of all its epochs, not only of those after the resume
         if self.val_iou_best.update_count:
             checkpoint["val_iou_best"] = float(self.val_iou_best.compute())
+        checkpoint["cellseg"] = {"format": CHECKPOINT_FORMAT, **self.provenance}
 
     def setup(self, stage: str) -> None:
         if torch.distributed.is_initialized():

@@ -5,7 +5,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +232,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         return {}
     datamodule, model, trainer = build(cfg)
+    model.provenance = provenance()
     if ckpt is not None:
         check_resumable(ckpt, ckpt_path, model)
     try:
@@ -255,6 +260,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.log_metrics(hp_metrics, step=trainer.global_step)
     report(trainer, metrics, tested or last_checkpoint(trainer), bool(cfg.get("test")))
     return metrics
+
+
+def provenance() -> dict[str, str]:
+    """The command and the commit (``git describe``, ``+dirty`` with uncommitted changes) that
+    trained a model, stored in its checkpoints."""
+    command = " ".join(["python -m cellseg.train", *map(shlex.quote, sys.argv[1:])])
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=12"], cwd=here,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = f"cellseg {version('cellseg')} (not a git checkout)"
+    return {"command": command, "commit": commit}
 
 
 def last_checkpoint(trainer: L.Trainer) -> str | None:

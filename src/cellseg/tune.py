@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from cellseg.datamodule import describe_data
-from cellseg.datasets import iter_samples, list_sources
+from cellseg.datasets import iter_samples
 from cellseg.inference import preprocessing, probabilities
 from cellseg.instances import instances, labels_from_probs
 from cellseg.metrics import InstanceScores
@@ -171,7 +171,7 @@ class TunePostprocessing(L.Callback):
         """Search the options for each checkpoint's weights and write them into its file."""
         dm = trainer.datamodule
         ids = set(dm.splits[self.images])
-        sources = [s for s in list_sources(dm.root, dm.layout, dm.channel) if s.id in ids]
+        sources = [s for i, s in dm.sources().items() if i in ids]
         kind = {"val": "validation", "train": "training"}[self.images]
         samples = list(iter_samples(sources, f"Reading {kind} images"))
         weights, was_training = copy.deepcopy(pl_module.state_dict()), pl_module.training
