@@ -25,6 +25,8 @@ from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.progress import track
 
+from cellseg.errors import UserError
+
 F = TypeVar("F", bound=Callable[..., Any])
 PACKAGE = str(Path(__file__).resolve().parent)
 log = logging.getLogger(__name__)
@@ -63,13 +65,26 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def one_line_errors(main: F) -> F:
-    """Print cellseg's own errors as one line and exit with status 1.
+OWN_MESSAGES = (FileNotFoundError, FileExistsError, FloatingPointError)  # cellseg raises these
+# with a message for people too (missing data, a non-finite loss)
 
-    Errors raised by cellseg's code carry a message that names the file, what was found and
-    the option that fixes it; the traceback adds only noise. ``HYDRA_FULL_ERROR=1`` shows it
-    (the error re-raised), as do errors raised elsewhere (bugs, whose traceback matters). In
-    a multirun the error is logged and re-raised, so the sweeper marks the job failed.
+
+def for_people(err: BaseException) -> bool:
+    """Whether ``err`` is a message for a person (:class:`~cellseg.errors.UserError`, a missing
+    value, or one of ``OWN_MESSAGES`` raised by cellseg's code) rather than a bug, whose
+    traceback matters (a KeyError, IndexError, TypeError ... anywhere, a library's error)."""
+    if isinstance(err, (UserError, MissingMandatoryValue)):
+        return True
+    return isinstance(err, OWN_MESSAGES) and raised_by_cellseg(err)
+
+
+def one_line_errors(main: F) -> F:
+    """Print errors for people as one line and exit with status 1; keep every other error's
+    traceback, with a line that asks to report it.
+
+    A :class:`~cellseg.errors.UserError` names the file or option, what was found and the fix;
+    its traceback adds only noise (``HYDRA_FULL_ERROR=1`` shows it). In a multirun the error is
+    logged and re-raised, so the sweeper marks the job failed.
     """
 
     @functools.wraps(main)
@@ -78,8 +93,11 @@ def one_line_errors(main: F) -> F:
             return main(*args, **kwargs)
         except Exception as err:
             cause = own_cause(err)
-            for_people = raised_by_cellseg(cause) or isinstance(cause, MissingMandatoryValue)
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not for_people:
+            if not for_people(cause):
+                log.error("cellseg stopped on an unexpected %s (a bug: please report it with "
+                          "the traceback below)", type(cause).__name__)
+                raise
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", message(cause))
             if in_multirun():
@@ -87,6 +105,41 @@ def one_line_errors(main: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def needs_quotes(value: str) -> bool:
+    """Whether Hydra's override grammar would refuse ``value`` unquoted: a space or a letter
+    outside ASCII (``/Users/me/My Images``, ``Zellkerne_Übersicht``), in a value that is not
+    already quoted, a list, a dict or an interpolation."""
+    if not value or value[0] in "'\"[{" or "${" in value:
+        return False
+    return any(c.isspace() or not c.isascii() for c in value)
+
+
+def quote(value: str) -> str:
+    """``value`` as one quoted Hydra string (its quote character escaped)."""
+    q = "'" if "'" not in value or '"' in value else '"'
+    return q + value.replace(q, "\\" + q) + q
+
+
+def hydra_args(args: list[str], renames: dict[str, str] | None = None) -> list[str]:
+    """Command-line overrides made safe for Hydra: values with spaces or non-ASCII letters
+    quoted (what a shell passes for ``input="My Images"``), and ``renames``' keys renamed
+    (``model=`` of predict is ``model_name`` in its config: ``model`` is training's group)."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and not arg.startswith("-"):
+            key = (renames or {}).get(key, key)
+            arg = f"{key}={quote(value) if needs_quotes(value) else value}"
+        out.append(arg)
+    return out
+
+
+def run(main: Callable[[], Any], renames: dict[str, str] | None = None) -> Any:
+    """Start a ``@hydra.main`` entry point with :func:`hydra_args` applied to ``sys.argv``."""
+    sys.argv[1:] = hydra_args(sys.argv[1:], renames)
+    return main()
 
 
 class RankZeroFilter(logging.Filter):
