@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DSB2018 ?= $(firstword $(wildcard data/dsb2018/stage1_train ../shared/data/dsb2018/stage1_train) data/dsb2018/stage1_train)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full sweep compare bench tensorboard lint clean
+.PHONY: help install train test test-full sweep compare bench model tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's|$$(DSB2018)|$(DSB2018)|g' | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ compare: $(STAMP) ## baseline vs augmented (real data when $(DSB2018) exists), t
 
 bench: $(STAMP) ## measure training and prediction speed (writes bench.md and bench.json)
 	$(PY) -m cellseg.bench
+
+# the folder holding dsb2018/stage1_train (the 50-image sample) and dsb2018-pool (300 more)
+MODEL_DATA ?= ../shared/data
+model: $(STAMP) ## retrain the shipped model: experiment=general on MODEL_DATA=../shared/data (~90 min, 2 cores)
+	$(PY) -m cellseg.train experiment=general paths.data_dir=$(abspath $(MODEL_DATA)) hydra.run.dir=logs/general/$(NOW)
+	$(PY) scripts/ship_model.py logs/general/$(NOW)
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under logs/
 	$(VENV)/bin/tensorboard --logdir logs

@@ -16,9 +16,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cellseg import config_dir
+from cellseg.checkpoint import load_model, preprocessing
 from cellseg.datamodule import split_ids
 from cellseg.datasets import read_samples, resize
-from cellseg.inference import load_model, preprocessing, segment_at_scale
+from cellseg.inference import segment_at_scale
 from cellseg.measure import median_diameter
 from cellseg.metrics import instance_scores
 

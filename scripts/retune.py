@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from cellseg.datamodule import describe_data
+from cellseg.checkpoint import describe_data, load_model, preprocessing
 from cellseg.datasets import iter_samples, list_sources
 from cellseg.files import atomic
-from cellseg.inference import load_model, preprocessing
 from cellseg.train import read_checkpoint
 from cellseg.tune import SCORES, TunePostprocessing, options_text
 

@@ -181,7 +181,7 @@ def test_equivalent_diameters_of_label_images():
 
 
 def test_checkpoint_state_holds_the_split_and_the_resized_nuclei_diameter(synthetic_dm):
-    from cellseg.datamodule import describe_data
+    from cellseg.checkpoint import describe_data
 
     state = synthetic_dm.state_dict()
     assert state["splits"] == synthetic_dm.splits and state["diameter"] > 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cellseg.checkpoint import checkpoint_data
 from cellseg.datasets import read_samples
 from cellseg.eval import evaluate, write_outputs
-from cellseg.inference import checkpoint_data
 from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode
 from helpers import compose_cfg, failure, predict_cfg
 
@@ -65,7 +65,7 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="model.ckpt is not a cellseg checkpoint"):
         evaluate(eval_cfg(bogus))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="missing.ckpt: no such file and no shipped model"):
         evaluate(eval_cfg(tmp_path / "missing.ckpt"))
 
 
@@ -205,7 +205,7 @@ def test_eval_scores_the_runs_own_split_whatever_its_own_defaults(cfg_factory):
 
 
 def test_preprocessing_comes_from_the_checkpoint(trained):
-    from cellseg.inference import load_model, preprocessing
+    from cellseg.checkpoint import load_model, preprocessing
 
     ckpt, root = trained
     model = load_model(ckpt)
@@ -223,7 +223,7 @@ def test_preprocessing_comes_from_the_checkpoint(trained):
 
 
 def test_an_old_checkpoint_works_through_its_preprocess_or_an_override(trained, tmp_path):
-    from cellseg.inference import load_model, preprocessing
+    from cellseg.checkpoint import load_model, preprocessing
 
     ckpt, root = trained
     raw = torch.load(ckpt, weights_only=True)
@@ -240,7 +240,7 @@ def test_an_old_checkpoint_works_through_its_preprocess_or_an_override(trained, 
     with pytest.raises(ValueError, match="records no mode, img_size"):
         preprocessing(load_model(tmp_path / "older.ckpt"))
     assert preprocessing(load_model(tmp_path / "older.ckpt"), old)["img_size"] == 64
-    with pytest.raises(ValueError, match="predates cellseg's data description: pass the data"):
+    with pytest.raises(ValueError, match="records no training data .* pass the data to score"):
         evaluate(eval_cfg(tmp_path / "old.ckpt"))
     cfg = eval_cfg(tmp_path / "old.ckpt", "data=synthetic", f"data.root={root}")
     assert evaluate(cfg)[0]["images"] == 2  # the split recomputed from data.test_size
@@ -282,7 +282,8 @@ def test_three_and_five_level_networks_train_crop_evaluate_and_predict(cfg_facto
 
 
 def test_images_below_the_networks_multiple_are_refused(trained):
-    from cellseg.inference import load_model, preprocessing, segment
+    from cellseg.checkpoint import load_model, preprocessing
+    from cellseg.inference import segment
 
     ckpt, _ = trained
     model = load_model(ckpt)

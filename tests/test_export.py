@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import socket
 import zipfile
 
@@ -16,9 +17,10 @@ from PIL import Image
 pytest.importorskip("onnxruntime", reason="pip install 'cellseg[export]'")
 
 from cellseg.backends import network  # noqa: E402
+from cellseg.checkpoint import load_model  # noqa: E402
 from cellseg.datasets import prepare_image, read_samples  # noqa: E402
 from cellseg.export import documentation, export  # noqa: E402
-from cellseg.inference import load_model, predict_tensor  # noqa: E402
+from cellseg.inference import predict_tensor  # noqa: E402
 from cellseg.predict import predict  # noqa: E402
 from cellseg.tune import options_text, tuned_instances  # noqa: E402
 from helpers import compose_cfg  # noqa: E402
@@ -145,10 +147,17 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(paths["onnx"])).metadata_props}
-    assert json.loads(props["cellseg"])["normalize"] == "percentile"
+    assert json.loads(props["cellseg"])["preprocess"]["normalize"] == "percentile"
     files = {"cellseg": ""}
     torch.jit.load(str(paths["torchscript"]), _extra_files=files)
-    assert json.loads(files["cellseg"])["in_channels"] == 3
+    assert json.loads(files["cellseg"])["preprocess"]["in_channels"] == 3
+    assert json.loads(files["cellseg"])["postprocess"]["instances"] == tuned_instances(ckpt)
+    from cellseg import checkpoint
+
+    packaged = checkpoint.load(paths["bioimageio"])  # model= takes the zip as it is
+    assert packaged.kind == "bioimageio"
+    assert packaged.preprocessing() == checkpoint.load(ckpt).preprocessing()
+    assert packaged.postprocess["instances"] == tuned_instances(ckpt)
 
     with zipfile.ZipFile(paths["bioimageio"]) as z:
         names = set(z.namelist())
@@ -176,6 +185,8 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     assert "min_score" in tuned and training["postprocess"]["instances"] == tuned
     assert training["postprocess"]["split"] == "val"
     assert f"{options_text(tuned)}, tuned on the run's validation images" in doc
+    assert f"its cores (above {tuned['seed_threshold']:g}) seed a watershed" in doc
+    assert rdf["authors"][0]["name"] == os.environ.get("USER", "cellseg user")  # resolved
 
     gc.freeze()  # bioimageio.core collects garbage after each model: skip the suite's objects
     try:

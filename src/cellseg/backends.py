@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cellseg.errors import UserError
+
 BACKENDS = ("pytorch", "pytorch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8")
 ONNX_OPSET = 17
 CALIBRATION_CROPS, CALIBRATION_SIDE = 16, 128
@@ -113,14 +115,14 @@ def calibration_crops(model: nn.Module, root: str | Path | None = None) -> list[
     """Random (seeded) crops of the checkpoint's training images, prepared as for prediction:
     ``CALIBRATION_CROPS`` of ``CALIBRATION_SIDE`` px or, from smaller images, the largest
     multiple of the network's size multiple they hold."""
+    from cellseg.checkpoint import checkpoint_data, preprocessing
     from cellseg.datasets import list_sources, prepare_image
-    from cellseg.inference import checkpoint_data, preprocessing
 
     data = checkpoint_data(model)
     hp, pre = data["hparams"], preprocessing(model)
     root = Path(root or hp.get("root") or "")
     if not hp or not root.is_dir():
-        raise ValueError(
+        raise UserError(
             f"backend=onnxruntime-int8 calibrates on the checkpoint's training images and "
             f"{'the checkpoint names none' if not hp else f'{root} is not there'}; "
             "use backend=onnxruntime (or data_root=<its dataset>)"
@@ -142,7 +144,7 @@ def calibration_crops(model: nn.Module, root: str | Path | None = None) -> list[
         if len(crops) == CALIBRATION_CROPS:
             break
     if not crops:
-        raise ValueError(f"{root} holds none of the checkpoint's training images to calibrate "
+        raise UserError(f"{root} holds none of the checkpoint's training images to calibrate "
                          "backend=onnxruntime-int8 on; use backend=onnxruntime")
     return crops
 
@@ -185,4 +187,4 @@ def network(
                  len(crops))
         quantized = int8_onnx(onnx_bytes(model.net), crops)
         return Network(onnx_session(quantized, device), model.net, backend)
-    raise ValueError(f"backend={backend!r}; use one of {', '.join(BACKENDS)}")
+    raise UserError(f"backend={backend!r}; use one of {', '.join(BACKENDS)}")

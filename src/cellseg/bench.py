@@ -199,9 +199,10 @@ def backend_table(ckpt_path: str, data: str, root: str, backends: list, repeats:
     from hydra import compose, initialize_config_dir
 
     from cellseg.backends import network
+    from cellseg.checkpoint import load_model, preprocessing
     from cellseg.datasets import prepare_image, read_samples
     from cellseg.eval import evaluate
-    from cellseg.inference import load_model, predict_image, preprocessing
+    from cellseg.inference import predict_image
 
     overrides = [f"ckpt_path={ckpt_path}", f"data={data}", f"data.root={root}"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -256,7 +257,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     rows = []
     root = str(Path(cfg.paths.output_dir))
     inference = OmegaConf.to_container(cfg.inference)
-    inference.pop("max_squash", None)  # a resize-mode setting; the bench predicts natively
+    inference.pop("max_squash", None)  # resize-mode settings; the bench predicts natively
+    inference.pop("max_shrink", None)
     keep = bool(cfg.keep_freed_memory)
     for size, b in cfg.shapes:
         for precision in cfg.precisions:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import textwrap
 from collections.abc import Collection
 from pathlib import Path
 
@@ -30,11 +31,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from cellseg import config_dir
+from cellseg.checkpoint import checkpoint_data
 from cellseg.cli import one_line_errors
 from cellseg.datasets import Sample
 from cellseg.eval import SCORES, evaluate
 from cellseg.figures import display_rgb
-from cellseg.inference import checkpoint_data
 
 log = logging.getLogger(__name__)
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "Directory watcher advancing..."
@@ -81,8 +82,13 @@ def run_info(run: Path) -> dict:
         acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
+        # each point at its epoch (1-based): Lightning logs the epoch beside every step, and
+        # validation every n epochs must not be drawn at epochs 1, 2, 3 ...
+        epoch_at = {e.step: int(e.value) + 1 for e in acc.Scalars("epoch")} if (
+            "epoch" in tags) else {}
         info["curves"] = {
-            t: [(e.step, e.value) for e in acc.Scalars(t)] for t in CURVES if t in tags
+            t: [(epoch_at.get(e.step, i), e.value) for i, e in enumerate(acc.Scalars(t), 1)]
+            for t in CURVES if t in tags
         }
         if "train/loss" in tags:
             walls = [e.wall_time for e in acc.Scalars("train/loss")]
@@ -150,7 +156,7 @@ def comparison_figure(infos: list[dict], ids: list[str]) -> Figure:
             axes[i, j].imshow(info["kept"][s.id][1] > 0.5, cmap="gray")
             r = info["per_image"][s.id]
             axes[i, j].set_title(f"iou {r['iou']:.2f} map {r['map']:.2f}", fontsize=8)
-        axes[i, 0].set_ylabel(info["run"], fontsize=8)
+        axes[i, 0].set_ylabel(textwrap.fill(info["run"], 22), fontsize=7)  # long names wrap
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -161,7 +167,7 @@ def comparison_figure(infos: list[dict], ids: list[str]) -> Figure:
 def curves_figure(infos: list[dict]) -> Figure:
     """Loss and iou per epoch, train dashed and validation solid, one colour per run; the loss
     axis names the runs' loss function(s)."""
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4.5 + 0.18 * len(infos)))
     ax_loss, ax_iou = fig.subplots(1, 2)
     for k, info in enumerate(infos):
         colour = f"C{k % 10}"
@@ -171,7 +177,7 @@ def curves_figure(infos: list[dict]) -> Figure:
                 style = "--" if tag.startswith("train") else "-"
                 label = f"{info['run']} {tag.split('/')[0]}"
                 ax.plot(
-                    range(1, len(points) + 1),
+                    [epoch for epoch, _ in points],
                     [v for _, v in points],
                     style,
                     color=colour,
@@ -183,9 +189,10 @@ def curves_figure(infos: list[dict]) -> Figure:
         ax.set_ylabel(name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    if ax_loss.lines:  # below the axes, where it covers no data
+        handles, labels = ax_loss.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + len(infos) // 2), 1, 1))
     return fig
 
 

@@ -39,16 +39,17 @@ from cellseg import synthetic
 from cellseg.datasets import (
     Sample,
     Source,
+    all_sources,
     centre_offsets,
     check_target_channels,
     image_kind,
-    all_sources,
     iter_samples,
     prepare_image,
     resize,
     targets_from_labels,
     touching_weights,
 )
+from cellseg.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str
     n = len(ids)
     n_test = math.ceil(test_size * n) if isinstance(test_size, float) else int(test_size)
     if not 0 < n_test < n:
-        raise ValueError(
+        raise UserError(
             f"a held-out fraction of {test_size} leaves no image on one side of {n}; "
             "change data.test_size / data.val_size or add images"
         )
@@ -73,11 +74,13 @@ def make_splits(
     """Train / val / test ids: the test split first, then ``val_size`` off the training ids
     and the ``extra`` ones (images of ``data.train_roots``, which never test); without
     ``val_size`` the test images also validate (the study)."""
-    train, test = split_ids(ids, test_size, seed)
+    train, test = split_ids(ids, test_size, seed) if test_size else (list(ids), [])
     train = train + sorted(extra)
     val = test
     if val_size:
         train, val = split_ids(train, val_size, seed)
+    if not train:
+        raise UserError(f"no training images among the {len(ids) + len(extra)} found")
     return {"train": train, "val": val, "test": test}
 
 
@@ -212,17 +215,6 @@ def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
     return np.sqrt(4 * areas[areas > 0] / np.pi)
 
 
-def describe_data(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The data description in a checkpoint: the datamodule's hyperparameters, split ids and
-    median training nucleus diameter (empty for checkpoints that predate them)."""
-    state = checkpoint.get(NucleiDataModule.__qualname__) or {}
-    return {
-        "hparams": dict(checkpoint.get(NucleiDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}),
-        "splits": dict(state.get("splits") or {}),
-        "diameter": state.get("diameter"),
-    }
-
-
 def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker its own numpy, random and albumentations streams.
 
@@ -275,31 +267,31 @@ class NucleiDataModule(L.LightningDataModule):
         # primitives only: the checkpoint's description of its data (weights_only loading)
         self.save_hyperparameters(ignore=["augmentation"], logger=False)
         if mode not in ("resize", "crop"):
-            raise ValueError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
+            raise UserError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
         if crops_by_area and mode != "crop":
-            raise ValueError(
+            raise UserError(
                 "data.crops_by_area=true shares out training crops by image area; it needs "
                 "data.mode=crop"
             )
         if area_power != 1.0 and not crops_by_area:
-            raise ValueError(
+            raise UserError(
                 f"data.area_power={area_power} shares out crops by area to that power; it needs "
                 "data.crops_by_area=true"
             )
         if crops_by_kind and not crops_by_area:
-            raise ValueError(
+            raise UserError(
                 "data.crops_by_kind=true gives colour and grey images crops by their numbers, "
                 "then by area within each; it needs data.crops_by_area=true"
             )
         if touching_weight and (mode != "crop" or target_channels < 2):
-            raise ValueError(
+            raise UserError(
                 f"data.touching_weight={touching_weight} weighs the contour, distance and offset "
                 "channels where nuclei touch in training crops; it needs data.mode=crop and "
                 "model.net.out_channels=2 or more"
             )
         check_target_channels(target_channels)
         if target_channels == 5 and mode != "crop":
-            raise ValueError(
+            raise UserError(
                 "model.net.out_channels=5 predicts centre offsets, drawn from each training "
                 "crop's nuclei; it needs data.mode=crop (experiment=native)"
             )
@@ -335,7 +327,7 @@ class NucleiDataModule(L.LightningDataModule):
         name, size = ("img_size", self.img_size) if resize_mode else ("crop_size", self.crop_size)
         if size % multiple:
             fit = max(multiple, size // multiple * multiple)
-            raise ValueError(
+            raise UserError(
                 f"data.{name}={size} is not a multiple of {multiple}, the network's size multiple "
                 f"(2^levels of model.net.channels); choose e.g. data.{name}={fit}"
             )
@@ -415,7 +407,10 @@ class NucleiDataModule(L.LightningDataModule):
         n = len({i for ids in s.values() for i in ids})
         where = ", ".join(map(str, [self.root, *self.train_roots]))
         sizes = f"{n} images in {where} ({len(s['train'])} train, {len(s['test'])} test)"
-        if s["val"] == s["test"]:
+        if not s["val"] and not s["test"]:
+            log.info("Data: %s; every image trains (data.test_size=0, data.val_size=0): the "
+                     "last weights are the model", sizes)
+        elif s["val"] == s["test"]:
             log.info(
                 "Data: %s; validation = the test split (data.val_size=0, as the study): "
                 "choose checkpoints with test_ckpt=last, or set data.val_size", sizes
@@ -493,7 +488,7 @@ class NucleiDataModule(L.LightningDataModule):
         minimum = self.multiple or 1
         if min(sample.labels.shape) < minimum:
             h, w = sample.labels.shape
-            raise ValueError(
+            raise UserError(
                 f"image {sample.id} in {self.root} is {h}x{w} pixels, below the network's size "
                 f"multiple {minimum}; remove it from the dataset"
             )
@@ -503,7 +498,7 @@ class NucleiDataModule(L.LightningDataModule):
         each of the trainer's ``world_size`` processes loads its share."""
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
-            raise ValueError(
+            raise UserError(
                 f"data.batch_size={self.batch_size} (the global batch) does not split over "
                 f"{world} processes; choose a multiple of {world}"
             )
@@ -519,7 +514,7 @@ class NucleiDataModule(L.LightningDataModule):
         if split != "train" and self.trainer is not None and self.trainer.world_size > 1:
             world, rank = self.trainer.world_size, self.trainer.global_rank
             if len(dataset) < world:
-                raise ValueError(
+                raise UserError(
                     f"the {split} split has {len(dataset)} images for {world} processes; "
                     "use fewer devices or a larger split (data.test_size, data.val_size)"
                 )

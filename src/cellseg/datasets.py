@@ -25,6 +25,7 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
 from cellseg.cli import progress
+from cellseg.errors import UserError
 from cellseg.files import read_image, replace_nonfinite, stem
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -52,7 +53,7 @@ def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     if in_channels == 1 and image.shape[-1] == 3:
         weights = np.array([0.299, 0.587, 0.114], np.float32)
         return (image.astype(np.float32) @ weights)[..., None]
-    raise ValueError(f"cannot convert an image with {image.shape[-1]} channels to {in_channels}")
+    raise UserError(f"cannot convert an image with {image.shape[-1]} channels to {in_channels}")
 
 
 def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
@@ -71,7 +72,7 @@ def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
     elif method == "minmax":
         lo, hi = image.min(), image.max()
     else:
-        raise ValueError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
+        raise UserError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
     x = image.astype(np.float32)  # the one full-size copy; the rest is in place
     x -= np.float32(lo)
     x /= np.float32(max(hi - lo, 1e-6))
@@ -127,7 +128,7 @@ TARGET_NAMES = ("foreground", "contour", "distance", "offset_row", "offset_col")
 def check_target_channels(channels: int) -> None:
     """Refuse a number of output channels that no target is drawn for."""
     if channels not in (1, 2, 3, 5):
-        raise ValueError(
+        raise UserError(
             f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours), "
             "3 (+ contours and distance) or 5 (+ contours, distance and centre offsets)"
         )
@@ -200,13 +201,13 @@ def labels_from_mask(mask: np.ndarray, path: Path | str = "mask") -> np.ndarray:
     if len(values) <= 2:
         return connected_components(mask > 0, connectivity=1).astype(np.int32)
     if not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"{path} has {len(values)} non-integer values; expected binary or labels")
+        raise UserError(f"{path} has {len(values)} non-integer values; expected binary or labels")
     return mask.astype(np.int32)
 
 
 def _check_same_size(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
     if image.shape[:2] != labels.shape:
-        raise ValueError(
+        raise UserError(
             f"mask {path} is {labels.shape[1]}x{labels.shape[0]} but its image is "
             f"{image.shape[1]}x{image.shape[0]}; masks must match their image's size"
         )
@@ -302,7 +303,7 @@ def list_sources(
 ) -> list[Source]:
     """The samples of a dataset of the given layout, found but not decoded."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown data layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+        raise UserError(f"unknown data layout {layout!r}; choose one of {sorted(LAYOUTS)}")
     return LAYOUTS[layout](root, channel)
 
 
@@ -336,7 +337,7 @@ def training_sources(
             sources.append(renamed(source, f"{prefix}/{source.id}"))
     ids = [s.id for s in sources]
     if len(set(ids)) != len(ids):
-        raise ValueError(
+        raise UserError(
             f"data.train_roots={list(map(str, roots))} holds two folders of the same name; "
             "give each its own folder name"
         )

@@ -1,4 +1,4 @@
-"""Score a checkpoint at native resolution: ``python -m cellseg.eval ckpt_path=...``.
+"""Score a model at native resolution: ``python -m cellseg.eval model=...``.
 
 By default the data the checkpoint was trained on (its root, layout and split ids are in the
 checkpoint) and its test split; ``data_root=`` where that data has moved, ``data=NAME
@@ -27,18 +27,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cellseg import config_dir
-from cellseg.backends import network
-from cellseg.cli import one_line_errors, progress
+from cellseg import checkpoint, config_dir
+from cellseg.cli import one_line_errors, progress, run
 from cellseg.datamodule import make_splits
-from cellseg.datasets import Sample, Source, iter_samples, list_sources
-from cellseg.inference import (
-    checkpoint_data,
-    diameter_scale,
-    load_model,
-    preprocessing,
-    segment_at_scale,
-)
+from cellseg.datasets import Sample, Source, all_sources, iter_samples
+from cellseg.errors import UserError
+from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.metrics import InstanceScores, PixelScore, pixel_metrics
 from cellseg.tune import instance_options
 
@@ -55,9 +49,9 @@ def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
         hp = description["hparams"]
         root, layout, origin = hp["root"], hp["layout"], "the checkpoint's training data"
     else:
-        raise ValueError(
-            f"{cfg.ckpt_path} predates cellseg's data description: pass the data it was trained "
-            "on, e.g. data=dsb2018 data.root=DIR"
+        raise UserError(
+            f"{checkpoint.named(cfg)} records no training data (an old checkpoint or an exported "
+            "file): pass the data to score, e.g. data=folder data.root=DIR split=all"
         )
     if cfg.get("data_root"):
         root, origin = cfg.data_root, f"{origin}, moved (data_root=)"
@@ -67,13 +61,13 @@ def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
 def select_ids(ids: list[str], split: str, description: dict, data: DictConfig | None) -> list[str]:
     """The ids of ``split`` (the checkpoint's own split ids), or every id for ``all``."""
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}; use one of {', '.join(SPLITS)}")
+        raise UserError(f"split={split!r}; use one of {', '.join(SPLITS)}")
     if split == "all":
         return sorted(ids)
     splits = description["splits"]
     if not splits:  # an old checkpoint: the split recomputed as training did
         if data is None:
-            raise ValueError("the checkpoint records no split: pass data=... or split=all")
+            raise UserError("the checkpoint records no split: pass data=... or split=all")
         log.warning(
             "the checkpoint records no split ids: recomputing the %s split from data.test_size, "
             "data.val_size and data.split_seed, which must be the training run's", split
@@ -81,7 +75,7 @@ def select_ids(ids: list[str], split: str, description: dict, data: DictConfig |
         splits = make_splits(sorted(ids), data.test_size, data.val_size, data.split_seed)
     missing = sorted(set(splits[split]) - set(ids))
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{len(missing)} of the checkpoint's {len(splits[split])} {split} images are not in "
             f"the data (e.g. {missing[0]}); pass data_root=<where they are now> or split=all"
         )
@@ -99,17 +93,22 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
     """Scores over the selected images and one row of scores per image; ``on_image(sample,
     foreground, labels)`` sees each segmentation (compare keeps some for its figure)."""
-    model = load_model(cfg.ckpt_path, cfg.device)
-    pre = preprocessing(model, cfg.get("preprocess"))
-    net = network(model, cfg.backend, cfg.device, cfg.get("data_root"))
-    description = checkpoint_data(model)
+    model = checkpoint.load(checkpoint.named(cfg), cfg.device)
+    log.info(model.first_line())
+    pre = model.preprocessing(cfg.get("preprocess"))
+    net = model.network(cfg.backend, cfg.device, cfg.get("data_root"))
+    description = model.data
     root, layout, origin = scored_data(cfg, description)
     channel = pre["channel"] if cfg.get("channel") is None else cfg.channel
-    sources = list_sources(root, layout, channel)
+    # the checkpoint's own data: its train_roots too, where their images train and validate
+    # (test images come from the root alone)
+    own = not cfg.get("data") and cfg.split != "test"
+    more = description["hparams"].get("train_roots") or [] if own else []
+    sources = list(all_sources(root, layout, channel, more).values())
     ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
     samples = select_samples(sources, ids, root)
-    options = instance_options(cfg.instances, model)
+    options = instance_options(cfg.instances, {"postprocess": model.postprocess})
     diameter_scale(pre, cfg.get("diameter"))  # checked (and logged) before any image
     pixel, instance = pixel_metrics(threshold=0.5), InstanceScores()
     # the foreground of the nuclei found (after post-processing): how other tools are scored
@@ -178,7 +177,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     metrics, rows = evaluate(cfg)
     out_dir = Path(cfg.paths.output_dir)
     write_outputs(out_dir, metrics, rows)
-    print_table(metrics, rows, f"{cfg.ckpt_path}: {cfg.split} split, {metrics['images']} images")
+    title = f"{checkpoint.named(cfg) or checkpoint.DEFAULT_MODEL}: {cfg.split} split"
+    print_table(metrics, rows, f"{title}, {metrics['images']} images")
     log.info(
         "%d images, over all %d nuclei ap50_pooled %.3f and map_pooled %.3f, iou of the nuclei "
         "found %.3f, %.1f megapixels/s; metrics.json and per_image.csv in %s",
@@ -194,4 +194,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, {"model": "model_name"})

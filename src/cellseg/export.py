@@ -1,4 +1,4 @@
-"""Models leave cellseg: ``python -m cellseg.export ckpt_path=... image=... output=DIR``.
+"""Models leave cellseg: ``python -m cellseg.export [model=...] image=... output=DIR``.
 
 Writes into ``output``:
 - ``model.pt``: the network in TorchScript;
@@ -32,11 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
-from cellseg import config_dir
+from cellseg import checkpoint, config_dir
 from cellseg.backends import ONNX_OPSET, onnx_bytes, plain_network, torchscript
-from cellseg.cli import one_line_errors
+from cellseg.cli import one_line_errors, run
 from cellseg.datasets import TARGET_NAMES, normalize, read_image, to_channels
-from cellseg.inference import load_model, preprocessing
+from cellseg.errors import UserError
 from cellseg.tune import DEFAULTS, options_text, tuned_instances
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,19 @@ TAGS = ["nuclei", "fluorescence", "2d", "unet", "instance-segmentation", "cellse
 PERCENTILES = (1.0, 99.8)  # datasets.normalize's "percentile"
 
 
-def write_torchscript(net: nn.Module, path: Path, preprocess: dict) -> Path:
-    """``model.pt``: the traced network, its preprocessing in the extra file ``cellseg``."""
-    torch.jit.save(torchscript(net), str(path), _extra_files={"cellseg": json.dumps(preprocess)})
+def write_torchscript(net: nn.Module, path: Path, meta: dict) -> Path:
+    """``model.pt``: the traced network; ``meta`` (its ``preprocess`` and ``postprocess``,
+    :mod:`cellseg.checkpoint` reads them) in the extra file ``cellseg``."""
+    torch.jit.save(torchscript(net), str(path), _extra_files={"cellseg": json.dumps(meta)})
     return path
 
 
-def write_onnx(net: nn.Module, path: Path, preprocess: dict) -> Path:
-    """``model.onnx``: the network, its preprocessing in the metadata property ``cellseg``."""
+def write_onnx(net: nn.Module, path: Path, meta: dict) -> Path:
+    """``model.onnx``: the network, ``meta`` in the metadata property ``cellseg``."""
     import onnx
 
     proto = onnx.load_from_string(onnx_bytes(net))
-    onnx.helper.set_model_props(proto, {"cellseg": json.dumps(preprocess)})
+    onnx.helper.set_model_props(proto, {"cellseg": json.dumps(meta)})
     onnx.save(proto, str(path))
     return path
 
@@ -84,7 +85,7 @@ def centre_crop(image: np.ndarray, net: nn.Module, side: int) -> np.ndarray:
     m = net.multiple
     h, w = (min(s, max(side, min_side(net))) // m * m for s in image.shape[:2])
     if min(h, w) < min_side(net):
-        raise ValueError(
+        raise UserError(
             f"image is {image.shape[0]}x{image.shape[1]} pixels, the package needs at least "
             f"{min_side(net)} a side; pass a larger image=..."
         )
@@ -124,13 +125,15 @@ def preprocessing_steps(method: str) -> list[Any]:
     elif method == "scale":  # the dtype's maximum: 8-bit images assumed
         return [v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=1 / 255))]
     else:
-        raise ValueError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
+        raise UserError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
     scale = v0_5.ScaleRangeKwargs(axes=axes, min_percentile=lo, max_percentile=hi)
     return [v0_5.ScaleRangeDescr(kwargs=scale), clip]
 
 
 def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
     """The package's documentation page: what it does, what the spec cannot say, the recipe."""
+    tuned = recipe.get("postprocess") or {}
+    seeds = (tuned.get("instances") or {}).get("seed_threshold", DEFAULTS["seed_threshold"])
     invert = (
         "The model was trained with brightfield images inverted (`invert_bright`: an image "
         "whose mean after normalisation exceeds 0.5 is replaced by 1 - image). The "
@@ -155,7 +158,7 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
     if out_channels > 2:
         contour += (
             " Channel 2 (`distance`) is each nucleus's distance to its own border, scaled to 1 "
-            "at its centre: its cores (above 0.5) seed a watershed that floods down it."
+            f"at its centre: its cores (above {seeds:g}) seed a watershed that floods down it."
         )
     if out_channels > 3:
         contour += (
@@ -163,7 +166,6 @@ def documentation(pre: dict, recipe: dict, out_channels: int, name: str) -> str:
             "offset from its nucleus's centre, scaled per nucleus to [0, 1] (0.5 at the centre): "
             "where one falls from about 1 to 0 two nuclei touch."
         )
-    tuned = recipe.get("postprocess") or {}
     if tuned:
         kind = {"val": "validation", "train": "training"}.get(tuned.get("split"), "held-out")
         instances = f"{options_text(tuned['instances'])}, tuned on the run's {kind} images"
@@ -328,7 +330,7 @@ def build_package(
     descr = v0_5.ModelDescr(
         name=cfg.name,
         description=cfg.description,
-        authors=[v0_5.Author(**a) for a in OmegaConf.to_container(cfg.authors)],
+        authors=[v0_5.Author(**a) for a in OmegaConf.to_container(cfg.authors, resolve=True)],
         cite=[v0_5.CiteEntry(text=c["text"], doi=v0_5.Doi(c["doi"])) for c in CITATIONS],
         license=v0_5.LicenseId(cfg.license),
         tags=TAGS,
@@ -354,15 +356,17 @@ def build_package(
 
 def export(cfg: DictConfig) -> dict[str, Path]:
     """Write model.pt, model.onnx and the bioimage.io package; returns their paths."""
-    ckpt = Path(cfg.ckpt_path).expanduser()
-    model = load_model(str(ckpt))
-    pre = preprocessing(model, cfg.get("preprocess"))
+    loaded = checkpoint.load(checkpoint.named(cfg))
+    log.info(loaded.first_line())
+    model, ckpt = loaded.module, loaded.path
+    pre = loaded.preprocessing(cfg.get("preprocess"))
+    meta = {"preprocess": pre, "postprocess": loaded.postprocess}
     crop = centre_crop(read_image(cfg.image), model.net, cfg.test_side)
     out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "torchscript": write_torchscript(model.net, out / "model.pt", pre),
-        "onnx": write_onnx(model.net, out / "model.onnx", pre),
+        "torchscript": write_torchscript(model.net, out / "model.pt", meta),
+        "onnx": write_onnx(model.net, out / "model.onnx", meta),
     }
     recipe = training_recipe(model, ckpt, cfg.get("metrics"))
     with tempfile.TemporaryDirectory(prefix="cellseg-package-") as files:
@@ -378,4 +382,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, {"model": "model_name"})

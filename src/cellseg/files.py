@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from cellseg.errors import UserError
 
 log = logging.getLogger(__name__)
 PLANE_AXES = "TZ"  # leading axes: segmented one 2-D plane at a time
@@ -38,7 +40,7 @@ MICRONS = {
 }
 
 
-class ImageFileError(ValueError):
+class ImageFileError(UserError):
     """An image file cellseg cannot use as it is; the message names the file and the fix."""
 
 
@@ -74,9 +76,10 @@ class ImageFile:
         where = f"{self.path}" + "".join(f" {a}={i}" for a, i in (index or {}).items())
         try:
             array = self._read(index or {})
-        except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # codecs
+        except Exception as err:  # noqa: BLE001 - truncated data, junk pages, codecs
             raise ImageFileError(
-                f"cannot read image {where}: {err}; replace or remove the file"
+                f"cannot read image {where}: {type(err).__name__}: {err}; replace or remove "
+                "the file"
             ) from err
         return replace_nonfinite(array, where)
 
@@ -127,21 +130,21 @@ def stem(path: Path) -> str:
 def open_image(path: str | Path, axes: str | None = None) -> ImageFile:
     """Open an image file: axes, channels and pixel size from the file; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageFileError(f"{path} is a folder, not an image file; move it out of the input")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageFileError(f"cannot read image {path}: the file is empty (0 bytes); replace "
+                             "or remove it")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             return _open_tiff(path, axes)
         return _open_pil(path)
     except ImageFileError:
         raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        RuntimeError,
-        tifffile.TiffFileError,
-    ) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file breaks a decoder in any way
+        # (IndexError from a header without pages, KeyError, struct/zlib errors, ...)
         raise ImageFileError(
-            f"cannot read image {path}: {err}; replace or remove the file"
+            f"cannot read image {path}: {type(err).__name__}: {err}; replace or remove the file"
         ) from err
 
 
@@ -209,10 +212,19 @@ def _open_tiff(path: Path, axes: str | None) -> ImageFile:
             found[len(shape) - page_ndim :] in ("YX", "YXS")
         )
         rgb_photometric = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
+        described = tif.is_ome or tif.is_imagej
         names, pixel_size = _ome_metadata(tif) if tif.is_ome else (None, None)
         if tif.is_imagej:
             pixel_size = _imagej_pixel_size(tif)
     given = axes.upper() if axes else None
+    if not given and not described and found.startswith("S") and found.endswith("YX"):
+        # 3 or 4 planes stored one after another as "RGB(A)": what numpy stacks of Z planes
+        # or channels become when written without axes; real colour images interleave
+        raise ImageFileError(
+            f"{path} holds {shape[0]} planes of {shape[1]}x{shape[2]} that its file calls "
+            "colour (RGB, stored plane by plane) but that may be Z planes or channels; pass "
+            "axes=ZYX (planes), axes=CYX (channels) or axes=SYX (a colour image)"
+        )
     if given and len(given) != len(shape):
         raise ImageFileError(
             f"{path} has shape {shape} (axes {found}); axes={axes} names {len(given)} axes, "

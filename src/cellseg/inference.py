@@ -1,10 +1,9 @@
 """Whole-image prediction at any size: padding, overlapping tiles, test-time augmentation.
 
-The contract with the rest of cellseg: :func:`load_model` gives the trained module,
-:func:`checkpoint_data` what its checkpoint says about the data it was trained on (the
-datamodule's hyperparameters, split ids and nucleus diameter), :func:`preprocessing` the dict
-:func:`segment` consumes, and :func:`segment` returns numpy arrays in CPU memory whatever device
-runs the network (as MONAI, the network's device is not the device that accumulates the result).
+The contract with the rest of cellseg: :mod:`cellseg.checkpoint` loads a model and its input
+preparation (the dict :func:`segment` consumes), and :func:`segment` returns numpy arrays in CPU
+memory whatever device runs the network (as MONAI, the network's device is not the device that
+accumulates the result).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,13 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellseg.datamodule import describe_data
 from cellseg.datasets import prepare_image, resize
+from cellseg.errors import UserError
 from cellseg.instances import labels_from_probs
-from cellseg.module import SegmentationModule
 
 log = logging.getLogger(__name__)
-PREPROCESS_KEYS = ("mode", "img_size", "in_channels", "normalize", "invert_bright")
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:
@@ -136,11 +132,11 @@ def predict_tensor(
     """
     multiple = multiple or network_multiple(model)
     if tile_size % multiple:
-        raise ValueError(
+        raise UserError(
             f"inference.tile_size={tile_size} must be a multiple of {multiple}, the network's"
         )
     if not 0 <= overlap < tile_size // 2:
-        raise ValueError(f"overlap={overlap} must be >= 0 and below half of tile_size")
+        raise UserError(f"overlap={overlap} must be >= 0 and below half of tile_size")
     device = torch.device(device) if device is not None else network_device(model)
     c, h, w = image.shape
     x = image[None]
@@ -181,22 +177,45 @@ def resize_shape(h: int, w: int, img_size: int, max_squash: float) -> tuple[int,
     return max(img_size, round(h * scale)), max(img_size, round(w * scale))
 
 
+SHRINK_WARNING = 8.0  # a resize-mode model shrinking an image more than this: said in the log
+
+
+def check_shrink(h: int, w: int, img_size: int, max_shrink: float) -> None:
+    """Refuse (above ``max_shrink``) or warn (above ``SHRINK_WARNING``) when a model trained on
+    images resized to ``img_size`` would shrink an ``h`` x ``w`` image by a large factor."""
+    from cellseg.files import ImageFileError
+
+    shrink = min(h, w) / img_size
+    advice = (f"this model was trained on images resized to {img_size}x{img_size} and would "
+              f"shrink this {h}x{w} image {shrink:.0f} times, its nuclei to a few pixels; use a "
+              "native-resolution model (the shipped one: leave model= out)")
+    if shrink > max_shrink:
+        raise ImageFileError(f"{advice}, or raise inference.max_shrink={max_shrink:g} to "
+                             "segment it anyway")
+    if shrink > SHRINK_WARNING:
+        log.warning(advice)
+
+
 def predict_image(
     model: nn.Module,
     image: np.ndarray,
     mode: str = "crop",
     img_size: int = 64,
     max_squash: float = 2.0,
+    max_shrink: float = 20.0,
     **kwargs,
 ) -> np.ndarray:
     """Probabilities (H, W, K) for a prepared (H, W, C) float image at its own size.
 
     A model trained in ``resize`` mode predicts at its training scale (see
     :func:`resize_shape`) and the result is resized back to the image's size; ``crop``-mode
-    models predict natively. ``kwargs`` go to :func:`predict_tensor`.
+    models predict natively. ``kwargs`` go to :func:`predict_tensor`. A resize-mode model
+    refuses an image it would shrink more than ``max_shrink`` times (its nuclei would become
+    blobs of a few pixels) and warns from ``SHRINK_WARNING`` times on.
     """
     h, w = image.shape[:2]
     if mode == "resize":
+        check_shrink(h, w, img_size, max_shrink)
         shape = resize_shape(h, w, img_size, max_squash)
         if shape != (img_size, img_size):
             log.info(
@@ -212,76 +231,6 @@ def predict_image(
     return probs
 
 
-def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> SegmentationModule:
-    """A trained ``SegmentationModule`` in eval mode on ``device``; errors name the file and the
-    fix. Its checkpoint's data description is kept for :func:`checkpoint_data`."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; pass ckpt_path=<run>/checkpoints/last.ckpt"
-        )
-    try:
-        model = SegmentationModule.load_from_checkpoint(
-            path, map_location=device, weights_only=True
-        )
-    except Exception as err:  # torch/pickle/zip errors say little about what to do
-        raise ValueError(
-            f"{path} is not a cellseg checkpoint (torch.load cannot read it as one); "
-            "pass a .ckpt written by python -m cellseg.train, e.g. <run>/checkpoints/last.ckpt"
-        ) from err
-    return model.eval()
-
-
-def checkpoint_data(source: SegmentationModule | str | Path) -> dict[str, Any]:
-    """What a checkpoint says about its training data: ``{"hparams": the datamodule's
-    arguments (root, layout, mode, img_size, normalize, test_size, ...), "splits": {"train",
-    "val", "test": ids}, "diameter": median training nucleus diameter in px or None}``.
-
-    ``source`` is a model from :func:`load_model` or a checkpoint path. Checkpoints written
-    before cellseg saved its data description give empty ``hparams`` and ``splits``.
-    """
-    if isinstance(source, nn.Module):
-        return getattr(source, "data_description", None) or describe_data({})
-    checkpoint = torch.load(Path(source).expanduser(), map_location="cpu", weights_only=True)
-    return describe_data(checkpoint)
-
-
-def preprocessing(
-    model: SegmentationModule, override: dict | None = None, data: dict | None = None
-) -> dict[str, Any]:
-    """The dict :func:`segment` consumes, from the checkpoint; ``override``'s keys win (logged).
-
-    Keys: ``mode``, ``img_size``, ``in_channels``, ``normalize``, ``invert_bright`` (the
-    datamodule's hyperparameters), ``channel`` (the input channel chosen, None for all),
-    ``multiple`` (the network's size multiple, ``UNet.multiple``) and ``diameter`` (the training
-    split's median equivalent nucleus diameter in pixels at the geometry the network saw them:
-    native px in crop mode, resized px in resize mode; None for old checkpoints). Checkpoints
-    older than the data description fall back to the model's ``preprocess`` hyperparameter.
-    ``data`` is a :func:`checkpoint_data` dict for a model that was not loaded from its file.
-    """
-    data = data or checkpoint_data(model)
-    hp = data["hparams"]
-    if hp:
-        pre = {k: hp[k] for k in PREPROCESS_KEYS}
-        pre["channel"] = hp.get("channel")
-    else:
-        pre = dict(model.hparams.get("preprocess") or {})
-        if pre:
-            log.info("the checkpoint predates cellseg's data description: using its preprocess")
-    pre.setdefault("channel", None)
-    pre.update(multiple=model.net.multiple, diameter=data["diameter"])
-    if override:
-        log.info("preprocess overridden: %s", dict(override))
-        pre.update(override)
-    missing = [k for k in PREPROCESS_KEYS if k not in pre]
-    if missing:
-        raise ValueError(
-            f"the checkpoint records no {', '.join(missing)}; pass them, e.g. 'preprocess={{mode: "
-            "resize, img_size: 64, in_channels: 3, normalize: percentile, invert_bright: false}'"
-        )
-    return pre
-
-
 def probabilities(
     model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict
 ) -> np.ndarray:
@@ -289,7 +238,7 @@ def probabilities(
     ``preprocess``; images smaller than the network's size multiple are refused."""
     multiple = preprocess["multiple"]
     if min(image.shape[:2]) < multiple:
-        raise ValueError(
+        raise UserError(
             f"the image is {image.shape[0]}x{image.shape[1]} pixels, smaller than the network's "
             f"size multiple {multiple}: too small to segment"
         )
@@ -310,26 +259,83 @@ def segment(
     return probs[..., 0], labels_from_probs(probs, **instances_cfg)
 
 
+AUTO_PASSES = 3  # segmentations at most to estimate the nuclei's size (diameter=auto)
+AUTO_BAND = 1.25  # estimates within this factor of the training size: the image is not rescaled
+
+
+ESTIMATE_SIDE = 1024  # px the network sees at most per side in a size-estimating pass
+
+
+def centre(image: np.ndarray, side: int) -> np.ndarray:
+    """The centre of an image, at most ``side`` pixels a side (a view)."""
+    h, w = image.shape[:2]
+    y, x = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return image[y : y + side, x : x + side]
+
+
+def auto_diameter(preprocess: dict, quiet: bool = False) -> bool:
+    """Whether ``diameter=auto`` can estimate sizes for this model: it needs a model trained at
+    native resolution that records its training nuclei's diameter (said once, when it cannot)."""
+    ok = preprocess["mode"] == "crop" and bool(preprocess.get("diameter"))
+    if not ok and not quiet:
+        log.info("diameter=auto: this model %s, so images are segmented as they are",
+                 "resizes every image" if preprocess["mode"] == "resize"
+                 else "records no training nucleus diameter")
+    return ok
+
+
+def estimate_diameter(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
+) -> float | None:
+    """The median equivalent diameter (px) of the nuclei in ``image``, as the model finds them:
+    segmented as it is, then again rescaled so that nuclei of the size found appear at the
+    training size, until two passes agree within 20 % (nuclei far from the training size come
+    out in pieces or merged; at the training size they do not). Each pass sees the image's
+    centre, at most ``ESTIMATE_SIDE`` px a side at the network: a bounded cost on any image.
+    None: no nuclei found."""
+    from cellseg.datamodule import equivalent_diameters
+
+    trained, scale, diameter = float(preprocess["diameter"]), 1.0, None
+    quick = {**inference, "tta": False}
+    for _ in range(AUTO_PASSES):  # on the centre of a large image: at most 1024 px a side seen
+        view = centre(image, max(round(ESTIMATE_SIDE / scale), preprocess["multiple"]))
+        labels = segment_rescaled(model, view, preprocess, quick, instances_cfg, scale)[1]
+        found = equivalent_diameters(labels)
+        if not found.size:
+            return diameter
+        diameter = float(np.median(found))
+        smallest = preprocess["multiple"] / min(image.shape[:2])  # still one network input
+        new = float(np.clip(trained / diameter, max(0.1, smallest), 4.0))
+        if abs(math.log(new / scale)) < math.log(1.2):
+            break
+        scale = new
+    return diameter
+
+
 def diameter_scale(preprocess: dict, diameter: Any, quiet: bool = False) -> float | None:
     """The factor that brings nuclei of ``diameter`` px to the training nuclei's median size
-    (None without ``diameter``); refused with the reason for values or models it cannot serve."""
+    (None without ``diameter``); refused with the reason for values or models it cannot serve.
+    ``auto``: checked here, estimated per image by :func:`segment_at_scale`."""
     if diameter is None:
+        return None
+    if diameter == "auto":
+        auto_diameter(preprocess, quiet)
         return None
     try:
         diameter = float(diameter)
     except (TypeError, ValueError):
-        raise ValueError(f"diameter={diameter!r}: give the nuclei's diameter in pixels") from None
+        raise UserError(f"diameter={diameter!r}: give the nuclei's diameter in pixels") from None
     if not diameter > 0:
-        raise ValueError(f"diameter={diameter:g}: give the nuclei's diameter in pixels, above 0")
+        raise UserError(f"diameter={diameter:g}: give the nuclei's diameter in pixels, above 0")
     if preprocess["mode"] == "resize":
-        raise ValueError(
+        raise UserError(
             f"diameter={diameter:g}: this model resizes every image to {preprocess['img_size']}"
             f"x{preprocess['img_size']}, whatever its nuclei's size; diameter= serves models "
             "trained at native resolution (experiment=native, data.mode=crop)"
         )
     trained = preprocess.get("diameter")
     if not trained:
-        raise ValueError(
+        raise UserError(
             f"diameter={diameter:g}: the checkpoint records no nucleus diameter of its training "
             "data; retrain with this version, or leave diameter unset"
         )
@@ -350,9 +356,32 @@ def segment_at_scale(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`segment` with the image rescaled so that nuclei of ``diameter`` pixels appear at
     the training data's median diameter (``preprocess["diameter"]``); the probabilities and
-    labels are mapped back to the image's own pixel grid (labels nearest)."""
+    labels are mapped back to the image's own pixel grid (labels nearest). ``auto``: the
+    diameter estimated (:func:`estimate_diameter`, logged), the image left as it is where the
+    estimate is within ``AUTO_BAND`` of the training size."""
+    if diameter == "auto":
+        diameter = None
+        if auto_diameter(preprocess, quiet=True):
+            found = estimate_diameter(model, image, preprocess, inference, instances_cfg)
+            trained = float(preprocess["diameter"])
+            if found is not None:  # within what estimate_diameter could reach
+                smallest = preprocess["multiple"] / min(image.shape[:2])
+                found = trained / float(np.clip(trained / found, max(0.1, smallest), 4.0))
+            rescale = found is not None and abs(math.log(trained / found)) >= math.log(AUTO_BAND)
+            log.info("nuclei about %s px across (diameter=auto): %s", f"{found:.1f}" if found
+                     else "?", f"rescaled by {trained / found:.3g}" if rescale else "as it is")
+            diameter = found if rescale else None
     scale = diameter_scale(preprocess, diameter, quiet=True)
-    if scale is None:
+    return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
+
+
+def segment_rescaled(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict,
+    instances_cfg: dict, scale: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`segment` of the image resized by ``scale`` (None or 1: as it is), the results
+    mapped back to the image's own pixel grid."""
+    if scale is None or scale == 1.0:
         return segment(model, image, preprocess, inference, instances_cfg)
     h, w = image.shape[:2]
     size = (max(1, round(h * scale)), max(1, round(w * scale)))

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 
-from cellseg.datamodule import describe_data
+from cellseg.checkpoint import describe_data
+from cellseg.errors import UserError
 from cellseg.metrics import pixel_metrics
 from cellseg.unet import UNet
 
@@ -50,7 +51,7 @@ LOSSES = ("bce", "dice_bce")
 
 def check_loss(name: str) -> None:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
+        raise UserError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
 
 
 def segmentation_loss(
@@ -82,7 +83,7 @@ class SegmentationModule(L.LightningModule):
     ``_partial_: true`` that are called with the parameters / optimiser here. ``compile``
     compiles the network with ``torch.compile`` for training (slower on CPU here; see the
     README's performance section). ``preprocess`` is read only from checkpoints older than the
-    data description (``cellseg.inference.preprocessing`` reads the datamodule's hyperparameters
+    data description (``cellseg.checkpoint.preprocessing`` reads the datamodule's hyperparameters
     and state, which ``on_load_checkpoint`` keeps as ``data_description``).
     """
 
@@ -101,7 +102,7 @@ class SegmentationModule(L.LightningModule):
         self.save_hyperparameters()
         check_loss(loss)  # fail before training, not at the first step
         if nonfinite_loss not in ("raise", "skip"):
-            raise ValueError(f"nonfinite_loss={nonfinite_loss!r}; use raise or skip")
+            raise UserError(f"nonfinite_loss={nonfinite_loss!r}; use raise or skip")
         self.net = UNet(**(net or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
@@ -144,7 +145,7 @@ class SegmentationModule(L.LightningModule):
         self.net.check_input(images)
         expected = (images.shape[0], self.net.head.out_channels, *images.shape[-2:])
         if tuple(masks.shape) != expected:
-            raise ValueError(
+            raise UserError(
                 f"targets {tuple(masks.shape)} do not match images {tuple(images.shape)}; "
                 f"expected {expected} (data.target_channels = model.net.out_channels)"
             )

@@ -1,4 +1,7 @@
-"""Segment new images: ``python -m cellseg.predict ckpt_path=... input=... output=DIR``.
+"""Segment new images: ``python -m cellseg.predict input=... output=DIR [model=...]``.
+
+``model`` is a shipped model's name (the default: ``nuclei``), a ``.ckpt`` or a file that
+``cellseg.export`` wrote (:mod:`cellseg.checkpoint`); the first log line says which runs.
 
 ``input`` is an image file, a flat folder of images or a dsb2018-layout folder
 (``<id>/images/<id>.png``); TIFF and OME-TIFF files may hold channels (``channel=`` picks the
@@ -35,10 +38,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from cellseg import config_dir
-from cellseg.backends import network
-from cellseg.cli import one_line_errors, progress
-from cellseg.datasets import IMAGE_SUFFIXES, image_files
+from cellseg import checkpoint, config_dir
+from cellseg.cli import one_line_errors, progress, run
+from cellseg.datasets import IMAGE_SUFFIXES
+from cellseg.errors import UserError
 from cellseg.figures import display_rgb
 from cellseg.files import (
     ImageFile,
@@ -49,7 +52,7 @@ from cellseg.files import (
     save_stack,
     stem,
 )
-from cellseg.inference import diameter_scale, load_model, preprocessing, segment_at_scale
+from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.measure import measure, summarize
 from cellseg.tune import instance_options
 
@@ -63,13 +66,15 @@ def find_inputs(path: str | Path) -> dict[str, Path]:
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
+            raise UserError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
         return {stem(path): path}
     if not path.is_dir():
         raise FileNotFoundError(f"input={path} does not exist; pass an image file or folder")
     nested = {d.name: d / "images" / f"{d.name}.png" for d in sorted(path.iterdir()) if d.is_dir()}
     found = {k: v for k, v in nested.items() if v.is_file()}
-    found = found or {stem(p): p for p in image_files(path)}
+    # folders named like images too: skipped and named, not passed over in silence
+    found = found or {stem(p): p for p in sorted(path.iterdir())
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
     if not found:
         raise FileNotFoundError(f"{path} holds no images (flat, or <id>/images/<id>.png)")
     return found
@@ -80,7 +85,7 @@ def check_output(output: Path, input_path: Path) -> None:
     source = (input_path if input_path.is_dir() else input_path.parent).resolve()
     out = output.resolve()
     if out == source or source in out.parents:
-        raise ValueError(f"output={output} lies inside the input folder {source}; choose another")
+        raise UserError(f"output={output} lies inside the input folder {source}; choose another")
 
 
 def rle_by_label(labels: np.ndarray) -> dict[int, str]:
@@ -145,9 +150,10 @@ def in_shard(image_id: str, shard: str | None) -> bool:
         return True
     try:
         i, n = (int(x) for x in str(shard).split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        raise ValueError(f"shard={shard}; use i/n with 0 <= i < n, e.g. shard=0/4") from None
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"shard={shard}; use i/n with 0 <= i < n, e.g. shard=0/4") from None
     return int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % n == i
 
 
@@ -202,7 +208,7 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
             nuclei = image.nuclei(plane)
             foreground, labels = segment_plane(model, nuclei, pre, options, cfg, image.path)
             if labels.max() >= 2**16:
-                raise ValueError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
+                raise UserError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
             keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
             measurements.extend(
                 measure(labels, plane, image.channel_names, image.pixel_size, foreground, **keys)
@@ -274,6 +280,10 @@ def merge(output: Path, ids: list[str]) -> dict[str, int]:
 
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Write the outputs for every input image (of this shard); returns a summary."""
+    model_name = checkpoint.named(cfg)
+    path, kind = checkpoint.resolve(model_name)
+    log.info("model: %s%s, %s %s", model_name or checkpoint.DEFAULT_MODEL,
+             "" if model_name else " (the shipped model; model= names another)", kind, path)
     inputs = find_inputs(cfg.input)
     output = Path(cfg.output).expanduser()
     check_output(output, Path(cfg.input).expanduser())
@@ -295,9 +305,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             len(mine),
             output,
         )
-    model = load_model(cfg.ckpt_path, cfg.device) if todo else None
-    pre = preprocessing(model, cfg.get("preprocess")) if todo else {}
-    net = network(model, cfg.backend, cfg.device) if todo else None
+    model = checkpoint.load(model_name, cfg.device) if todo else None
+    pre = model.preprocessing(cfg.get("preprocess")) if todo else {}
+    net = model.network(cfg.backend, cfg.device) if todo else None
     channel = cfg.get("channel")
     channel = pre.get("channel") if channel is None else channel
     if todo:
@@ -306,13 +316,15 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     if todo and channel is not None:
         log.info("nuclei channel: %s (%s)", channel,
                  "channel=" if cfg.get("channel") is not None else "as trained")
-    options = instance_options(cfg.instances, model) if todo else {}
+    options = instance_options(cfg.instances, {"postprocess": model.postprocess}) if todo else {}
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei, failed = time.perf_counter(), 0, {}
     for image_id, path in progress(todo.items(), "Predicting"):
         try:
             image = open_image(path, cfg.get("axes")).select(channel)
+            log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,
+                     "axes=" if cfg.get("axes") else "from the file")
             nuclei += predict_file(net, image, image_id, pre, options, cfg, output)
         except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
             log.warning("skipped: %s", err)
@@ -360,4 +372,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, {"model": "model_name"})

@@ -20,10 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cellseg import config_dir
+from cellseg import checkpoint, config_dir
 from cellseg.callbacks import tensorboard_writers
 from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger
 from cellseg.datasets import TARGET_NAMES
+from cellseg.errors import UserError
 from cellseg.unet import count_parameters
 
 log = rank_zero_logger(__name__)
@@ -100,6 +101,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
     model = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    if cfg.get("pretrained"):
+        start_from(model, cfg)
     datamodule = build_data(cfg, model.net.multiple)
     log.info("Network: %s parameters", f"{count_parameters(model):,}")
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
@@ -108,6 +111,35 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         logger=instantiate_group(cfg.get("logger")) or False,
     )
     return datamodule, model, trainer
+
+
+FINETUNE_KEYS = ("mode", "in_channels", "normalize", "invert_bright", "img_size")
+
+
+def start_from(model: L.LightningModule, cfg: DictConfig) -> None:
+    """Fine-tuning: the weights of the model ``cfg.pretrained`` names (a shipped model's name or
+    a .ckpt, :mod:`cellseg.checkpoint`), refused in one line when this run's network or input
+    preparation differs from the pretrained model's (they must stay what it learnt with)."""
+    pretrained = checkpoint.load(cfg.pretrained)
+    source = pretrained.module
+    log.info("Fine-tuning from %s", pretrained.first_line().removeprefix("model: "))
+    theirs, ours = dict(source.hparams.net), dict(model.hparams.net)
+    for key in sorted(set(theirs) | set(ours)):
+        if key != "init" and theirs.get(key) != ours.get(key):
+            raise UserError(
+                f"model.net.{key}={ours.get(key)} but pretrained={cfg.pretrained} has "
+                f"{theirs.get(key)}; a fine-tuned model keeps the pretrained network (drop the "
+                "override, or train from scratch with pretrained=null)"
+            )
+    data = pretrained.data["hparams"]
+    for key in FINETUNE_KEYS:
+        if key in data and cfg.data.get(key) != data[key] and (key != "img_size"
+                                                                or data["mode"] == "resize"):
+            raise UserError(
+                f"data.{key}={cfg.data.get(key)} but pretrained={cfg.pretrained} was trained "
+                f"with {data[key]}; a fine-tuned model keeps the pretrained input preparation"
+            )
+    model.net.load_state_dict(source.net.state_dict())
 
 
 def build_data(cfg: DictConfig, multiple: int) -> L.LightningDataModule:
@@ -145,18 +177,13 @@ def config_line(cfg: DictConfig) -> str:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """A checkpoint written by ``cellseg.train``; a one-line error for any other file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors (KeyError: 101 ...) say nothing useful
-        raise ValueError(
-            f"ckpt_path={path} is not a cellseg checkpoint (torch.load cannot read it); pass "
-            "a .ckpt written by python -m cellseg.train, e.g. <run>/checkpoints/last.ckpt"
-        ) from err
-    if not isinstance(ckpt, dict) or not {"state_dict", "epoch"} <= set(ckpt):
-        raise ValueError(
-            f"ckpt_path={path} is a torch file but not a Lightning checkpoint (no state_dict "
-            "and epoch); pass a .ckpt written by python -m cellseg.train"
+    """A checkpoint written by ``cellseg.train`` to resume (``cellseg.checkpoint.read``, which
+    also needs the training loop's ``epoch``)."""
+    ckpt = checkpoint.read(path)
+    if "epoch" not in ckpt:
+        raise UserError(
+            f"ckpt_path={path} holds weights but no training state (a shipped or slimmed "
+            "model); to train from it use experiment=finetune model=" + str(path)
         )
     return ckpt
 
@@ -209,7 +236,7 @@ def check_resumable(ckpt: dict[str, Any], path: str, model: L.LightningModule) -
     """Refuse to resume a checkpoint of a different network with a message, not a traceback."""
     saved = ckpt.get("hyper_parameters")
     if saved and saved.get("net") != model.hparams.net:
-        raise ValueError(
+        raise UserError(
             f"{path} holds a network {saved.get('net')} but the config asks for "
             f"{dict(model.hparams.net)}; resume with the run's own model settings"
         )
@@ -288,7 +315,7 @@ def checkpoint_to_test(choice: str, best: str, trainer: L.Trainer) -> str | None
     in memory; their ``last.ckpt`` is named). A checkpoint is never chosen on the test images:
     where validation is the test split, ``best`` tests the final weights (logged)."""
     if choice not in ("best", "last"):
-        raise ValueError(f"test_ckpt={choice!r}; use best or last")
+        raise UserError(f"test_ckpt={choice!r}; use best or last")
     splits = getattr(trainer.datamodule, "splits", None) or {}
     if choice == "best" and best and splits.get("val") == splits.get("test"):
         log.info("Testing the last epoch's weights: validation is the test split here, so the "
@@ -320,7 +347,7 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     if name not in metrics:
         problem = f"optimized_metric={name} was not logged (did the run validate?)"
         if in_multirun():
-            raise KeyError(f"{problem}; logged: {', '.join(sorted(metrics))}")
+            raise UserError(f"{problem}; logged: {', '.join(sorted(metrics))}")
         log.warning("%s; a sweep would need it", problem)
         return None
     return metrics[name]

@@ -36,9 +36,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from cellseg.datamodule import describe_data
+from cellseg.checkpoint import describe_data, preprocessing, read
 from cellseg.datasets import iter_samples
-from cellseg.inference import preprocessing, probabilities
+from cellseg.errors import UserError
+from cellseg.inference import probabilities
 from cellseg.instances import instances, labels_from_probs
 from cellseg.metrics import InstanceScores
 
@@ -130,12 +131,12 @@ class TunePostprocessing(L.Callback):
         score: str = "map_pooled",
     ) -> None:
         if images not in ("val", "train"):
-            raise ValueError(
+            raise UserError(
                 f"callbacks.tune_postprocess.images={images!r}; use val (the held-out "
                 "validation images) or train (the training images)"
             )
         if score not in SCORES:
-            raise ValueError(
+            raise UserError(
                 f"callbacks.tune_postprocess.score={score!r}; use map_pooled (map over all the "
                 "images' nuclei) or map (map averaged over the images)"
             )
@@ -179,7 +180,7 @@ class TunePostprocessing(L.Callback):
         results: dict[tuple[int, int], dict] = {}  # by (epoch, step): best and last may agree
         try:
             for path in checkpoint_paths(trainer):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+                checkpoint = read(path)
                 key = (checkpoint.get("epoch"), checkpoint.get("global_step"))
                 if key not in results:
                     start = time.perf_counter()
@@ -237,7 +238,7 @@ def tuned_instances(checkpoint: str | Path | Mapping | torch.nn.Module) -> dict[
     if isinstance(checkpoint, torch.nn.Module):  # kept by SegmentationModule.on_load_checkpoint
         checkpoint = {"postprocess": getattr(checkpoint, "postprocess", {})}
     elif not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read(checkpoint)
     return dict((checkpoint.get("postprocess") or {}).get("instances") or {})
 
 

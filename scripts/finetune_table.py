@@ -1,0 +1,123 @@
+"""Fine-tuning measured: the shipped model as it is, fine-tuned on 1, 3 and 10 images of the image
+kind it handles worst, and a model trained from scratch on the same images (docs/model.md).
+
+    python scripts/finetune_table.py OUT_DIR [MODEL]       (MODEL: nuclei, or a .ckpt)
+
+1. The kind (stained, brightfield, large grey field, small grey field) with the lowest mean
+   ``map`` over the model's validation images (each image scored as ``cellseg.eval`` does).
+2. Held back for scoring: that kind's validation and test images (never trained on).
+3. Fine-tuning sets: 1, 3 and 10 images of that kind from the model's training split (drawn
+   once, seeded, the smaller sets inside the larger). ``experiment=finetune`` from the model,
+   and from scratch (``pretrained=null``) with the recipe's learning rate (1e-3) for the same
+   number of steps. Each result scored on the held-back images (``cellseg.eval``, its default
+   diameter=auto). Writes OUT_DIR/finetune.md and finetune.json.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from cellseg import checkpoint, config_dir
+from cellseg.datasets import all_sources, image_kind, normalize, to_channels
+from cellseg.eval import evaluate
+from cellseg.files import save_png
+
+SIZES = (1, 3, 10)
+SCORES = ("map", "ap50_pooled", "iou_nuclei")
+
+
+def kind_of(image: np.ndarray) -> str:
+    """stained (colour), brightfield (grey on a light background), large (grey fluorescence over
+    300,000 pixels) or small (grey fluorescence)."""
+    if image_kind(image) == "colour":
+        return "stained"
+    grey = normalize(to_channels(image, 1).astype(np.float32))
+    if grey.mean() > 0.5:
+        return "brightfield"
+    return "large" if image.shape[0] * image.shape[1] > 300_000 else "small"
+
+
+def write_folder(folder: Path, samples: list) -> Path:
+    """Samples in the folder layout (images/<id>.png, masks/<id>.png of instance labels)."""
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        name = s.id.replace("/", "_")
+        save_png(folder / "images" / f"{name}.png", s.image)
+        save_png(folder / "masks" / f"{name}.png", s.labels.astype(np.uint16))
+    return folder
+
+
+def scores(model: str, root: Path) -> dict[str, float]:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", [f"model_name={model}", "data=folder", f"data.root={root}",
+                               "split=all", f"paths.output_dir={root}_eval"])
+    metrics, _ = evaluate(cfg)
+    return {k: round(float(metrics[k]), 4) for k in SCORES}
+
+
+def val_scores_by_kind(model: str, kinds: dict[str, str]) -> dict[str, float]:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", [f"model_name={model}", "split=val", "paths.output_dir=/tmp/v"])
+    _, rows = evaluate(cfg)
+    by_kind: dict[str, list[float]] = {}
+    for r in rows:
+        by_kind.setdefault(kinds[r["id"]], []).append(r["map"])
+    return {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}
+
+
+def train(folder: Path, run: Path, pretrained: str | None) -> str:
+    args = [sys.executable, "-m", "cellseg.train", "experiment=finetune", f"data.root={folder}",
+            f"hydra.run.dir={run}", f"pretrained={pretrained or 'null'}"]
+    if pretrained is None:
+        args.append("model.optimizer.lr=1e-3")
+    if not (run / "checkpoints/last.ckpt").is_file():
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return str(run / "checkpoints/last.ckpt")
+
+
+def main(out: str, model: str = "nuclei") -> None:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = checkpoint.load(model)
+    hp, splits = loaded.data["hparams"], loaded.data["splits"]
+    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"), hp.get("train_roots"))
+    samples = {i: sources[i].read() for s in ("train", "val", "test") for i in splits[s]}
+    kinds = {i: kind_of(s.image) for i, s in samples.items()}
+    by_kind = val_scores_by_kind(model, kinds)
+    worst = min(by_kind, key=by_kind.get)
+    print(f"validation map by kind: {by_kind}; worst: {worst}", flush=True)
+    held = [samples[i] for i in [*splits["val"], *splits["test"]] if kinds[i] == worst]
+    pool = [i for i in splits["train"] if kinds[i] == worst]
+    order = list(np.random.default_rng(0).permutation(pool))
+    held_root = write_folder(out_dir / "held", held)
+    rows = [{"model": f"{model} as it is", "images": 0, **scores(model, held_root)}]
+    for n in SIZES:
+        folder = write_folder(out_dir / f"train{n}", [samples[i] for i in order[:n]])
+        for label, pretrained in (("fine-tuned", model), ("from scratch", None)):
+            run = out_dir / f"{label.replace(' ', '_')}_{n}"
+            ckpt = train(folder, run, pretrained)
+            rows.append({"model": label, "images": n, **scores(ckpt, held_root)})
+            print(rows[-1], flush=True)
+    table = ["| model | training images | " + " | ".join(SCORES) + " |",
+             "|---|---|" + "---|" * len(SCORES)]
+    table += [f"| {r['model']} | {r['images']} | " + " | ".join(f"{r[k]:.3f}" for k in SCORES)
+              + " |" for r in rows]
+    text = (f"Worst kind on validation: **{worst}** (map by kind: {by_kind}); scored on its "
+            f"{len(held)} held-back images (validation and test).\n\n" + "\n".join(table) + "\n")
+    (out_dir / "finetune.md").write_text(text)
+    (out_dir / "finetune.json").write_text(json.dumps(
+        {"worst": worst, "by_kind": by_kind, "held": len(held), "rows": rows}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    if not 2 <= len(sys.argv) <= 3:
+        raise SystemExit(__doc__)
+    main(*sys.argv[1:])

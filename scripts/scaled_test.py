@@ -1,0 +1,81 @@
+"""Any magnification without being told: a model's scores on its 10 test images as they are and
+scaled by 0.5x and 3x (labels with them), with diameter=auto (the default) and without
+(diameter=null), and the size estimate's error (docs/model.md).
+
+    python scripts/scaled_test.py OUT_DIR [MODEL] [SCALES]     (SCALES: 0.5,1,3)
+
+The estimate's error: the median equivalent diameter that diameter=auto finds against the
+annotated nuclei's median, per image (the log's "nuclei about N px across" lines).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from cellseg import checkpoint, config_dir
+from cellseg.datamodule import equivalent_diameters
+from cellseg.datasets import all_sources, resize
+from cellseg.eval import evaluate
+from cellseg.files import save_png
+from cellseg.inference import estimate_diameter
+from cellseg.tune import instance_options
+
+SCORES = ("map", "ap50_pooled", "iou_nuclei")
+
+
+def scaled_folder(samples: list, scale: float, folder: Path) -> Path:
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        h, w = s.labels.shape
+        size = (round(h * scale), round(w * scale))
+        image = resize(s.image, size, "area" if scale < 1 else "linear") if scale != 1 else s.image
+        labels = resize(s.labels, size, "nearest") if scale != 1 else s.labels
+        save_png(folder / "images" / f"{s.id}.png", np.clip(image, 0, 255).astype(s.image.dtype))
+        save_png(folder / "masks" / f"{s.id}.png", labels.astype(np.uint16))
+    return folder
+
+
+def main(out: str, model: str = "nuclei", scales: str = "0.5,1,3") -> None:
+    out_dir = Path(out)
+    loaded = checkpoint.load(model)
+    hp, test = loaded.data["hparams"], loaded.data["splits"]["test"]
+    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"))
+    samples = [sources[i].read() for i in test]
+    pre = loaded.preprocessing()
+    options = instance_options({}, {"postprocess": loaded.postprocess})
+    results = {}
+    for scale in map(float, scales.split(",")):
+        folder = scaled_folder(samples, scale, out_dir / f"x{scale:g}")
+        errors = []
+        for s in samples:  # the estimate against the annotated nuclei's median size
+            image = (resize(s.image, (round(s.image.shape[0] * scale),
+                                      round(s.image.shape[1] * scale)),
+                            "area" if scale < 1 else "linear") if scale != 1 else s.image)
+            found = estimate_diameter(loaded.net, image, pre, {}, options)
+            truth = float(np.median(equivalent_diameters(s.labels))) * scale
+            errors.append(abs(np.log(found / truth)) if found else float("inf"))
+        row = {"estimate_error_median": round(float(np.exp(np.median(errors)) - 1), 3),
+               "estimate_error_max": round(float(np.exp(np.max(errors)) - 1), 3)}
+        for diameter in ("auto", "null"):
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+                cfg = compose("eval", [f"model_name={model}", "data=folder",
+                                       f"data.root={folder}", "split=all",
+                                       f"diameter={diameter}",
+                                       f"paths.output_dir={folder}_{diameter}"])
+            metrics, _ = evaluate(cfg)
+            row[diameter] = {k: round(float(metrics[k]), 4) for k in SCORES}
+        results[f"{scale:g}"] = row
+        print(scale, row, flush=True)
+    (out_dir / "scaled.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    if not 2 <= len(sys.argv) <= 4:
+        raise SystemExit(__doc__)
+    main(*sys.argv[1:])

@@ -1,0 +1,73 @@
+"""Turn a finished ``experiment=general`` run into the model that ships with cellseg.
+
+    python scripts/ship_model.py RUN_DIR [NAME]      (make model runs it after training)
+
+Scores the run's last checkpoint on its test images (the sample's 10) with the diameter
+estimated (the default) and with the images as they are, then writes
+``src/cellseg/models/NAME.ckpt`` (NAME: nuclei): the weights, the network and data description,
+the tuned post-processing, and under ``cellseg``: the format version, the commit and command
+that trained it, a hash of its training ids and its scores. Optimizer and loop states are
+dropped (the file is for predicting and fine-tuning, not for resuming).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from cellseg import config_dir
+from cellseg.checkpoint import read
+from cellseg.eval import evaluate
+
+KEEP = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "NucleiDataModule",
+        "postprocess", "cellseg", "epoch", "global_step", "pytorch-lightning_version")
+SCORES = ("iou", "iou_nuclei", "map", "ap50", "ap50_pooled", "map_pooled")
+
+
+def ids_hash(ids: list[str]) -> str:
+    """sha256 of the sorted ids, one a line: the same training images give the same hash."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def test_scores(ckpt: Path, diameter: str) -> dict[str, float]:
+    """The checkpoint's scores on its test split (as ``python -m cellseg.eval`` computes them)."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", [f"model_name={ckpt}", f"diameter={diameter}"])
+    metrics, _ = evaluate(cfg)
+    return {k: round(metrics[k], 4) for k in SCORES}
+
+
+def main(run: str, name: str = "nuclei") -> Path:
+    ckpt = Path(run) / "checkpoints/last.ckpt"
+    checkpoint = read(ckpt)
+    slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
+    splits = checkpoint["NucleiDataModule"]["splits"]
+    tuned = checkpoint.get("postprocess") or {}
+    slim["cellseg"] = {
+        **checkpoint.get("cellseg", {}),
+        "name": name,
+        "train_ids_sha256": ids_hash(splits["train"]),
+        "images": {k: len(v) for k, v in splits.items()},
+        "scores": {
+            "test": test_scores(ckpt, "auto"),
+            "test_as_they_are": test_scores(ckpt, "null"),
+            f"val_{tuned.get('score', 'map_pooled')}": tuned.get(tuned.get("score", "")),
+        },
+    }
+    out = Path(__file__).resolve().parents[1] / "src/cellseg/models" / f"{name}.ckpt"
+    torch.save(slim, out)
+    size = out.stat().st_size / 2**20
+    if size > 10:
+        raise SystemExit(f"{out} is {size:.1f} MB, over the 10 MB a shipped model may take")
+    print(f"{out}: {size:.1f} MB, scores {slim['cellseg']['scores']}")
+    return out
+
+
+if __name__ == "__main__":
+    if not 2 <= len(sys.argv) <= 3:
+        raise SystemExit(__doc__)
+    main(*sys.argv[1:])

@@ -1,0 +1,297 @@
+"""The one reader of a model: a shipped model's name, a ``.ckpt``, or a file ``cellseg.export``
+wrote (TorchScript ``model.pt``, ONNX ``model.onnx``, a ``*.bioimageio.zip``).
+
+Every consumer (predict, eval, export, fine-tuning, the napari widget) calls :func:`load` and
+gets a :class:`Model`: the network as a callable, its input preparation, the post-processing
+tuned after training and what its file says about its training data and provenance.
+
+Formats: cellseg's own keys carry a version in ``checkpoint["cellseg"]["format"]``
+(:data:`cellseg.module.CHECKPOINT_FORMAT`). Readable, each tested: format 2 (2026-12: the
+``cellseg`` key with commit and command); format 1 (no ``cellseg`` key: the datamodule's
+description, split ids and diameter, from 2026-11); and the first checkpoints, without a data
+description, through their ``preprocess`` hyperparameter or ``preprocess=`` given by the user
+(eval then needs ``data=``). Exported files carry ``{"preprocess", "postprocess"}``; those
+written before 2026-12 the preprocess dict alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cellseg.errors import UserError
+from cellseg.models import DEFAULT_MODEL, MODELS, shipped_path
+
+log = logging.getLogger(__name__)
+PREPROCESS_KEYS = ("mode", "img_size", "in_channels", "normalize", "invert_bright")
+DATAMODULE = "NucleiDataModule"  # the datamodule's state key (its class's qualname)
+EXPORTED = {".pt": "torchscript", ".onnx": "onnx", ".zip": "bioimageio"}
+
+
+def resolve(name: str | Path | None) -> tuple[Path, str]:
+    """The file a model name stands for and its kind (checkpoint, torchscript, onnx,
+    bioimageio): a shipped model's name (``nuclei``), or a path; None: the default model."""
+    name = DEFAULT_MODEL if name in (None, "") else str(name)
+    if name in MODELS:
+        return shipped_path(name), "checkpoint"
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"model={name}: no such file and no shipped model of that name; name a .ckpt, a "
+            f"file cellseg.export wrote (model.pt, model.onnx, *.bioimageio.zip) or one of "
+            f"{', '.join(MODELS)}"
+        )
+    if path.suffix == ".ckpt":
+        return path, "checkpoint"
+    if path.suffix in EXPORTED:
+        return path, EXPORTED[path.suffix]
+    raise UserError(
+        f"model={path}: cellseg reads .ckpt, model.pt (TorchScript), model.onnx and "
+        "*.bioimageio.zip files; pass one of those"
+    )
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict (``torch.load(weights_only=True)``); one line for any other file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass <run>/checkpoints/last.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors (KeyError: 101 ...) say nothing useful
+        raise UserError(
+            f"ckpt_path={path} is not a cellseg checkpoint (torch.load cannot read it); pass a "
+            ".ckpt written by python -m cellseg.train, e.g. <run>/checkpoints/last.ckpt"
+        ) from err
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
+        checkpoint
+    ):
+        raise UserError(
+            f"{path} is a torch file but not a cellseg checkpoint (no state_dict and "
+            "hyper_parameters); pass a .ckpt written by python -m cellseg.train"
+        )
+    return checkpoint
+
+
+def describe_data(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The data description in a checkpoint: the datamodule's hyperparameters, split ids and
+    median training nucleus diameter (empty for checkpoints that predate them)."""
+    state = checkpoint.get(DATAMODULE) or {}
+    return {
+        "hparams": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+        "splits": dict(state.get("splits") or {}),
+        "diameter": state.get("diameter"),
+    }
+
+
+def describe(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a person asks of a checkpoint: format, provenance, data, tuned options, scores."""
+    own = dict(checkpoint.get("cellseg") or {"format": 1})
+    data = describe_data(checkpoint)
+    return {
+        **own,
+        "net": dict((checkpoint.get("hyper_parameters") or {}).get("net") or {}),
+        "epoch": checkpoint.get("epoch"),
+        "data": data["hparams"],
+        "diameter": data["diameter"],
+        "images": {k: len(v) for k, v in data["splits"].items()},
+        "postprocess": checkpoint.get("postprocess") or {},
+    }
+
+
+def preprocessing(
+    model: nn.Module, override: dict | None = None, data: dict | None = None
+) -> dict[str, Any]:
+    """The dict :func:`cellseg.inference.segment` consumes, from a SegmentationModule's
+    checkpoint; ``override``'s keys win (logged).
+
+    Keys: ``mode``, ``img_size``, ``in_channels``, ``normalize``, ``invert_bright`` (the
+    datamodule's hyperparameters), ``channel`` (the input channel chosen, None for all),
+    ``multiple`` (the network's size multiple, ``UNet.multiple``) and ``diameter`` (the training
+    split's median equivalent nucleus diameter in pixels at the geometry the network saw them:
+    native px in crop mode, resized px in resize mode; None for old checkpoints). Checkpoints
+    older than the data description fall back to the model's ``preprocess`` hyperparameter.
+    ``data`` is a :func:`checkpoint_data` dict for a model that was not loaded from its file.
+    """
+    data = data or checkpoint_data(model)
+    hp = data["hparams"]
+    if hp:
+        pre = {k: hp[k] for k in PREPROCESS_KEYS}
+        pre["channel"] = hp.get("channel")
+    else:
+        pre = dict(model.hparams.get("preprocess") or {})
+        if pre:
+            log.info("the checkpoint predates cellseg's data description: using its preprocess")
+    pre.setdefault("channel", None)
+    pre.update(multiple=model.net.multiple, diameter=data["diameter"])
+    if override:
+        log.info("preprocess overridden: %s", dict(override))
+        pre.update(override)
+    missing = [k for k in PREPROCESS_KEYS if k not in pre]
+    if missing:
+        raise UserError(
+            f"the checkpoint records no {', '.join(missing)}; pass them, e.g. 'preprocess={{mode: "
+            "resize, img_size: 64, in_channels: 3, normalize: percentile, invert_bright: false}'"
+        )
+    return pre
+
+
+def checkpoint_data(source: nn.Module | str | Path) -> dict[str, Any]:
+    """What a checkpoint says about its training data: ``{"hparams": the datamodule's
+    arguments (root, layout, mode, img_size, normalize, test_size, ...), "splits": {"train",
+    "val", "test": ids}, "diameter": median training nucleus diameter in px or None}``, of a
+    model from :func:`load_model` or a checkpoint path."""
+    if isinstance(source, nn.Module):
+        return getattr(source, "data_description", None) or describe_data({})
+    return describe_data(read(source))
+
+
+def load_model(name: str | Path | None, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained SegmentationModule a checkpoint or shipped model's name stands for."""
+    return load(name, device).module
+
+
+@dataclass
+class Model:
+    """A model ready to use: ``net`` maps (N, C, H, W) float32 to (N, K, H, W) logits."""
+
+    name: str  # as the user named it (or the default's name)
+    path: Path
+    kind: str  # checkpoint | torchscript | onnx | bioimageio
+    net: Any  # a SegmentationModule (checkpoints) or a backends.Network
+    data: dict[str, Any]  # describe_data(): hparams, splits, diameter
+    postprocess: dict[str, Any]  # the checkpoint's "postprocess": tuned options and scores
+    info: dict[str, Any] = field(default_factory=dict)  # describe()
+    preprocess_saved: dict[str, Any] = field(default_factory=dict)  # exported files' own
+
+    @property
+    def module(self) -> nn.Module:
+        """The trained SegmentationModule (checkpoints only: export and fine-tuning need it)."""
+        if self.kind != "checkpoint":
+            raise UserError(
+                f"model={self.name} is an exported {self.kind} file; this needs the checkpoint "
+                "it was exported from (.ckpt) or a shipped model's name"
+            )
+        return self.net
+
+    def preprocessing(self, override: dict | None = None) -> dict[str, Any]:
+        """See :func:`preprocessing`."""
+        if self.preprocess_saved:
+            pre = {**self.preprocess_saved}
+            if override:
+                log.info("preprocess overridden: %s", dict(override))
+                pre.update(override)
+            return pre
+        return preprocessing(self.net, override, self.data)
+
+    def network(self, backend: str = "pytorch", device: str = "cpu", data_root=None):
+        """The callable that runs the network: ``backend`` for checkpoints; an exported file
+        runs with its own runtime (``backend`` must be left at pytorch)."""
+        from cellseg.backends import network
+
+        if self.kind == "checkpoint":
+            return network(self.net, backend, device, data_root)
+        if backend != "pytorch":
+            raise UserError(
+                f"backend={backend}: model={self.name} is an exported {self.kind} file and runs "
+                "with its own runtime; leave backend unset"
+            )
+        return self.net
+
+    def first_line(self) -> str:
+        """Which model runs, for the first line of a run's log."""
+        shipped = " (the shipped model)" if self.name in MODELS else ""
+        return f"model: {self.name}{shipped}, {self.kind} {self.path}"
+
+
+def named(cfg: Any) -> str | None:
+    """The model a predict / eval / export config names: ``model=`` (``model_name`` in the
+    config, since ``model`` is training's config group) or the older ``ckpt_path=``."""
+    name, old = cfg.get("model_name"), cfg.get("ckpt_path")
+    if name and old:
+        raise UserError(f"model={name} and ckpt_path={old} both name a model; pass model= alone")
+    return name or old
+
+
+def load(name: str | Path | None = None, device: str | torch.device = "cpu") -> Model:
+    """The model ``name`` stands for (see :func:`resolve`) on ``device``, in eval mode."""
+    path, kind = resolve(name)
+    label = DEFAULT_MODEL if name in (None, "") else str(name)
+    if kind == "checkpoint":
+        return load_checkpoint(path, label, device)
+    return load_exported(path, label, kind, device)
+
+
+def load_checkpoint(path: Path, name: str, device: str | torch.device = "cpu") -> Model:
+    """A ``.ckpt`` (or a shipped model) as a :class:`Model` around its SegmentationModule."""
+    from cellseg.module import SegmentationModule
+
+    checkpoint = read(path)
+    module = SegmentationModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    module.to(device).eval()
+    data = describe_data(checkpoint)
+    if not data["hparams"]:
+        log.warning("%s predates cellseg's data description: pass preprocess= (see "
+                    "docs/troubleshooting.md)", path)
+    return Model(name, path, "checkpoint", module, data, checkpoint.get("postprocess") or {},
+                 describe(checkpoint))
+
+
+def load_exported(path: Path, name: str, kind: str, device: str | torch.device) -> Model:
+    """A TorchScript, ONNX or bioimage.io file that cellseg.export wrote, with the input
+    preparation and tuned post-processing it carries."""
+    from cellseg.backends import Network, onnx_session
+
+    if kind == "bioimageio":
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "model.pt" not in names:
+                raise UserError(f"model={path}: a zip without model.pt; pass a "
+                                "*.bioimageio.zip that cellseg.export wrote")
+            blob = archive.read("model.pt")
+        import io
+
+        script = torch.jit.load(io.BytesIO(blob), map_location=device, _extra_files=(extra := {
+            "cellseg": ""}))
+        saved = json.loads(extra["cellseg"] or "{}")
+    elif kind == "torchscript":
+        extra = {"cellseg": ""}
+        script = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        saved = json.loads(extra["cellseg"] or "{}")
+    else:
+        import onnx
+
+        proto = onnx.load(str(path))
+        props = {p.key: p.value for p in proto.metadata_props}
+        saved = json.loads(props.get("cellseg", "{}"))
+        script = None
+    if not saved:
+        raise UserError(f"model={path}: the file carries no cellseg preparation; export it "
+                        "again with python -m cellseg.export")
+    pre = saved.get("preprocess", saved)  # files before 2026-12 held the preprocess dict alone
+    postprocess = saved.get("postprocess") or {}
+    geometry = _Geometry(pre["multiple"], pre["in_channels"])
+    if script is not None:
+        net = Network(lambda x: script(x.to(device)), geometry, kind)
+    else:
+        session = onnx_session(path.read_bytes(), device)
+        net = Network(session, geometry, kind)
+    data = {"hparams": {}, "splits": {}, "diameter": pre.get("diameter")}
+    return Model(name, path, kind, net, data, postprocess, {"format": "exported"}, pre)
+
+
+@dataclass
+class _Geometry:
+    """What backends.Network reads of a network: its size multiple and input channels."""
+
+    multiple: int
+    in_channels: int

@@ -1,0 +1,237 @@
+"""The shipped model, naming a model (model=), the checkpoint reader and fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from cellseg import checkpoint
+from cellseg.errors import UserError
+from cellseg.files import read_image
+from cellseg.metrics import InstanceScores
+from cellseg.models import DEFAULT_MODEL, shipped_path
+from cellseg.samples import sample_labels_path, sample_path
+from helpers import REAL_DATA, compose_cfg, needs_real_data, run_cli
+
+POOL = REAL_DATA.parents[1] / "dsb2018-pool"
+needs_pool = pytest.mark.skipif(not POOL.is_dir(), reason=f"the pool is not at {POOL}")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return checkpoint.load(DEFAULT_MODEL)
+
+
+def sample_score(model, diameter="auto") -> dict[str, float]:
+    """The model's instance scores on the packaged sample image."""
+    from cellseg.inference import segment_at_scale
+    from cellseg.tune import instance_options
+
+    image, truth = read_image(sample_path()), read_image(sample_labels_path())[..., 0]
+    options = instance_options({}, {"postprocess": model.postprocess})
+    labels = segment_at_scale(model.net, image, model.preprocessing(), {}, options, diameter)[1]
+    return {k: float(v) for k, v in InstanceScores()(truth.astype(np.int32), labels).items()}
+
+
+def test_the_shipped_model_carries_what_a_checkpoint_carries(shipped):
+    info = shipped.info
+    assert shipped_path(DEFAULT_MODEL).stat().st_size < 10 * 2**20
+    assert info["format"] == 2
+    assert info["command"].startswith("python -m cellseg.train experiment=general")
+    assert len(info["train_ids_sha256"]) == 64
+    assert info["images"]["train"] > 300 and info["images"]["test"] == 10
+    pre = shipped.preprocessing()
+    assert (pre["mode"], pre["in_channels"], pre["invert_bright"]) == ("crop", 3, True)
+    assert 10 < pre["diameter"] < 40  # px: the median DSB nucleus
+    assert shipped.postprocess["instances"]["threshold"] > 0
+    assert set(info["scores"]["test"]) >= {"map", "ap50_pooled", "iou_nuclei"}
+    # weights only: what the file is for needs no pickled code
+    raw = torch.load(shipped_path(DEFAULT_MODEL), weights_only=True)
+    assert "optimizer_states" not in raw
+
+
+def test_the_shipped_model_segments_the_sample_image(shipped):
+    scores = sample_score(shipped)
+    assert scores["ap50"] > 0.75, scores  # 89 annotated nuclei, most of them found alone
+
+
+@needs_real_data
+def test_the_shipped_model_scores_on_the_test_images_what_its_card_says(shipped, tmp_path):
+    from cellseg.eval import evaluate
+
+    cfg = compose_cfg("eval", [f"data_root={REAL_DATA}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    metrics, rows = evaluate(cfg)
+    assert len(rows) == 10
+    claimed = shipped.info["scores"]["test"]
+    for k in ("map", "ap50_pooled", "iou_nuclei"):
+        assert metrics[k] == pytest.approx(claimed[k], abs=0.01), k
+
+
+def test_a_model_name_that_is_neither_shipped_nor_a_file_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"model=nucleii: no such file and no shipped model"):
+        checkpoint.resolve("nucleii")
+    other = tmp_path / "weights.h5"
+    other.write_bytes(b"x")
+    with pytest.raises(UserError, match=r"cellseg reads \.ckpt, model\.pt"):
+        checkpoint.resolve(str(other))
+    assert checkpoint.resolve(None) == (shipped_path(DEFAULT_MODEL), "checkpoint")
+
+
+def test_model_and_ckpt_path_together_are_refused():
+    cfg = compose_cfg("predict", ["model_name=nuclei", "ckpt_path=x.ckpt", "input=a", "output=b"])
+    with pytest.raises(UserError, match="pass model= alone"):
+        checkpoint.named(cfg)
+
+
+def test_an_exported_file_predicts_what_its_checkpoint_predicts(trained, tmp_path):
+    from cellseg.export import write_onnx, write_torchscript
+    from cellseg.inference import probabilities
+
+    ckpt, _ = trained
+    model = checkpoint.load(ckpt)
+    meta = {"preprocess": model.preprocessing(), "postprocess": {"instances": {"min_size": 3}}}
+    image = read_image(sample_path())
+    expected = probabilities(model.net, image, model.preprocessing(), {})
+    for path in (write_torchscript(model.module.net, tmp_path / "model.pt", meta),
+                 write_onnx(model.module.net, tmp_path / "model.onnx", meta)):
+        exported = checkpoint.load(path)
+        assert exported.kind == {".pt": "torchscript", ".onnx": "onnx"}[path.suffix]
+        assert exported.preprocessing() == model.preprocessing()
+        assert exported.postprocess == {"instances": {"min_size": 3}}
+        got = probabilities(exported.net, image, exported.preprocessing(), {})
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        with pytest.raises(UserError, match="exported"):
+            exported.module  # noqa: B018 (export and fine-tuning need the checkpoint)
+
+
+def test_a_checkpoint_of_format_1_still_reads(trained, tmp_path):
+    ckpt, _ = trained
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["cellseg"]["format"] == 2 and "commit" in raw["cellseg"]
+    del raw["cellseg"]  # written before 2026-12-02
+    torch.save(raw, tmp_path / "old.ckpt")
+    old = checkpoint.load(tmp_path / "old.ckpt")
+    assert old.info["format"] == 1
+    assert old.preprocessing() == checkpoint.load(ckpt).preprocessing()
+
+
+def test_predict_without_a_model_uses_the_shipped_one_and_says_so_first(tmp_path):
+    folder = tmp_path / "My Images é"  # a biologist's folder name, as the shell passes it
+    folder.mkdir()
+    (folder / "a.png").write_bytes(sample_path().read_bytes())
+    out = run_cli([f"input={folder}", f"output={tmp_path / 'out'}"], tmp_path, "cellseg.predict")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "] " in line]
+    assert "model: nuclei (the shipped model" in lines[0]
+    labels = read_image(tmp_path / "out/labels/a.png")[..., 0]
+    assert 60 < labels.max() < 120  # 89 annotated nuclei
+
+
+def test_diameter_auto_finds_the_size_of_magnified_nuclei(shipped, caplog):
+    from cellseg.datasets import resize
+    from cellseg.inference import estimate_diameter
+    from cellseg.tune import instance_options
+
+    image = read_image(sample_path())
+    options = instance_options({}, {"postprocess": shipped.postprocess})
+    pre = shipped.preprocessing()
+    native = estimate_diameter(shipped.net, image, pre, {}, options)
+    larger = estimate_diameter(shipped.net, resize(image, (768, 768), "linear"), pre, {}, options)
+    assert 8 < native < 30
+    assert larger / native == pytest.approx(3.0, rel=0.25)
+
+
+def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp_path):
+    from cellseg.train import train
+
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "images/a.png").write_bytes(sample_path().read_bytes())
+    (root / "masks/a.png").write_bytes(sample_labels_path().read_bytes())
+    common = ["experiment=finetune", f"data.root={root}", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=2", "callbacks.progress_bar=null",
+              "callbacks.image_grid=null", "data.crops_per_image=4"]
+    cfg = compose_cfg("train", common)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    train(cfg)
+    tuned = checkpoint.load(tmp_path / "run/checkpoints/last.ckpt")
+    shipped = checkpoint.load(DEFAULT_MODEL)
+    assert tuned.preprocessing()["normalize"] == shipped.preprocessing()["normalize"]
+    assert tuned.info["command"]  # the fine-tuning run records its own provenance
+    assert tuned.postprocess["split"] == "train"
+    changed = [k for k, v in tuned.module.net.state_dict().items()
+               if not torch.equal(v, shipped.module.net.state_dict()[k])]
+    assert changed  # it trained, from the shipped weights (the same shapes)
+
+    refused = compose_cfg("train", [*common, "model.net.in_channels=1"])
+    with pytest.raises(UserError, match=r"model.net.in_channels=1 but pretrained=nuclei has 3"):
+        train(refused)
+
+
+def test_train_roots_add_training_images_and_never_test_images(tmp_path):
+    from cellseg.datamodule import NucleiDataModule
+    from cellseg.synthetic import generate
+
+    generate(tmp_path / "main", n_images=10, size=64, seed=0)
+    extra = tmp_path / "extra"
+    generate(extra, n_images=6, size=64, seed=1)
+    alone = NucleiDataModule(str(tmp_path / "main"), mode="crop", crop_size=32, val_size=0.1)
+    both = NucleiDataModule(str(tmp_path / "main"), mode="crop", crop_size=32, val_size=0.1,
+                            train_roots=[str(extra)])
+    alone.setup(), both.setup()
+    assert both.splits["test"] == alone.splits["test"]  # the test images are root's alone
+    pooled = both.splits["train"] + both.splits["val"]
+    assert sum(i.startswith("extra/") for i in pooled) == 6
+    assert len(both.splits["val"]) == 2  # 10 % of the 14 training-side images, rounded up
+    assert len(both.datasets["train"].pairs) == len(both.splits["train"])
+
+
+@needs_pool
+def test_a_folder_layout_root_in_train_roots_reads_its_instance_labels(tmp_path):
+    from cellseg.datasets import training_sources
+
+    sources = training_sources([POOL])
+    assert len(sources) == 300 and sources[0].id.startswith("dsb2018-pool/")
+    sample = sources[0].read()
+    assert sample.id == sources[0].id and sample.labels.max() > 1
+
+
+def test_exported_preparation_is_read_from_old_files_too(trained, tmp_path):
+    from cellseg.export import write_torchscript
+
+    ckpt, _ = trained
+    model = checkpoint.load(ckpt)
+    path = write_torchscript(model.module.net, tmp_path / "model.pt", model.preprocessing())
+    assert checkpoint.load(path).preprocessing() == model.preprocessing()  # before 2026-12
+    files = {"cellseg": ""}
+    torch.jit.load(str(path), _extra_files=files)
+    assert json.loads(files["cellseg"])["normalize"] == "percentile"
+
+
+def test_hydra_args_quote_spaces_and_rename_model():
+    from cellseg.cli import hydra_args
+
+    args = hydra_args(["input=/Users/me/My Images", "model=nuclei", "seed=1", "-m"],
+                      {"model": "model_name"})
+    assert args == ["input='/Users/me/My Images'", "model_name=nuclei", "seed=1", "-m"]
+    assert hydra_args(["data.root=/d/Zellkerne Übersicht"]) == [
+        "data.root='/d/Zellkerne Übersicht'"]
+    assert hydra_args(["x=[1, 2]", "y=${a b}"]) == ["x=[1, 2]", "y=${a b}"]
+
+
+def test_no_model_logs_a_line_naming_the_shipped_file(caplog):
+    model = checkpoint.load(None)
+    with caplog.at_level(logging.INFO):
+        line = model.first_line()
+    assert line.startswith("model: nuclei (the shipped model), checkpoint ")
+    assert Path(line.split()[-1]) == shipped_path(DEFAULT_MODEL)
