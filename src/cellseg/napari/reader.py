@@ -1,0 +1,94 @@
+"""napari reader: microscopy files through :mod:`cellseg.files` and ``predict`` output folders.
+
+A TIFF / OME-TIFF opens as one image layer per channel, named after the channel, scaled by the
+pixel size in µm (planes, Z or T, as the layer's leading axes); PNG and JPEG images as one
+layer. A folder that ``python -m cellseg.predict`` wrote opens as, for each image, its overlay
+and its labels, with the per-nucleus measurements as the labels layer's features.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellseg.files import ImageFile, open_image, stem
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+LayerData = tuple[Any, dict[str, Any], str]
+
+
+def get_reader(path: str | list[str]):
+    """The reader function for ``path``, or None when cellseg does not read it."""
+    if isinstance(path, list):
+        return None
+    p = Path(path)
+    if p.is_dir() and (p / "labels").is_dir():
+        return read_predict_output
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        return read_image_layers
+    return None
+
+
+def plane_stack(image: ImageFile) -> np.ndarray:
+    """Every plane of a file as (*planes, Y, X, C)."""
+    planes = [image.plane(index) for index in image.plane_indices()]
+    stacked = np.stack(planes)
+    return stacked.reshape(*image.planes_shape.values(), *planes[0].shape)
+
+
+def read_image_layers(path: str) -> list[LayerData]:
+    """One image layer per channel (or one colour layer), named and scaled as the file says."""
+    image = open_image(path)
+    data = plane_stack(image)
+    scale = [1.0] * len(image.planes_shape) + list(image.pixel_size or (1.0, 1.0))
+    meta = {"path": str(path), "pixel_size": image.pixel_size,
+            "channel_names": image.channel_names}
+    name = stem(Path(path))
+    units = ("pixel",) * len(image.planes_shape) + (("µm",) * 2 if image.pixel_size else
+                                                    ("pixel",) * 2)
+    common = {"scale": scale, "metadata": meta, "units": units}
+    if image.rgb or data.shape[-1] == 1:
+        rgb = image.rgb and data.shape[-1] >= 3
+        layer = data[..., :3] if rgb else data[..., 0]
+        return [(layer, {**common, "name": name, "rgb": rgb}, "image")]
+    return [
+        (data[..., c], {**common, "name": f"{name} {channel}", "blending": "additive",
+                        "metadata": {**meta, "channel": c}}, "image")
+        for c, channel in enumerate(image.channel_names)
+    ]
+
+
+def read_table(path: Path) -> dict[str, list]:
+    """A CSV file's columns (numbers as numbers)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns: dict[str, list] = {k: [] for k in (rows[0] if rows else {})}
+    for row in rows:
+        for k, v in row.items():
+            try:
+                columns[k].append(float(v))
+            except ValueError:
+                columns[k].append(v)
+    return columns
+
+
+def read_predict_output(path: str) -> list[LayerData]:
+    """Each image's overlay and labels (measurements as features) of a predict output folder."""
+    folder, layers = Path(path), []
+    for labels_path in sorted((folder / "labels").iterdir()):
+        if labels_path.suffix.lower() not in (".png", ".tif", ".tiff"):
+            continue
+        name = stem(labels_path)
+        overlay = folder / "overlays" / f"{name}.png"
+        if overlay.is_file():
+            layers.append((open_image(overlay).plane(), {"name": f"{name} overlay",
+                                                         "rgb": True}, "image"))
+        labels = plane_stack(open_image(labels_path))[..., 0].astype(np.int32)
+        table = folder / "tables" / f"{name}.measurements.csv"
+        features = read_table(table) if table.is_file() else {}
+        layers.append((labels, {"name": f"{name} labels", "features": features or None},
+                       "labels"))
+    return layers

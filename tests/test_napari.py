@@ -1,0 +1,114 @@
+"""The napari plugin, headless: widget, reader, sample data, training set and fine-tuning."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+pytest.importorskip("napari", reason="the napari extra is not installed (pip install -e .[napari])")
+pytest.importorskip("pytestqt", reason="pytest-qt is not installed")
+
+import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
+
+from cellseg import checkpoint  # noqa: E402
+from cellseg.files import read_image  # noqa: E402
+from cellseg.samples import sample_path  # noqa: E402
+from helpers import run_cli  # noqa: E402
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    from cellseg.napari.sample import nuclei
+    from cellseg.napari.widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    ((data, meta, _),) = nuclei()
+    viewer.add_image(data, **meta)
+    dock = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(dock)
+    dock.image.reset_choices()
+    return dock
+
+
+def segment_and_wait(widget, qtbot, timeout=240_000):
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.result is not None and not widget.busy.visible,
+                    timeout=timeout)
+
+
+def test_the_manifest_validates():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("cellseg")
+    assert {c.id for c in manifest.contributions.commands} >= {
+        "cellseg.segment_widget", "cellseg.get_reader", "cellseg.sample_nuclei"}
+    manifest.validate_imports()  # every python_name imports
+
+
+def test_the_widget_gives_predicts_labels_on_the_sample(widget, qtbot, tmp_path):
+    segment_and_wait(widget, qtbot)
+    layer = widget.viewer.layers["nuclei (cellseg sample) nuclei"]
+    assert 60 < layer.data.max() < 120  # 89 annotated nuclei
+    assert len(layer.features) == layer.data.max()
+    assert "area_px" in layer.features.columns
+    assert len(widget.table.data) == layer.data.max()  # the dock's table
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/nuclei.png").write_bytes(sample_path().read_bytes())
+    out = run_cli([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"], tmp_path,
+                  "cellseg.predict")
+    assert out.returncode == 0, out.stderr[-2000:]
+    predicted = read_image(tmp_path / "out/labels/nuclei.png")[..., 0]
+    np.testing.assert_array_equal(layer.data, predicted)
+
+
+def test_the_reader_opens_named_channels_with_their_pixel_size(tmp_path):
+    from cellseg.napari.reader import get_reader
+
+    nuclei = read_image(sample_path())[..., 0]
+    path = tmp_path / "cells.ome.tif"
+    tifffile.imwrite(path, np.stack([nuclei, 255 - nuclei]), metadata={
+        "axes": "CYX", "Channel": {"Name": ["DAPI", "GFP"]},
+        "PhysicalSizeX": 0.325, "PhysicalSizeY": 0.325})
+    layers = get_reader(str(path))(str(path))
+    assert [meta["name"] for _, meta, _ in layers] == ["cells DAPI", "cells GFP"]
+    assert layers[0][1]["scale"] == [0.325, 0.325]
+    np.testing.assert_array_equal(layers[0][0], nuclei)
+
+
+def test_the_reader_opens_a_predict_output_folder(tmp_path):
+    from cellseg.napari.reader import get_reader
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.png").write_bytes(sample_path().read_bytes())
+    out = run_cli([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "diameter=null"],
+                  tmp_path, "cellseg.predict")
+    assert out.returncode == 0, out.stderr[-2000:]
+    layers = get_reader(str(tmp_path / "out"))(str(tmp_path / "out"))
+    kinds = {meta["name"]: kind for _, meta, kind in layers}
+    assert kinds == {"a overlay": "image", "a labels": "labels"}
+    labels, meta, _ = layers[-1]
+    assert len(meta["features"]["label"]) == labels.max()
+
+
+def test_corrected_labels_go_to_the_training_set_and_fine_tune(widget, qtbot, tmp_path):
+    segment_and_wait(widget, qtbot)
+    layer = widget.labels_layer
+    corrected = layer.data.copy()
+    corrected[corrected == corrected[128, 128]] = 0  # erase one nucleus, as the eraser would
+    layer.data = corrected
+    widget.folder.value = str(tmp_path / "set")
+    mask = widget.add_to_training_set()
+    np.testing.assert_array_equal(read_image(mask)[..., 0], corrected)
+    assert (tmp_path / "set/images/nuclei (cellseg sample).tif").is_file()
+    saved = widget.save(tmp_path / "results")
+    assert [p.name for p in saved] == ["nuclei (cellseg sample).tif",
+                                       "nuclei (cellseg sample).measurements.csv"]
+    widget.start_finetune(epochs=1, extra=("trainer.limit_train_batches=2",
+                                           "data.crops_per_image=4"))
+    qtbot.waitUntil(lambda: not widget.busy.visible, timeout=300_000)
+    assert widget.status.value.startswith("fine-tuned"), widget.status.value
+    tuned = checkpoint.load(widget.model.value)
+    assert tuned.info["command"].startswith("python -m cellseg.train experiment=finetune")
