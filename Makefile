@@ -23,11 +23,14 @@ install: $(STAMP) ## create .venv (if missing) and install cellseg with its dev 
 train: $(STAMP) ## train the augmented study on the embedded synthetic data (ends with its checkpoint)
 	$(PY) -m cellseg.train experiment=augmented
 
+# a virtual screen for the napari tests where the machine has one (apt-get install xvfb)
+XVFB := $(if $(DISPLAY),,$(if $(shell command -v xvfb-run),xvfb-run -a))
+
 test: $(STAMP) ## run the test suite (without slow tests)
-	$(PY) -m pytest -m "not slow"
+	$(XVFB) $(PY) -m pytest -m "not slow"
 
 test-full: $(STAMP) ## run every test, slow ones included
-	$(PY) -m pytest
+	$(XVFB) $(PY) -m pytest
 
 sweep: $(STAMP) ## baseline and augmented side by side (DATA=dsb2018 for the real data)
 	$(PY) -m cellseg.train -m experiment=baseline,augmented $(if $(DATA),data=$(DATA))

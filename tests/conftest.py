@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # Qt (the napari tests) without a screen
+if not os.environ.get("DISPLAY"):  # Qt (the napari tests) without a screen
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest
 

@@ -56,7 +56,9 @@ def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys, monkeypatch):
     assert "| 0_baseline | baseline | experiment=baseline | 0 | 2 |" in printed
     figure = curves_figure(infos)
     assert [ax.get_ylabel() for ax in figure.axes] == ["loss (bce)", "iou"]
+    (legend,) = figure.legends  # one legend for both axes, below them (it covers no data)
+    assert legend.get_texts()[0].get_text().endswith(" train")
     for ax in figure.axes:
-        assert ax.get_legend() is not None
+        assert ax.get_legend() is None
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
         assert ticks and all(float(t).is_integer() for t in ticks)  # whole epochs only

@@ -41,6 +41,9 @@ TRAIN_OPTIONS = [
 ]
 
 
+EXPERIMENT_DATA = {("experiment", "general"): "dsb2018", ("experiment", "finetune"): "folder"}
+
+
 def test_every_group_is_covered():
     covered = {g for g, _ in TRAIN_OPTIONS} | {*HYDRA_GROUPS, "inference", "instances"}
     assert covered == {p.name for p in GROUPS.iterdir() if p.is_dir()}
@@ -57,6 +60,12 @@ def test_train_option_composes_and_builds(tmp_path, group, option):
         with open_dict(cfg):
             cfg.paths.root_dir = cfg.paths.output_dir = str(tmp_path)
             cfg.data.root = str(tmp_path / "data")
+    elif (group, option) in EXPERIMENT_DATA:  # experiments that name their data
+        cfg = make_cfg(tmp_path, [f"{group}={option}", f"data={EXPERIMENT_DATA[group, option]}"])
+        with open_dict(cfg):
+            cfg.data.root = str(small_dataset(tmp_path / option, cfg.data.layout))
+            if cfg.data.train_roots:
+                cfg.data.train_roots = [str(small_dataset(tmp_path / "more", "folder"))]
     else:
         cfg = make_cfg(tmp_path, [f"{group}={option}"])
     if group == "data" and option != "synthetic":  # build() reads the data: give it some

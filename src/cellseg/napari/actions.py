@@ -100,7 +100,8 @@ def save(folder: str | Path, name: str, result: Result, labels: np.ndarray) -> l
     from cellseg.predict import write_tables
 
     folder = Path(folder).expanduser()
-    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    for sub in ("labels", "tables"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     path = folder / "labels" / f"{name}.tif"
     tifffile.imwrite(path, labels.astype(np.uint16))
     write_tables(folder, name, result.measurements, [result.summary])
