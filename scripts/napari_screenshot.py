@@ -30,7 +30,7 @@ def main(out: str = "docs/napari.png") -> None:
     dock.image.reset_choices()
     dock.segment()
     start = time.time()
-    while dock.result is None or dock.busy.visible:
+    while dock.result is None or dock.running:
         QApplication.processEvents()
         time.sleep(0.05)
         if time.time() - start > 600:

@@ -52,8 +52,7 @@ def widget(viewer):
 
 def segment_and_wait(widget, qtbot, timeout=240_000):
     widget.segment()
-    qtbot.waitUntil(lambda: widget.result is not None and not widget.busy.visible,
-                    timeout=timeout)
+    qtbot.waitUntil(lambda: widget.result is not None and not widget.running, timeout=timeout)
 
 
 def test_the_manifest_validates():
@@ -125,7 +124,7 @@ def test_corrected_labels_go_to_the_training_set_and_fine_tune(widget, qtbot, tm
                                        "nuclei (cellseg sample).measurements.csv"]
     widget.start_finetune(epochs=1, extra=("trainer.limit_train_batches=2",
                                            "data.crops_per_image=4"))
-    qtbot.waitUntil(lambda: not widget.busy.visible, timeout=300_000)
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
     assert widget.status.value.startswith("fine-tuned"), widget.status.value
     tuned = checkpoint.load(widget.model.value)
     assert tuned.info["command"].startswith("python -m cellseg.train experiment=finetune")

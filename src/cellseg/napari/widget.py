@@ -71,6 +71,7 @@ class SegmentWidget(Container):
         self.result: actions.Result | None = None
         self.labels_layer = None
         self.worker = None
+        self.running = False  # a worker runs (busy.visible follows the dock's own visibility)
 
     def _image_layers(self, _widget: Any = None) -> list:
         from napari.layers import Image
@@ -113,7 +114,7 @@ class SegmentWidget(Container):
     def _start(self, message: str, work, done) -> None:
         from napari.qt.threading import create_worker
 
-        self.status.value, self.busy.visible = message, True
+        self.status.value, self.busy.visible, self.running = message, True, True
         for button in (self.run, self.add, self.finetune, self.save_button):
             button.enabled = False
         self.worker = create_worker(work)
@@ -125,7 +126,7 @@ class SegmentWidget(Container):
         self.worker.start()
 
     def _idle(self) -> None:
-        self.busy.visible = False
+        self.busy.visible, self.running = False, False
         for button in (self.run, self.add, self.finetune, self.save_button):
             button.enabled = True
 
