@@ -235,3 +235,11 @@ def test_no_model_logs_a_line_naming_the_shipped_file(caplog):
         line = model.first_line()
     assert line.startswith("model: nuclei (the shipped model), checkpoint ")
     assert Path(line.split()[-1]) == shipped_path(DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.onnx", "package.bioimageio.zip"])
+def test_a_damaged_exported_file_is_one_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(UserError, match=rf"model={path}: (cannot read it as a|a zip without)"):
+        checkpoint.load(path)

@@ -16,6 +16,7 @@ written before 2026-12 the preprocess dict alone.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import zipfile
@@ -251,29 +252,13 @@ def load_exported(path: Path, name: str, kind: str, device: str | torch.device) 
     preparation and tuned post-processing it carries."""
     from cellseg.backends import Network, onnx_session
 
-    if kind == "bioimageio":
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            if "model.pt" not in names:
-                raise UserError(f"model={path}: a zip without model.pt; pass a "
-                                "*.bioimageio.zip that cellseg.export wrote")
-            blob = archive.read("model.pt")
-        import io
-
-        script = torch.jit.load(io.BytesIO(blob), map_location=device, _extra_files=(extra := {
-            "cellseg": ""}))
-        saved = json.loads(extra["cellseg"] or "{}")
-    elif kind == "torchscript":
-        extra = {"cellseg": ""}
-        script = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-        saved = json.loads(extra["cellseg"] or "{}")
-    else:
-        import onnx
-
-        proto = onnx.load(str(path))
-        props = {p.key: p.value for p in proto.metadata_props}
-        saved = json.loads(props.get("cellseg", "{}"))
-        script = None
+    try:
+        script, saved = _read_exported(path, kind, device)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file breaks the runtimes
+        raise UserError(f"model={path}: cannot read it as a {kind} file that cellseg.export "
+                        f"wrote ({type(err).__name__}: {err}); export it again") from err
     if not saved:
         raise UserError(f"model={path}: the file carries no cellseg preparation; export it "
                         "again with python -m cellseg.export")
@@ -287,6 +272,26 @@ def load_exported(path: Path, name: str, kind: str, device: str | torch.device) 
         net = Network(session, geometry, kind)
     data = {"hparams": {}, "splits": {}, "diameter": pre.get("diameter")}
     return Model(name, path, kind, net, data, postprocess, {"format": "exported"}, pre)
+
+
+def _read_exported(path: Path, kind: str, device) -> tuple[Any, dict]:
+    """The TorchScript module (None for ONNX) and the ``cellseg`` metadata of an exported file."""
+    extra = {"cellseg": ""}
+    if kind == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        return None, json.loads(props.get("cellseg", "{}"))
+    if kind == "bioimageio":
+        with zipfile.ZipFile(path) as archive:
+            if "model.pt" not in archive.namelist():
+                raise UserError(f"model={path}: a zip without model.pt; pass a "
+                                "*.bioimageio.zip that cellseg.export wrote")
+            source = io.BytesIO(archive.read("model.pt"))
+    else:
+        source = str(path)
+    script = torch.jit.load(source, map_location=device, _extra_files=extra)
+    return script, json.loads(extra["cellseg"] or "{}")
 
 
 @dataclass
