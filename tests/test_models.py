@@ -129,8 +129,8 @@ def test_predict_without_a_model_uses_the_shipped_one_and_says_so_first(tmp_path
     (folder / "a.png").write_bytes(sample_path().read_bytes())
     out = run_cli([f"input={folder}", f"output={tmp_path / 'out'}"], tmp_path, "cellseg.predict")
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if "] " in line]
-    assert "model: nuclei (the shipped model" in lines[0]
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "] " in line]
+    assert "model: nuclei (the shipped model" in lines[0], lines[:3]
     labels = read_image(tmp_path / "out/labels/a.png")[..., 0]
     assert 60 < labels.max() < 120  # 89 annotated nuclei
 
