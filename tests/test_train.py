@@ -95,7 +95,9 @@ def test_native_validation_on_padded_images_equals_eval_on_the_unpadded_ones(cfg
     )
     metrics = train(cfg)  # validation: 72 x 72 images padded to 80 x 80, scored on 72 x 72
     ckpt = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
-    scores, rows = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "split=val"]))
+    # as validation sees them: no size estimate (diameter=auto would rescale these images)
+    eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "split=val", "diameter=null"])
+    scores, rows = evaluate(eval_cfg)
     # native holds 10 % of the 8 training images out for validation: 1 image
     assert {(r["height"], r["width"]) for r in rows} == {(72, 72)} and len(rows) == 1
     for k in ("iou", "miou", "dice"):
