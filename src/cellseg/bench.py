@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellseg import config_dir
-from cellseg.cli import one_line_errors
+from cellseg.cli import one_line_errors, run
 
 log = logging.getLogger(__name__)
 
@@ -369,4 +369,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

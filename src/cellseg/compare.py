@@ -32,7 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cellseg import config_dir
 from cellseg.checkpoint import checkpoint_data
-from cellseg.cli import one_line_errors
+from cellseg.cli import one_line_errors, run
 from cellseg.datasets import Sample
 from cellseg.eval import SCORES, evaluate
 from cellseg.figures import display_rgb
@@ -254,4 +254,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cellseg import checkpoint, config_dir
 from cellseg.callbacks import tensorboard_writers
-from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger
+from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger, run
 from cellseg.datasets import TARGET_NAMES
 from cellseg.errors import UserError
 from cellseg.unet import count_parameters
@@ -360,4 +360,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
