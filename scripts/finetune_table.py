@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 
-from cellseg import checkpoint, config_dir
+from cellseg import checkpoint
 from cellseg.datasets import all_sources, image_kind, normalize, to_channels
-from cellseg.eval import evaluate
+from cellseg.eval import evaluate_with
 from cellseg.files import save_png
 
 SIZES = (1, 3, 10)
@@ -55,17 +54,13 @@ def write_folder(folder: Path, samples: list) -> Path:
 
 
 def scores(model: str, root: Path) -> dict[str, float]:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("eval", [f"model_name={model}", "data=folder", f"data.root={root}",
-                               "split=all", f"paths.output_dir={root}_eval"])
-    metrics, _ = evaluate(cfg)
+    metrics, _ = evaluate_with([f"model_name={model}", "data=folder", f"data.root={root}",
+                                "split=all"])
     return {k: round(float(metrics[k]), 4) for k in SCORES}
 
 
 def val_scores_by_kind(model: str, kinds: dict[str, str]) -> dict[str, float]:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("eval", [f"model_name={model}", "split=val", "paths.output_dir=/tmp/v"])
-    _, rows = evaluate(cfg)
+    _, rows = evaluate_with([f"model_name={model}", "split=val"])
     by_kind: dict[str, list[float]] = {}
     for r in rows:
         by_kind.setdefault(kinds[r["id"]], []).append(r["map"])

@@ -15,28 +15,34 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 
-from cellseg import checkpoint, config_dir
-from cellseg.datamodule import equivalent_diameters
+from cellseg import checkpoint
 from cellseg.datasets import all_sources, resize
-from cellseg.eval import evaluate
+from cellseg.eval import evaluate_with
 from cellseg.files import save_png
 from cellseg.inference import estimate_diameter
+from cellseg.measure import median_diameter
 from cellseg.tune import instance_options
 
 SCORES = ("map", "ap50_pooled", "iou_nuclei")
+
+
+def scaled(sample, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's image and labels resized by ``scale`` (labels nearest)."""
+    if scale == 1:
+        return sample.image, sample.labels
+    h, w = sample.labels.shape
+    size = (round(h * scale), round(w * scale))
+    image = resize(sample.image, size, "area" if scale < 1 else "linear")
+    return np.clip(image, 0, 255).astype(sample.image.dtype), resize(sample.labels, size, "nearest")
 
 
 def scaled_folder(samples: list, scale: float, folder: Path) -> Path:
     for sub in ("images", "masks"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for s in samples:
-        h, w = s.labels.shape
-        size = (round(h * scale), round(w * scale))
-        image = resize(s.image, size, "area" if scale < 1 else "linear") if scale != 1 else s.image
-        labels = resize(s.labels, size, "nearest") if scale != 1 else s.labels
-        save_png(folder / "images" / f"{s.id}.png", np.clip(image, 0, 255).astype(s.image.dtype))
+        image, labels = scaled(s, scale)
+        save_png(folder / "images" / f"{s.id}.png", image)
         save_png(folder / "masks" / f"{s.id}.png", labels.astype(np.uint16))
     return folder
 
@@ -54,21 +60,16 @@ def main(out: str, model: str = "nuclei", scales: str = "0.5,1,3") -> None:
         folder = scaled_folder(samples, scale, out_dir / f"x{scale:g}")
         errors = []
         for s in samples:  # the estimate against the annotated nuclei's median size
-            image = (resize(s.image, (round(s.image.shape[0] * scale),
-                                      round(s.image.shape[1] * scale)),
-                            "area" if scale < 1 else "linear") if scale != 1 else s.image)
+            image, labels = scaled(s, scale)
             found = estimate_diameter(loaded.net, image, pre, {}, options)
-            truth = float(np.median(equivalent_diameters(s.labels))) * scale
+            truth = median_diameter([labels])
             errors.append(abs(np.log(found / truth)) if found else float("inf"))
         row = {"estimate_error_median": round(float(np.exp(np.median(errors)) - 1), 3),
                "estimate_error_max": round(float(np.exp(np.max(errors)) - 1), 3)}
         for diameter in ("auto", "null"):
-            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-                cfg = compose("eval", [f"model_name={model}", "data=folder",
-                                       f"data.root={folder}", "split=all",
-                                       f"diameter={diameter}",
-                                       f"paths.output_dir={folder}_{diameter}"])
-            metrics, _ = evaluate(cfg)
+            metrics, _ = evaluate_with([f"model_name={model}", "data=folder",
+                                        f"data.root={folder}", "split=all",
+                                        f"diameter={diameter}"])
             row[diameter] = {k: round(float(metrics[k]), 4) for k in SCORES}
         results[f"{scale:g}"] = row
         print(scale, row, flush=True)

@@ -4,7 +4,7 @@
 
 Scores the run's last checkpoint on its test images (the sample's 10) with the diameter
 estimated (the default) and with the images as they are, then writes
-``src/cellseg/models/NAME.ckpt`` (NAME: nuclei): the weights, the network and data description,
+``src/cellseg/models/NAME.pth`` (NAME: nuclei): the weights, the network and data description,
 the tuned post-processing, and under ``cellseg``: the format version, the commit and command
 that trained it, a hash of its training ids and its scores. Optimizer and loop states are
 dropped (the file is for predicting and fine-tuning, not for resuming).
@@ -17,11 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from cellseg import config_dir
 from cellseg.checkpoint import read
-from cellseg.eval import evaluate
+from cellseg.eval import evaluate_with
 
 KEEP = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "NucleiDataModule",
         "postprocess", "cellseg", "epoch", "global_step", "pytorch-lightning_version")
@@ -35,9 +33,7 @@ def ids_hash(ids: list[str]) -> str:
 
 def test_scores(ckpt: Path, diameter: str) -> dict[str, float]:
     """The checkpoint's scores on its test split (as ``python -m cellseg.eval`` computes them)."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("eval", [f"model_name={ckpt}", f"diameter={diameter}"])
-    metrics, _ = evaluate(cfg)
+    metrics, _ = evaluate_with([f"model_name={ckpt}", f"diameter={diameter}"])
     return {k: round(metrics[k], 4) for k in SCORES}
 
 
@@ -58,7 +54,7 @@ def main(run: str, name: str = "nuclei") -> Path:
             f"val_{tuned.get('score', 'map_pooled')}": tuned.get(tuned.get("score", "")),
         },
     }
-    out = Path(__file__).resolve().parents[1] / "src/cellseg/models" / f"{name}.ckpt"
+    out = Path(__file__).resolve().parents[1] / "src/cellseg/models" / f"{name}.pth"
     torch.save(slim, out)
     size = out.stat().st_size / 2**20
     if size > 10:

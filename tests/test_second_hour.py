@@ -26,7 +26,9 @@ def bad_files(folder):
     (folder / "junk.tif").write_bytes(header + bytes(range(256)) * 8)
     tifffile.imwrite(folder / "odd.tif", np.zeros((64, 64), np.uint8), compression="zlib")
     raw = bytearray((folder / "odd.tif").read_bytes())
-    raw[raw.find(struct.pack("<HHI", 259, 3, 1)) + 8] = 0x34  # compression 0x8034: unknown
+    tag = raw.find(struct.pack("<HHI", 259, 3, 1))  # the Compression tag: SHORT, one value
+    assert tag > 0
+    raw[tag + 8 : tag + 10] = struct.pack("<H", 0x8034)  # a compression no codec knows
     (folder / "odd.tif").write_bytes(bytes(raw))
     return {"truncated", "empty", "a folder", "junk", "odd"}
 

@@ -49,12 +49,12 @@ def resolve(name: str | Path | None) -> tuple[Path, str]:
             f"file cellseg.export wrote (model.pt, model.onnx, *.bioimageio.zip) or one of "
             f"{', '.join(MODELS)}"
         )
-    if path.suffix == ".ckpt":
+    if path.suffix in (".ckpt", ".pth"):  # a run's checkpoint, or a shipped model's file
         return path, "checkpoint"
     if path.suffix in EXPORTED:
         return path, EXPORTED[path.suffix]
     raise UserError(
-        f"model={path}: cellseg reads .ckpt, model.pt (TorchScript), model.onnx and "
+        f"model={path}: cellseg reads .ckpt (.pth), model.pt (TorchScript), model.onnx and "
         "*.bioimageio.zip files; pass one of those"
     )
 

@@ -103,7 +103,7 @@ def evaluate(
     # the checkpoint's own data: its train_roots too, where their images train and validate
     # (test images come from the root alone)
     own = not cfg.get("data") and cfg.split != "test"
-    more = description["hparams"].get("train_roots") or [] if own else []
+    more = (description["hparams"].get("train_roots") or []) if own else []
     sources = list(all_sources(root, layout, channel, more).values())
     ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
@@ -142,6 +142,15 @@ def evaluate(
         {"images": len(rows), "seconds": seconds, "megapixels_per_s": megapixels / seconds}
     )
     return metrics, rows
+
+
+def evaluate_with(overrides: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """:func:`evaluate` of the eval config composed with command-line ``overrides`` (scripts
+    that score several models: ``["model_name=nuclei", "split=val"]``)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return evaluate(compose("eval", overrides))
 
 
 def write_outputs(out_dir: Path, metrics: dict[str, float], rows: list[dict]) -> None:

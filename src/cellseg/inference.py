@@ -293,23 +293,28 @@ def estimate_diameter(
     out in pieces or merged; at the training size they do not). Each pass sees the image's
     centre, at most ``ESTIMATE_SIDE`` px a side at the network: a bounded cost on any image.
     None: no nuclei found."""
-    from cellseg.datamodule import equivalent_diameters
+    from cellseg.measure import median_diameter
 
-    trained, scale, diameter = float(preprocess["diameter"]), 1.0, None
+    scale, diameter = 1.0, None
     quick = {**inference, "tta": False}
     for _ in range(AUTO_PASSES):  # on the centre of a large image: at most 1024 px a side seen
         view = centre(image, max(round(ESTIMATE_SIDE / scale), preprocess["multiple"]))
         labels = segment_rescaled(model, view, preprocess, quick, instances_cfg, scale)[1]
-        found = equivalent_diameters(labels)
-        if not found.size:
+        found = median_diameter([labels])
+        if found is None:
             return diameter
-        diameter = float(np.median(found))
-        smallest = preprocess["multiple"] / min(image.shape[:2])  # still one network input
-        new = float(np.clip(trained / diameter, max(0.1, smallest), 4.0))
+        diameter, new = found, reachable_scale(preprocess, image.shape, found)
         if abs(math.log(new / scale)) < math.log(1.2):
             break
         scale = new
     return diameter
+
+
+def reachable_scale(preprocess: dict, shape: tuple[int, ...], diameter: float) -> float:
+    """The factor that brings nuclei of ``diameter`` px to the training size, within 0.1-4x and
+    keeping the image at least one network input (the multiple) a side."""
+    smallest = preprocess["multiple"] / min(shape[:2])
+    return float(np.clip(float(preprocess["diameter"]) / diameter, max(0.1, smallest), 4.0))
 
 
 def diameter_scale(preprocess: dict, diameter: Any, quiet: bool = False) -> float | None:
@@ -359,19 +364,18 @@ def segment_at_scale(
     labels are mapped back to the image's own pixel grid (labels nearest). ``auto``: the
     diameter estimated (:func:`estimate_diameter`, logged), the image left as it is where the
     estimate is within ``AUTO_BAND`` of the training size."""
-    if diameter == "auto":
-        diameter = None
-        if auto_diameter(preprocess, quiet=True):
-            found = estimate_diameter(model, image, preprocess, inference, instances_cfg)
-            trained = float(preprocess["diameter"])
-            if found is not None:  # within what estimate_diameter could reach
-                smallest = preprocess["multiple"] / min(image.shape[:2])
-                found = trained / float(np.clip(trained / found, max(0.1, smallest), 4.0))
-            rescale = found is not None and abs(math.log(trained / found)) >= math.log(AUTO_BAND)
-            log.info("nuclei about %s px across (diameter=auto): %s", f"{found:.1f}" if found
-                     else "?", f"rescaled by {trained / found:.3g}" if rescale else "as it is")
-            diameter = found if rescale else None
-    scale = diameter_scale(preprocess, diameter, quiet=True)
+    if diameter != "auto":
+        scale = diameter_scale(preprocess, diameter, quiet=True)
+        return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
+    scale = None
+    if auto_diameter(preprocess, quiet=True):
+        found = estimate_diameter(model, image, preprocess, inference, instances_cfg)
+        if found is not None:
+            scale = reachable_scale(preprocess, image.shape, found)
+            scale = scale if abs(math.log(scale)) >= math.log(AUTO_BAND) else None
+        log.info("nuclei about %s px across (diameter=auto): %s",
+                 f"{found:.1f}" if found else "?",
+                 f"rescaled by {scale:.3g}" if scale else "as it is")
     return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODELS = {"nuclei": "nuclei.ckpt"}  # name -> file beside this module
+# name -> file beside this module: a slimmed checkpoint (weights, data description, tuned
+# post-processing, provenance; no training state), .pth as PyTorch names saved weights
+MODELS = {"nuclei": "nuclei.pth"}
 DEFAULT_MODEL = "nuclei"
 
 

@@ -91,10 +91,12 @@ def add_to_training_set(folder: str | Path, name: str, image: np.ndarray,
     return mask
 
 
-def save(folder: str | Path, name: str, result: Result, labels: np.ndarray) -> list[Path]:
+def save(folder: str | Path, name: str, image: np.ndarray, labels: np.ndarray,
+         foreground: np.ndarray, pixel_size: tuple[float, float] | None = None,
+         channel_names: list[str] | None = None) -> list[Path]:
     """Write the labels TIFF and the measurements CSV as ``predict`` names them
-    (``labels/<name>.tif``, ``tables/<name>.measurements.csv``), from the labels as they are
-    now (corrected or not): the measurements are taken again."""
+    (``labels/<name>.tif``, ``tables/<name>.measurements.csv``), the labels measured as they
+    are now (corrected or not)."""
     import tifffile
 
     from cellseg.predict import write_tables
@@ -104,7 +106,10 @@ def save(folder: str | Path, name: str, result: Result, labels: np.ndarray) -> l
         (folder / sub).mkdir(parents=True, exist_ok=True)
     path = folder / "labels" / f"{name}.tif"
     tifffile.imwrite(path, labels.astype(np.uint16))
-    write_tables(folder, name, result.measurements, [result.summary])
+    names = channel_names or [f"c{i}" for i in range(image.shape[-1])]
+    keys = {"image": name, "t": 0, "z": 0}
+    rows = measure(labels, image, names, pixel_size, foreground, **keys)
+    write_tables(folder, name, rows, [summarize(labels, pixel_size, **keys)])
     return [path, folder / "tables" / f"{name}.measurements.csv"]
 
 

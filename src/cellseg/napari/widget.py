@@ -178,13 +178,9 @@ class SegmentWidget(Container):
         if self.labels_layer is None or self.result is None:
             raise ValueError("segment an image first")
         image, name, pixel_size, names = self.layer_image()
-        labels = self.labels_layer.data
-        rows = actions.measure(labels, image, names or ["c0"], pixel_size, self.result.foreground,
-                               image=name, t=0, z=0)
-        summary = actions.summarize(labels, pixel_size, image=name, t=0, z=0)
-        result = actions.Result(labels, self.result.foreground, rows, summary)
         folder = Path(folder or self.output.value)
-        paths = actions.save(folder, name, result, labels)
+        paths = actions.save(folder, name, image, self.labels_layer.data, self.result.foreground,
+                             pixel_size, names)
         self.status.value = f"saved {', '.join(p.name for p in paths)} in {folder}"
         return paths
 
