@@ -56,41 +56,66 @@ def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     raise UserError(f"cannot convert an image with {image.shape[-1]} channels to {in_channels}")
 
 
-def normalize(image: np.ndarray, method: str = "percentile") -> np.ndarray:
+def normalize(
+    image: np.ndarray, method: str = "percentile", limits: tuple[float, float] | None = None
+) -> np.ndarray:
     """Scale an image to float32 in about [0, 1].
 
     ``percentile``: per image, the 1st and 99.8th percentiles map to 0 and 1 (robust to 16-bit
     and dim images); ``scale``: divide by the dtype's maximum (the study's /255);
     ``minmax``: per image minimum and maximum. NaN/inf pixels count as the lowest finite value.
+    ``limits``: the values mapping to 0 and 1, found before (:func:`intensity_limits`) on the
+    whole of an image this is a block of.
     """
     image = replace_nonfinite(image, "an image")  # the readers have warned naming the file
-    if method == "scale":
-        top = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
-        lo, hi = 0.0, top
-    elif method == "percentile":
-        lo, hi = np.percentile(image, (1.0, 99.8))  # on the stored dtype: a smaller copy
-    elif method == "minmax":
-        lo, hi = image.min(), image.max()
-    else:
-        raise UserError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
+    lo, hi = limits if limits is not None else intensity_limits(image, method)
     x = image.astype(np.float32)  # the one full-size copy; the rest is in place
     x -= np.float32(lo)
     x /= np.float32(max(hi - lo, 1e-6))
     return np.clip(x, 0.0, 1.0, out=x) if method != "scale" else x
 
 
+def intensity_limits(image: np.ndarray, method: str = "percentile") -> tuple[float, float]:
+    """The values :func:`normalize` maps to 0 and 1 for an image (see there)."""
+    if method == "scale":
+        top = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
+        return 0.0, float(top)
+    if method == "percentile":
+        lo, hi = np.percentile(image, (1.0, 99.8))  # on the stored dtype: a smaller copy
+    elif method == "minmax":
+        lo, hi = image.min(), image.max()
+    else:
+        raise UserError(f"unknown normalisation {method!r}; use percentile, scale or minmax")
+    return float(lo), float(hi)
+
+
 def prepare_image(
-    image: np.ndarray, in_channels: int = 3, method: str = "percentile", invert_bright: bool = False
+    image: np.ndarray, in_channels: int = 3, method: str = "percentile",
+    invert_bright: bool = False, intensity: dict | None = None,
 ) -> np.ndarray:
     """The model's input from a stored image: channels, normalisation, optional inversion.
 
     ``invert_bright`` turns light-background images (stained brightfield: mean above 0.5 after
     normalisation) into dark-background ones, so every image looks like fluorescence.
+    ``intensity`` (:func:`image_intensity` of the whole image) fixes both for a block of it.
     """
-    x = normalize(to_channels(image, in_channels), method)
-    if invert_bright and x.mean() > 0.5:
+    limits = intensity["limits"] if intensity else None
+    x = normalize(to_channels(image, in_channels), method, limits)
+    invert = intensity["invert"] if intensity else invert_bright and x.mean() > 0.5
+    if invert:
         x = np.subtract(1.0, x, out=x)  # x is normalize()'s own copy
     return x
+
+
+def image_intensity(image: np.ndarray, in_channels: int, method: str,
+                    invert_bright: bool) -> dict:
+    """What :func:`prepare_image` decides from a whole image (its normalisation limits and
+    whether it is inverted), found on ``image`` (for a large one, a subsample of it), to be
+    applied alike to every block."""
+    x = to_channels(image, in_channels)
+    limits = intensity_limits(replace_nonfinite(x, "an image"), method)
+    invert = bool(invert_bright and normalize(x, method, limits).mean() > 0.5)
+    return {"limits": limits, "invert": invert}
 
 
 def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:

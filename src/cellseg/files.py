@@ -2,13 +2,17 @@
 
 TIFF and OME-TIFF axes come from ``tifffile``'s series (``YX``, ``YXS``, ``CYX``, ``ZYX``,
 ``TCZYX``, ImageJ hyperstacks ...), channel names and the pixel size from OME or ImageJ
-metadata; PNG, JPEG and BMP are 2-D gray, RGB or RGBA. A file is opened once
-(:func:`open_image`) and read one 2-D plane (all channels of one time point and Z plane) at a
-time, so memory stays bounded by a plane. Writers put a file in place atomically.
+metadata; OME-Zarr (NGFF 0.4 and 0.5, a local ``*.zarr`` folder) from its multiscales and omero
+metadata (the full-resolution level); PNG, JPEG and BMP are 2-D gray, RGB or RGBA. A file is
+opened once (:func:`open_image`) and read one 2-D plane (all channels of one time point and Z
+plane) at a time, or one window of a plane (:meth:`ImageFile.region`), so memory stays bounded
+by what is read: uncompressed TIFFs are memory-mapped, compressed and tiled ones and OME-Zarr
+decoded chunk by chunk. Writers put a file in place atomically.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -37,7 +41,11 @@ MICRONS = {
     "nm": 1e-3,
     "mm": 1e3,
     "m": 1e6,
+    "micrometer": 1.0,  # OME-NGFF's unit names
+    "nanometer": 1e-3,
+    "millimeter": 1e3,
 }
+ZARR_SUFFIX = ".zarr"  # an OME-Zarr image is a folder named *.zarr (or *.ome.zarr)
 
 
 class ImageFileError(UserError):
@@ -56,7 +64,15 @@ class ImageFile:
     rgb: bool = False  # an RGB(A) colour image: channels converted as a whole, not selected
     pixel_size: tuple[float, float] | None = None  # (y, x) micrometres per pixel
     channel: int | None = None  # the nuclei channel, see :meth:`select`
-    _read: object = field(default=None, repr=False)  # (plane index dict) -> (Y, X, C) array
+    _read: object = field(default=None, repr=False)  # (plane index, ys, xs) -> (y, x, C) array
+
+    @property
+    def height(self) -> int:
+        return self.shape[self.axes.index("Y")]
+
+    @property
+    def width(self) -> int:
+        return self.shape[self.axes.index("X")]
 
     @property
     def stacked(self) -> bool:
@@ -73,9 +89,15 @@ class ImageFile:
 
     def plane(self, index: dict[str, int] | None = None) -> np.ndarray:
         """All channels of one plane as (Y, X, C), non-finite pixels replaced (with a warning)."""
+        return self.region(index, slice(None), slice(None))
+
+    def region(self, index: dict[str, int] | None, ys: slice, xs: slice) -> np.ndarray:
+        """All channels of a window ``[ys, xs]`` of one plane as (y, x, C): only the window's
+        pixels are read where the file allows (memory maps, TIFF tiles and strips, zarr
+        chunks); non-finite pixels replaced (with a warning)."""
         where = f"{self.path}" + "".join(f" {a}={i}" for a, i in (index or {}).items())
         try:
-            array = self._read(index or {})
+            array = self._read(index or {}, ys, xs)
         except Exception as err:  # noqa: BLE001 - truncated data, junk pages, codecs
             raise ImageFileError(
                 f"cannot read image {where}: {type(err).__name__}: {err}; replace or remove "
@@ -130,12 +152,14 @@ def stem(path: Path) -> str:
 def open_image(path: str | Path, axes: str | None = None) -> ImageFile:
     """Open an image file: axes, channels and pixel size from the file; errors name the file."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.suffix.lower() != ZARR_SUFFIX:
         raise ImageFileError(f"{path} is a folder, not an image file; move it out of the input")
     if path.is_file() and path.stat().st_size == 0:
         raise ImageFileError(f"cannot read image {path}: the file is empty (0 bytes); replace "
                              "or remove it")
     try:
+        if path.suffix.lower() == ZARR_SUFFIX:
+            return _open_zarr(path, axes)
         if path.suffix.lower() in (".tif", ".tiff"):
             return _open_tiff(path, axes)
         return _open_pil(path)
@@ -198,7 +222,7 @@ def _open_pil(path: Path) -> ImageFile:
         {},
         names,
         rgb=rgb,
-        _read=lambda index: array,
+        _read=lambda index, ys, xs: array[ys, xs],
     )
 
 
@@ -206,11 +230,7 @@ def _open_tiff(path: Path, axes: str | None) -> ImageFile:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         found, shape = series.axes, tuple(series.shape)
-        page_ndim = len(series.keyframe.shape)
         mappable = series.dataoffset is not None and series.keyframe.is_memmappable
-        pagewise = len(series.pages) == math.prod(shape[: len(shape) - page_ndim]) and (
-            found[len(shape) - page_ndim :] in ("YX", "YXS")
-        )
         rgb_photometric = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
         described = tif.is_ome or tif.is_imagej
         names, pixel_size = _ome_metadata(tif) if tif.is_ome else (None, None)
@@ -225,12 +245,61 @@ def _open_tiff(path: Path, axes: str | None) -> ImageFile:
             "colour (RGB, stored plane by plane) but that may be Z planes or channels; pass "
             "axes=ZYX (planes), axes=CYX (channels) or axes=SYX (a colour image)"
         )
+    if mappable:  # uncompressed, contiguous: a window reads only its own bytes
+        array = tifffile.memmap(path, series=0, mode="r")
+    else:  # compressed, tiled or in strips: decoded chunk (tile, strip, page) by chunk
+        import zarr
+
+        array = zarr.open(tifffile.imread(path, series=0, level=0, aszarr=True), mode="r")
+    return _image_file(path, given or found, shape, given, names, pixel_size, array,
+                       rgb_photometric)
+
+
+def _open_zarr(path: Path, axes: str | None) -> ImageFile:
+    """An OME-Zarr image (NGFF 0.4 or 0.5): its full-resolution level, read chunk by chunk."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as err:  # noqa: BLE001 - not a zarr group at all
+        raise ImageFileError(f"cannot read {path}: not a zarr folder ({err}); pass an OME-Zarr "
+                             "image folder") from err
+    attrs = dict(group.attrs)
+    meta = attrs.get("ome", attrs)  # NGFF 0.5 nests its metadata under "ome"
+    if not meta.get("multiscales"):
+        raise ImageFileError(
+            f"{path} is a zarr folder without OME-NGFF multiscales metadata; pass the image's "
+            "own folder (the one holding the resolution levels 0, 1, ...)"
+        )
+    scales = meta["multiscales"][0]
+    names = [a["name"] if isinstance(a, dict) else a for a in scales.get("axes", [])]
+    units = {a["name"].upper(): a.get("unit")
+             for a in scales.get("axes", []) if isinstance(a, dict)}
+    level = scales["datasets"][0]
+    array = group[level["path"]]
+    found = "".join(names).upper() or "TCZYX"[-array.ndim :]
+    scale = next((t["scale"] for t in level.get("coordinateTransformations", [])
+                  if t.get("type") == "scale"), None)
+    pixel_size = None
+    if scale and "Y" in found and "X" in found:
+        factors = [MICRONS.get(units.get(a) or "micrometer") for a in "YX"]
+        if None not in factors:
+            pixel_size = tuple(scale[found.index(a)] * f for a, f in zip("YX", factors,
+                                                                          strict=True))
+    channels = meta.get("omero", {}).get("channels", [])
+    labels = [c.get("label") or f"c{i}" for i, c in enumerate(channels)] or None
+    given = axes.upper() if axes else None
+    return _image_file(path, given or found, tuple(array.shape), given, labels, pixel_size, array)
+
+
+def _image_file(path: Path, use: str, shape: tuple, given: str | None, names: list | None,
+                pixel_size: tuple | None, array, rgb_photometric: bool = False) -> ImageFile:
+    """An :class:`ImageFile` over an array in the file's axis order ``use``, its axes checked."""
     if given and len(given) != len(shape):
         raise ImageFileError(
-            f"{path} has shape {shape} (axes {found}); axes={axes} names {len(given)} axes, "
+            f"{path} has shape {shape}; axes={given} names {len(given)} axes, "
             f"not {len(shape)} ({AXES_HELP})"
         )
-    use = given or found
     sizes = dict(zip(use, shape, strict=True))
     problems = [a for a, n in sizes.items() if a not in PLANE_AXES + "CSYX" and n > 1]
     if "Y" not in sizes or "X" not in sizes or problems or len(set(use)) < len(use):
@@ -250,16 +319,8 @@ def _open_tiff(path: Path, axes: str | None) -> ImageFile:
         names = [f"c{i}" for i in range(n_channels)]
     planes_shape = {a: sizes[a] for a in PLANE_AXES if sizes.get(a, 1) > 1}
     rgb = channel_axis == "S" and rgb_photometric and n_channels in (3, 4)
-    order = [a for a in PLANE_AXES if a in sizes] + ["Y", "X"] + [a for a in "CS" if a in sizes]
-    if mappable:  # uncompressed, contiguous: a plane reads only its own bytes
-        reader = _ArrayReader(tifffile.memmap(path, series=0, mode="r"), use, order)
-    elif not given and pagewise:  # compressed pages: one plane's pages decoded at a time
-        reader = _PageReader(path, use, shape, page_ndim)
-    else:
-        reader = _ArrayReader(tifffile.imread(path, series=0), use, order)
-    return ImageFile(
-        path, use, shape, planes_shape, names, rgb=rgb, pixel_size=pixel_size, _read=reader
-    )
+    return ImageFile(path, use, shape, planes_shape, names, rgb=rgb, pixel_size=pixel_size,
+                     _read=_ArrayReader(array, use))
 
 
 def _suggest(shape: tuple[int, ...]) -> str:
@@ -269,36 +330,21 @@ def _suggest(shape: tuple[int, ...]) -> str:
 
 
 class _ArrayReader:
-    """Planes of an array: memory-mapped, or read at once (files not stored a page per plane)."""
+    """Windows of planes of an array in the file's own axis order: a memory map, a zarr array
+    (decoded chunk by chunk) or an array in memory; only the window is read."""
 
-    def __init__(self, array: np.ndarray, axes: str, order: list[str]) -> None:
-        self.array = np.transpose(array, [axes.index(a) for a in order])
-        self.axes = order
+    def __init__(self, array, axes: str) -> None:
+        self.array, self.axes = array, axes
+        kept = [a for a in axes if a in "YXCS"]
+        self.order = [kept.index(a) for a in "YX"] + [i for i, a in enumerate(kept) if a in "CS"]
 
-    def __call__(self, index: dict[str, int]) -> np.ndarray:
-        key = tuple(index.get(a, 0) for a in self.axes if a in PLANE_AXES)
-        plane = np.ascontiguousarray(np.asarray(self.array[key]))  # (Y, X[, C][, S]), a copy
-        return plane.reshape(*plane.shape[:2], -1)
-
-
-class _PageReader:
-    """Planes read page by page: only one plane's pages are decoded at a time."""
-
-    def __init__(self, path: Path, axes: str, shape: tuple, page_ndim: int) -> None:
-        self.path, self.axes, self.shape = path, axes, shape
-        self.leading = len(shape) - page_ndim
-
-    def __call__(self, index: dict[str, int]) -> np.ndarray:
-        lead_axes, lead_shape = self.axes[: self.leading], self.shape[: self.leading]
-        ranges = [
-            range(n) if a in "CS" else [index.get(a, 0)]
-            for a, n in zip(lead_axes, lead_shape, strict=True)
-        ]
-        keys = [int(np.ravel_multi_index(i, lead_shape)) for i in product(*ranges)]
-        with tifffile.TiffFile(self.path) as tif:
-            pages = tif.series[0].pages
-            planes = [pages[k].asarray() for k in keys]  # each (Y, X[, S])
-        return np.stack(planes, axis=-1).reshape(*planes[0].shape[:2], -1)
+    def __call__(self, index: dict[str, int], ys: slice, xs: slice) -> np.ndarray:
+        key = tuple(
+            ys if a == "Y" else xs if a == "X" else slice(None) if a in "CS" else index.get(a, 0)
+            for a in self.axes
+        )
+        window = np.ascontiguousarray(np.transpose(np.asarray(self.array[key]), self.order))
+        return window.reshape(*window.shape[:2], -1)  # (y, x[, C][, S]) -> (y, x, C)
 
 
 def _ome_metadata(tif: tifffile.TiffFile) -> tuple[list[str] | None, tuple | None]:
@@ -353,3 +399,12 @@ def save_stack(
     atomically; the pages are written as they come, so one page is in memory at a time."""
     with atomic(path) as tmp:
         tifffile.imwrite(tmp, iter(pages), shape=shape, dtype=dtype, metadata={"axes": axes})
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A CSV file of dict rows (columns in first-seen order), written atomically."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)

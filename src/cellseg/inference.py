@@ -243,7 +243,8 @@ def probabilities(
             f"size multiple {multiple}: too small to segment"
         )
     x = prepare_image(
-        image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"]
+        image, preprocess["in_channels"], preprocess["normalize"], preprocess["invert_bright"],
+        preprocess.get("intensity"),
     )
     return predict_image(
         model, x, preprocess["mode"], preprocess["img_size"], multiple=multiple, **inference
@@ -362,21 +363,34 @@ def segment_at_scale(
     """:func:`segment` with the image rescaled so that nuclei of ``diameter`` pixels appear at
     the training data's median diameter (``preprocess["diameter"]``); the probabilities and
     labels are mapped back to the image's own pixel grid (labels nearest). ``auto``: the
-    diameter estimated (:func:`estimate_diameter`, logged), the image left as it is where the
-    estimate is within ``AUTO_BAND`` of the training size."""
+    diameter estimated (:func:`choose_scale`)."""
+    scale, _ = choose_scale(model, image, preprocess, inference, instances_cfg, diameter)
+    return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
+
+
+def choose_scale(
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict,
+    instances_cfg: dict, diameter: Any, shape: tuple[int, ...] | None = None,
+) -> tuple[float | None, float | None]:
+    """The factor to rescale an image of ``shape`` (default: ``image``'s) by, and the nuclei's
+    diameter in its pixels (given, or None where unknown). ``auto``: estimated on ``image``
+    (:func:`estimate_diameter`, logged), None (as it is) where the estimate is within
+    ``AUTO_BAND`` of the training size."""
+    shape = shape or image.shape
     if diameter != "auto":
         scale = diameter_scale(preprocess, diameter, quiet=True)
-        return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
-    scale = None
+        given = float(diameter) if diameter is not None else None
+        return scale, given or preprocess.get("diameter")
+    scale = found = None
     if auto_diameter(preprocess, quiet=True):
         found = estimate_diameter(model, image, preprocess, inference, instances_cfg)
         if found is not None:
-            scale = reachable_scale(preprocess, image.shape, found)
+            scale = reachable_scale(preprocess, shape, found)
             scale = scale if abs(math.log(scale)) >= math.log(AUTO_BAND) else None
         log.info("nuclei about %s px across (diameter=auto): %s",
                  f"{found:.1f}" if found else "?",
                  f"rescaled by {scale:.3g}" if scale else "as it is")
-    return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
+    return scale, found or preprocess.get("diameter")
 
 
 def segment_rescaled(

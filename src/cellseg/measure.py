@@ -76,7 +76,12 @@ def summarize(labels: np.ndarray, pixel_size: tuple[float, float] | None = None,
     """One image or plane: nucleus count, mean and median area (px, and µm² with a pixel size),
     and the fraction of pixels inside nuclei."""
     areas = np.bincount(labels.ravel())[1:]
-    areas = areas[areas > 0]
+    return summarize_areas(areas[areas > 0], labels.size, pixel_size, **keys)
+
+
+def summarize_areas(areas: np.ndarray, pixels: int, pixel_size: tuple[float, float] | None = None,
+                    **keys) -> dict:
+    """:func:`summarize` from the nuclei's areas (px) and the plane's pixel count."""
     um2 = pixel_size[0] * pixel_size[1] if pixel_size else None
     mean, median = (float(areas.mean()), float(np.median(areas))) if areas.size else (0.0, 0.0)
     return {
@@ -86,7 +91,7 @@ def summarize(labels: np.ndarray, pixel_size: tuple[float, float] | None = None,
         "median_area_px": median,
         "mean_area_um2": mean * um2 if um2 else "",
         "median_area_um2": median * um2 if um2 else "",
-        "area_fraction": float((labels > 0).mean()),
+        "area_fraction": float(areas.sum() / pixels) if pixels else 0.0,
     }
 
 

@@ -29,6 +29,7 @@ import csv
 import glob
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -39,11 +40,13 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from cellseg import checkpoint, config_dir
+from cellseg.blocks import Engine, predict_large
 from cellseg.cli import one_line_errors, progress, run
 from cellseg.datasets import IMAGE_SUFFIXES
 from cellseg.errors import UserError
 from cellseg.figures import display_rgb
 from cellseg.files import (
+    ZARR_SUFFIX,
     ImageFile,
     ImageFileError,
     atomic,
@@ -51,6 +54,7 @@ from cellseg.files import (
     save_png,
     save_stack,
     stem,
+    write_rows,
 )
 from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.measure import measure, summarize
@@ -64,6 +68,8 @@ TABLES = ("measurements", "summary")
 def find_inputs(path: str | Path) -> dict[str, Path]:
     """Image id -> file for an image file, a flat folder or a dsb2018-layout folder."""
     path = Path(path).expanduser()
+    if path.is_dir() and path.suffix.lower() == ZARR_SUFFIX:  # an OME-Zarr image
+        return {stem(path): path}
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
@@ -74,9 +80,11 @@ def find_inputs(path: str | Path) -> dict[str, Path]:
     found = {k: v for k, v in nested.items() if v.is_file()}
     # folders named like images too: skipped and named, not passed over in silence
     found = found or {stem(p): p for p in sorted(path.iterdir())
-                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+                      if p.suffix.lower() in (*IMAGE_SUFFIXES, ZARR_SUFFIX)
+                      and not p.name.startswith(".")}
     if not found:
-        raise FileNotFoundError(f"{path} holds no images (flat, or <id>/images/<id>.png)")
+        raise FileNotFoundError(f"{path} holds no images (flat, *.ome.zarr, or "
+                                "<id>/images/<id>.png)")
     return found
 
 
@@ -159,7 +167,9 @@ def in_shard(image_id: str, shard: str | None) -> bool:
 
 def is_done(output: Path, image_id: str) -> bool:
     """An image is done when its label file (written last) exists."""
-    return any((output / "labels" / f"{image_id}.{ext}").is_file() for ext in ("png", "tif"))
+    labels = output / "labels"
+    return ((labels / f"{image_id}.ome.zarr").is_dir()
+            or any((labels / f"{image_id}.{ext}").is_file() for ext in ("png", "tif")))
 
 
 def error_file(output: Path, image_id: str) -> Path:
@@ -172,7 +182,7 @@ def remove_outputs(output: Path, image_id: str) -> None:
     stale = [p for d in (*OUTPUTS, "tables") for p in (output / d).glob(f"{name}.*")]
     stale += (output / "overlays").glob(f"{name}_[tz][0-9]*.png")  # one overlay per plane
     for path in stale:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def segment_plane(
@@ -189,6 +199,12 @@ def segment_plane(
     return segment_at_scale(
         model, nuclei, pre, cfg.inference, options, cfg.get("diameter")
     )
+
+
+def is_large(image: ImageFile, above: int) -> bool:
+    """Whether an image is segmented block-wise (:mod:`cellseg.blocks`): an OME-Zarr, or a
+    plane of more than ``above``² pixels."""
+    return image.path.suffix.lower() == ZARR_SUFFIX or image.height * image.width > above**2
 
 
 def plane_suffix(index: dict[str, int]) -> str:
@@ -238,15 +254,6 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
         save_stack(tmp, pages(), shape, axes)
         write_tables(output, image_id, measurements, summaries)
     return nuclei_total
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """A CSV file of dict rows (columns in first-seen order), written atomically."""
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_tables(output: Path, image_id: str, measurements: list, summaries: list) -> None:
@@ -320,19 +327,24 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     start, nuclei, failed = time.perf_counter(), 0, {}
-    for image_id, path in progress(todo.items(), "Predicting"):
-        try:
-            image = open_image(path, cfg.get("axes")).select(channel)
-            log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,
-                     "axes=" if cfg.get("axes") else "from the file")
-            nuclei += predict_file(net, image, image_id, pre, options, cfg, output)
-        except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
-            log.warning("skipped: %s", err)
-            failed[image_id] = str(err)
-            remove_outputs(output, image_id)
-            error_file(output, image_id).write_text(f"{err}\n")
-            continue
-        error_file(output, image_id).unlink(missing_ok=True)
+    with Engine(cfg.cluster) as engine:  # dask starts at the first large image only
+        for image_id, path in progress(todo.items(), "Predicting"):
+            try:
+                image = open_image(path, cfg.get("axes")).select(channel)
+                log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,
+                         "axes=" if cfg.get("axes") else "from the file")
+                if is_large(image, cfg.blocks.above):
+                    nuclei += predict_large(engine, image, image_id, net, pre, options, cfg,
+                                            output)
+                else:
+                    nuclei += predict_file(net, image, image_id, pre, options, cfg, output)
+            except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
+                log.warning("skipped: %s", err)
+                failed[image_id] = str(err)
+                remove_outputs(output, image_id)
+                error_file(output, image_id).write_text(f"{err}\n")
+                continue
+            error_file(output, image_id).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = {
         "images": len(todo) - len(failed),

@@ -2,8 +2,10 @@
 
 A TIFF / OME-TIFF opens as one image layer per channel, named after the channel, scaled by the
 pixel size in µm (planes, Z or T, as the layer's leading axes); PNG and JPEG images as one
-layer. A folder that ``python -m cellseg.predict`` wrote opens as, for each image, its overlay
-and its labels, with the per-nucleus measurements as the labels layer's features.
+layer; an OME-Zarr (``*.zarr``) as a multiscale layer read lazily, a labels layer where it is a
+labels image (what ``predict`` writes for large images). A folder that
+``python -m cellseg.predict`` wrote opens as, for each image, its overlay and its labels, with
+the per-nucleus measurements as the labels layer's features.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.files import ImageFile, open_image, stem
+from cellseg.files import ZARR_SUFFIX, ImageFile, open_image, stem
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LayerData = tuple[Any, dict[str, Any], str]
@@ -25,6 +27,8 @@ def get_reader(path: str | list[str]):
     if isinstance(path, list):
         return None
     p = Path(path)
+    if p.is_dir() and p.suffix.lower() == ZARR_SUFFIX:
+        return read_zarr_layers
     if p.is_dir() and (p / "labels").is_dir():
         return read_predict_output
     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
@@ -61,6 +65,37 @@ def read_image_layers(path: str) -> list[LayerData]:
     ]
 
 
+def read_zarr_layers(path: str) -> list[LayerData]:
+    """An OME-Zarr as one multiscale layer (every resolution level, read lazily as napari
+    shows it): labels for a labels image, else an image layer per channel."""
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    attrs = dict(group.attrs)
+    meta = attrs.get("ome", attrs)
+    scales = meta["multiscales"][0]
+    axes = "".join(a["name"] if isinstance(a, dict) else a for a in scales["axes"]).upper()
+    levels = [da.from_zarr(group[d["path"]]) for d in scales["datasets"]]
+    transform = scales["datasets"][0].get("coordinateTransformations", [{}])[0]
+    scale = list(transform.get("scale", [1.0] * len(axes)))
+    name = stem(Path(path))
+    if "image-label" in meta:
+        return [(levels, {"name": f"{name} labels", "multiscale": True, "scale": scale},
+                 "labels")]
+    if "C" not in axes:
+        return [(levels, {"name": name, "multiscale": True, "scale": scale}, "image")]
+    c = axes.index("C")
+    names = [ch.get("label") or f"c{i}" for i, ch in
+             enumerate(meta.get("omero", {}).get("channels", []))]
+    names = names if len(names) == levels[0].shape[c] else [f"c{i}" for i in range(
+        levels[0].shape[c])]
+    keep = scale[:c] + scale[c + 1 :]
+    return [([level.take(i, axis=c) for level in levels],
+             {"name": f"{name} {channel}", "multiscale": True, "scale": keep,
+              "blending": "additive"}, "image") for i, channel in enumerate(names)]
+
+
 def read_table(path: Path) -> dict[str, list]:
     """A CSV file's columns (numbers as numbers)."""
     with open(path, newline="") as f:
@@ -79,6 +114,9 @@ def read_predict_output(path: str) -> list[LayerData]:
     """Each image's overlay and labels (measurements as features) of a predict output folder."""
     folder, layers = Path(path), []
     for labels_path in sorted((folder / "labels").iterdir()):
+        if labels_path.suffix.lower() == ZARR_SUFFIX:  # a large image: a pyramid, no features
+            layers += read_zarr_layers(str(labels_path))
+            continue
         if labels_path.suffix.lower() not in (".png", ".tif", ".tiff"):
             continue
         name = stem(labels_path)
