@@ -377,6 +377,7 @@ def make_client(cfg) -> tuple:
     cluster sized to the cores this process may use, or SLURM jobs through dask-jobqueue."""
     from distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker event
     if cfg.kind == "local":
         workers, threads = worker_layout(cfg.get("workers"))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
@@ -403,8 +404,8 @@ def slurm_cluster(cfg):
     except ImportError:
         raise UserError("cluster=slurm needs dask-jobqueue: pip install -e '.[cluster]'") from None
     threads = int(cfg.cores)
-    return SLURMCluster(
-        cores=threads, processes=1, memory=str(cfg.memory), walltime=str(cfg.walltime),
+    return SLURMCluster(  # one task at a time per worker (cores=1), its job's CPUs booked
+        cores=1, job_cpu=threads, processes=1, memory=str(cfg.memory), walltime=str(cfg.walltime),
         queue=cfg.get("queue"), account=cfg.get("account"),
         job_extra_directives=list(cfg.get("job_extra_directives") or []),
         job_script_prologue=[f"export OMP_NUM_THREADS={threads}"],
