@@ -19,8 +19,7 @@ from cellseg.samples import sample_path
 from helpers import compose_cfg
 
 SAMPLE = sample_path("nuclei")  # 256 x 256, 89 nuclei: 16 blocks of 64 px
-BLOCKWISE = ["blocks.above=64", "blocks.size=64", "cluster.processes=false",
-             "cluster.workers=1", "diameter=null"]
+BLOCKWISE = ["blocks.above=64", "blocks.size=64", "cluster.workers=1", "diameter=null"]
 
 
 def predict_to(input_path: Path, output: Path, *overrides: str) -> dict:
@@ -149,7 +148,7 @@ def test_ome_zarr_input_is_predicted_blockwise_on_its_channel(tmp_path):
     nuclei = np.asarray(Image.open(SAMPLE))
     write_ome_zarr(tmp_path / "plate.ome.zarr", np.stack([255 - nuclei, nuclei]), 0.5)
     out = predict_to(tmp_path / "plate.ome.zarr", tmp_path / "out", "channel=DAPI",
-                     "blocks.size=128", "cluster.processes=false", "diameter=null")
+                     "blocks.size=128", "diameter=null")
     assert out["images"] == 1 and out["nuclei"] > 50
     assert zarr_labels(tmp_path / "out", "plate").shape == (256, 256)
 
@@ -206,9 +205,9 @@ def crash_once(marker: str, i: int) -> int:
     return i * i
 
 
-@pytest.mark.slow
 def test_a_killed_worker_s_block_is_retried(tmp_path):
-    cfg = compose_cfg("predict", ["input=x", "output=y", "cluster.workers=1"])
+    cfg = compose_cfg("predict", ["input=x", "output=y", "cluster.workers=1",
+                                  "cluster.processes=true"])
     with blocks.Engine(cfg.cluster) as engine:
         assert engine.run(crash_once, [(str(tmp_path), i) for i in range(4)], "x") == [0, 1, 4, 9]
     assert (tmp_path / "1.ran").exists()

@@ -14,7 +14,11 @@ For each input size and precision, in one process run so that ratios hold on a n
   pipeline's includes the plain loop's copy of the network);
 - with ``backends.ckpt_path``, whole-image prediction megapixels/s of a checkpoint's test
   images through each of ``backends.names`` (``cellseg.backends``), alternated, next to the
-  scores ``cellseg.eval`` gets through each (``shapes=[]`` skips the training rows).
+  scores ``cellseg.eval`` gets through each (``shapes=[]`` skips the training rows);
+- with ``large.sides``, the whole ``python -m cellseg.predict`` on square images of those sides
+  (the shipped sample's nuclei tiled, :func:`slide`): seconds, megapixels/s and the peak
+  resident memory of the process and its dask workers together, block-wise and (up to
+  ``large.whole_up_to``) whole-image.
 
 Medians, warm-up excluded: over ``repeats`` calls, and for training over the epochs of
 ``rounds`` fresh processes. Writes ``bench.md`` and ``bench.json`` (every epoch's rates too).
@@ -26,6 +30,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import multiprocessing as mp
 import resource
 import statistics
@@ -302,6 +307,105 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     return rows
 
 
+def slide(path: Path, side: int, fmt: str = "zarr", tile: int = 1024) -> Path:
+    """A ``side`` x ``side`` 8-bit nuclei image: the shipped sample (256 px, real DSB nuclei)
+    tiled, each copy flipped or turned at random, written chunk by chunk (never whole in
+    memory) as an OME-Zarr (``fmt=zarr``) or a tiled, compressed TIFF (``fmt=tiff``)."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from cellseg.samples import sample_path
+
+    base = np.asarray(Image.open(sample_path("nuclei")))
+    rng = np.random.default_rng(0)
+
+    def chunk(h: int, w: int) -> np.ndarray:
+        turns = [np.rot90(base, k) for k in range(4)] + [np.rot90(base.T, k) for k in range(4)]
+        rows = [np.hstack([turns[rng.integers(8)] for _ in range(-(-w // 256))])
+                for _ in range(-(-h // 256))]
+        return np.vstack(rows)[:h, :w]
+
+    if fmt == "tiff":
+        path = path.with_suffix(".tif")
+        tiles = (chunk(tile, tile) for _ in range(math.ceil(side / tile) ** 2))
+        tifffile.imwrite(path, tiles, shape=(side, side), dtype=np.uint8, tile=(tile, tile),
+                         compression="zlib")
+        return path
+    import zarr
+
+    path = path.with_suffix(".ome.zarr")
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    level = root.create_array("0", shape=(side, side), chunks=(tile, tile), dtype="uint8",
+                              chunk_key_encoding={"name": "v2", "separator": "/"})
+    for y in range(0, side, tile):
+        for x in range(0, side, tile):
+            level[y : y + tile, x : x + tile] = chunk(min(tile, side - y), min(tile, side - x))
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0]}]}]}]
+    return path
+
+
+def run_measured(cmd: list[str], every_s: float = 0.25) -> tuple[float, float, str]:
+    """Run a command; (seconds, peak resident MB of it and its children together, output)."""
+    import subprocess
+
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent, peak = psutil.Process(proc.pid), 0.0
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree) / 2**20)
+        except psutil.Error:
+            pass
+        time.sleep(every_s)
+    seconds = time.perf_counter() - start
+    output = proc.stdout.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    return seconds, peak, output
+
+
+def large_rows(cfg: DictConfig, root: Path) -> list[dict]:
+    """The whole predict on large images, block-wise and (up to ``whole_up_to``) whole."""
+    import shutil
+    import sys
+
+    rows = []
+    for side in cfg.large.sides:
+        modes = ["blocks"] + (["whole"] if side <= cfg.large.whole_up_to else [])
+        for mode in modes:
+            work = root / f"large_{side}_{mode}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            (work / "in").mkdir()
+            image = slide(work / "in/slide", side, "zarr" if mode == "blocks" else "tiff")
+            cmd = [sys.executable, "-m", "cellseg.predict", f"input={image}",
+                   f"output={work / 'out'}", f"hydra.run.dir={work / 'log'}",
+                   f"blocks.size={cfg.large.block_size}", f"cluster.workers={cfg.large.workers}",
+                   f"blocks.above={side if mode == 'whole' else 0}", *cfg.large.overrides]
+            seconds, peak, _ = run_measured(cmd)
+            rows.append({"side": side, "mode": mode, "megapixels": side * side / 1e6,
+                         "seconds": seconds, "mpx_s": side * side / 1e6 / seconds,
+                         "peak_mb": peak})
+            log.info("%s", rows[-1])
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+LARGE_COLUMNS = [
+    ("side", "side"),
+    ("mode", "predict"),
+    ("megapixels", "MP"),
+    ("seconds", "seconds"),
+    ("mpx_s", "MP/s"),
+    ("peak_mb", "peak MB (all processes)"),
+]
 TRAIN_COLUMNS = [
     ("size", "size"),
     ("precision", "precision"),
@@ -354,15 +458,17 @@ def main(cfg: DictConfig) -> None:
         else []
     )
     out = Path(cfg.paths.output_dir)
+    large = large_rows(cfg, out) if cfg.large.sides else []
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     settings = OmegaConf.to_container(cfg, resolve=False)
     settings.pop("paths", None)
     (out / "bench.json").write_text(
-        json.dumps({**info, "settings": settings, "rows": rows, "backends": backend_rows}, indent=2)
+        json.dumps({**info, "settings": settings, "rows": rows, "backends": backend_rows,
+                    "large": large}, indent=2)
     )
-    table = markdown(rows) + (
+    table = (markdown(rows) if rows else "") + (
         f"\n{markdown(backend_rows, BACKEND_COLUMNS, '.4f')}" if backend_rows else ""
-    )
+    ) + (f"\n{markdown(large, LARGE_COLUMNS)}" if large else "")
     (out / "bench.md").write_text(table)
     print(table)
     log.info("bench.md and bench.json in %s", out)

@@ -358,17 +358,22 @@ class Engine:
 
     def run(self, fn: Callable, args: list[tuple], what: str) -> list:
         """``fn(*a)`` for each ``a`` as dask tasks (retried where a worker dies), in order."""
+        import torch
         from distributed import as_completed
 
         from cellseg.cli import progress
 
         self.start()
+        threads = torch.get_num_threads()  # workers in this process set theirs: put back after
         futures = [self.client.submit(fn, *a, pure=False, retries=2) for a in args]
         order = {f.key: i for i, f in enumerate(futures)}
         results = [None] * len(futures)
-        for future, result in progress(as_completed(futures, with_results=True), what,
-                                       total=len(futures), at_least=2):
-            results[order[future.key]] = result
+        try:
+            for future, result in progress(as_completed(futures, with_results=True), what,
+                                           total=len(futures), at_least=2):
+                results[order[future.key]] = result
+        finally:
+            torch.set_num_threads(threads)
         return results
 
 
@@ -381,11 +386,12 @@ def make_client(cfg) -> tuple:
     if cfg.kind == "local":
         workers, threads = worker_layout(cfg.get("workers"))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                               processes=bool(cfg.get("processes", True)),
+                               processes=bool(cfg.get("processes")),
                                memory_limit=cfg.get("memory_limit") or 0,
                                dashboard_address=cfg.get("dashboard") or None)
-        log.info("dask: a local cluster of %d workers, %d PyTorch threads each (%d cores)",
-                 workers, threads, available_cores())
+        log.info("dask: a local cluster of %d workers (%s), %d PyTorch threads each (%d cores)",
+                 workers, "processes" if cfg.get("processes") else "threads of this process",
+                 threads, available_cores())
         return Client(cluster), threads
     if cfg.kind == "slurm":
         cluster = slurm_cluster(cfg)
@@ -460,40 +466,46 @@ def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path
     from cellseg.datasets import image_intensity
     from cellseg.inference import ESTIMATE_SIDE, choose_scale
 
-    size = int(cfg.blocks.size)
-    if size % pre["multiple"] or size < 4 * pre["multiple"]:
-        raise UserError(f"blocks.size={size}: use a multiple of {pre['multiple']} (the "
-                        f"network's) of at least {4 * pre['multiple']}, e.g. 2048")
     h, w = image.height, image.width
     inference = OmegaConf.to_container(cfg.inference, resolve=True)
-    preprocess = cfg.get("preprocess")
     step = max(1, math.ceil(math.sqrt(h * w / SAMPLE_PIXELS)))
     side = min(ESTIMATE_SIDE * 4, h, w)  # the centre read to estimate the nuclei's size
     y, x = (h - side) // 2, (w - side) // 2
-    jobs = []
+    found = []
     for index in image.plane_indices():
         sample = image.nuclei(image.region(index, slice(0, h, step), slice(0, w, step)))
         intensity = image_intensity(sample, pre["in_channels"], pre["normalize"],
                                     pre["invert_bright"])
         centre = image.nuclei(image.region(index, slice(y, y + side), slice(x, x + side)))
-        scale, diameter = choose_scale(net, centre, {**pre, "intensity": intensity}, inference,
-                                       options, cfg.get("diameter"), shape=(h, w))
-        suffix = "".join(f"_{a.lower()}{i}" for a, i in index.items())
-        jobs.append(Job(
-            path=str(image.path), image_id=image_id, axes=cfg.get("axes"),
-            channel=image.channel, index=index, lead=tuple(index.values()),
-            model=cfg.get("model_name") or cfg.get("ckpt_path"), device=cfg.device,
-            backend=cfg.backend,
-            preprocess=OmegaConf.to_container(preprocess) if preprocess else None,
-            inference=inference, options=dict(options), scale=scale, intensity=intensity,
-            size=size, margin=margin(diameter, scale, int(inference.get("overlap", 32)),
-                                     cfg.blocks.get("margin")),
-            multiple=pre["multiple"], height=h, width=w,
-            scratch=str(scratch / f"plane{suffix}"), threads=threads,
-            channel_names=list(image.channel_names), pixel_size=image.pixel_size,
-            keys={"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)},
-        ))
-    return jobs
+        found.append((index, intensity, *choose_scale(
+            net, centre, {**pre, "intensity": intensity}, inference, options,
+            cfg.get("diameter"), shape=(h, w))))
+    size = block_size(int(cfg.blocks.size), max(s or 1.0 for _, _, s, _ in found),
+                      pre["multiple"])
+    preprocess = cfg.get("preprocess")
+    return [Job(
+        path=str(image.path), image_id=image_id, axes=cfg.get("axes"), channel=image.channel,
+        index=index, lead=tuple(index.values()),
+        model=cfg.get("model_name") or cfg.get("ckpt_path"), device=cfg.device,
+        backend=cfg.backend, preprocess=OmegaConf.to_container(preprocess) if preprocess else None,
+        inference=inference, options=dict(options), scale=scale, intensity=intensity,
+        size=size, margin=margin(diameter, scale, int(inference.get("overlap", 32)),
+                                 cfg.blocks.get("margin")),
+        multiple=pre["multiple"], height=h, width=w,
+        scratch=str(scratch / ("plane" + "".join(f"_{a.lower()}{i}" for a, i in index.items()))),
+        threads=threads, channel_names=list(image.channel_names), pixel_size=image.pixel_size,
+        keys={"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)},
+    ) for index, intensity, scale, diameter in found]
+
+
+def block_size(size: int, scale: float, multiple: int) -> int:
+    """The block side in the image's pixels: ``blocks.size`` pixels at the network, so an image
+    enlarged to the training size (``scale`` > 1) is cut in smaller blocks and a worker's
+    memory stays the same; a multiple of the network's, at least four of them."""
+    if size % multiple or size < 4 * multiple:
+        raise UserError(f"blocks.size={size}: use a multiple of {multiple} (the network's) of "
+                        f"at least {4 * multiple}, e.g. 2048")
+    return max(4 * multiple, int(size / max(scale, 1.0)) // multiple * multiple)
 
 
 def predict_large(engine: Engine, image, image_id: str, net, pre: dict, options: dict,
