@@ -49,24 +49,17 @@ SAMPLE_PIXELS = 4_000_000  # a plane's normalisation is found on a subsample of 
 LABELS_FORMAT = "0.4"  # OME-NGFF version written (zarr format 2: read by napari, QuPath, Fiji)
 
 
-def available_cores() -> int:
-    """The CPU cores this process may use: its affinity, within a SLURM job its CPU count."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-        if os.environ.get(name, "").isdigit():
-            return max(1, min(cores or 1, int(os.environ[name])))
-    return max(1, cores or 1)
-
-
 def worker_layout(workers: int | str | None, cores: int | None = None) -> tuple[int, int]:
     """(dask workers, PyTorch threads per worker) whose product fits the cores: ``auto`` is one
     worker per core, each with one thread (post-processing is single-threaded, so blocks side
     by side keep every core busy)."""
-    cores = cores or available_cores()
+    from cellseg.threads import share
+
+    cores = cores or share()
     n = cores if workers in (None, "auto") else int(workers)
     if not 1 <= n <= cores:
         raise UserError(f"cluster.workers={workers}: use 1 to {cores} (the cores this process "
-                        "may use), or auto")
+                        "may use beside other cellseg jobs), or auto")
     return n, max(1, cores // n)
 
 
@@ -389,9 +382,10 @@ def make_client(cfg) -> tuple:
                                processes=bool(cfg.get("processes")),
                                memory_limit=cfg.get("memory_limit") or 0,
                                dashboard_address=cfg.get("dashboard") or None)
-        log.info("dask: a local cluster of %d workers (%s), %d PyTorch threads each (%d cores)",
+        log.info("dask: a local cluster of %d workers (%s), %d PyTorch threads each (%d "
+                 "cores)",
                  workers, "processes" if cfg.get("processes") else "threads of this process",
-                 threads, available_cores())
+                 threads, workers * threads)
         return Client(cluster), threads
     if cfg.kind == "slurm":
         cluster = slurm_cluster(cfg)

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cellseg import threads
 from cellseg.cli import rank_zero_logger
 from cellseg.figures import rows_grid
 
@@ -71,6 +72,17 @@ class ImageGridLogger(L.Callback):
         grid = rows_grid([images, masks, preds])
         for w in writers:
             w.add_image("val/predictions", grid, trainer.global_step)
+
+
+class FitThreads(L.Callback):
+    """PyTorch threads resized to this run's share of the cores as other cellseg jobs start
+    and end (:mod:`cellseg.threads`); a check every few seconds, between batches."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        threads.refit()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        threads.refit()
 
 
 class Throughput(L.Callback):

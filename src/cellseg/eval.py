@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cellseg import checkpoint, config_dir
+from cellseg import checkpoint, config_dir, threads
 from cellseg.cli import one_line_errors, progress, run
 from cellseg.datamodule import make_splits
 from cellseg.datasets import Sample, Source, all_sources, iter_samples
@@ -93,6 +93,7 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
     """Scores over the selected images and one row of scores per image; ``on_image(sample,
     foreground, labels)`` sees each segmentation (compare keeps some for its figure)."""
+    threads.fit()
     model = checkpoint.load(checkpoint.named(cfg), cfg.device)
     log.info(model.first_line())
     pre = model.preprocessing(cfg.get("preprocess"))

@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from cellseg import checkpoint, config_dir
+from cellseg import checkpoint, config_dir, threads
 from cellseg.blocks import Engine, predict_large
 from cellseg.cli import one_line_errors, progress, run
 from cellseg.datasets import IMAGE_SUFFIXES
@@ -214,9 +214,11 @@ def plane_suffix(index: dict[str, int]) -> str:
 
 def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dict,
                  cfg: DictConfig, output: Path) -> int:
-    """Segment every plane of a file, write its outputs and tables; returns its nuclei."""
+    """Segment every plane of a file, write its outputs (``cfg.outputs``) and tables; returns
+    its nuclei."""
     measurements, summaries = [], []
     nuclei_total = 0
+    wanted = outputs_wanted(cfg)
 
     def results():
         nonlocal nuclei_total
@@ -226,25 +228,29 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
             if labels.max() >= 2**16:
                 raise UserError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
             keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
-            measurements.extend(
-                measure(labels, plane, image.channel_names, image.pixel_size, foreground, **keys)
-            )
-            summaries.append(summarize(labels, image.pixel_size, **keys))
+            if "tables" in wanted:
+                measurements.extend(measure(labels, plane, image.channel_names,
+                                            image.pixel_size, foreground, **keys))
+                summaries.append(summarize(labels, image.pixel_size, **keys))
             nuclei_total += int(labels.max())
             yield index, nuclei, foreground, labels.astype(np.uint16)
 
     if not image.stacked:
         ((_, nuclei, foreground, labels),) = list(results())
-        save_png(output / "masks" / f"{image_id}.png", ((foreground > 0.5) * 255).astype(np.uint8))
-        save_png(output / "overlays" / f"{image_id}.png", overlay(nuclei, labels))
+        if "masks" in wanted:
+            save_png(output / "masks" / f"{image_id}.png",
+                     ((foreground > 0.5) * 255).astype(np.uint8))
+        if "overlays" in wanted:
+            save_png(output / "overlays" / f"{image_id}.png", overlay(nuclei, labels))
         write_tables(output, image_id, measurements, summaries)
         save_png(output / "labels" / f"{image_id}.png", labels)  # last: "done"
         return nuclei_total
 
     def pages():
         for index, nuclei, _, labels in results():
-            save_png(output / "overlays" / f"{image_id}{plane_suffix(index)}.png",
-                     overlay(nuclei, labels))
+            if "overlays" in wanted:
+                save_png(output / "overlays" / f"{image_id}{plane_suffix(index)}.png",
+                         overlay(nuclei, labels))
             yield labels
 
     sizes = dict(zip(image.axes, image.shape, strict=True))
@@ -256,9 +262,21 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
     return nuclei_total
 
 
+def outputs_wanted(cfg: DictConfig) -> set[str]:
+    """The outputs ``outputs=`` asks for (labels always: an image is done when they exist)."""
+    wanted = set(cfg.get("outputs") or OUTPUTS)
+    unknown = wanted - set(OUTPUTS)
+    if unknown:
+        raise UserError(f"outputs={sorted(wanted)}: {', '.join(sorted(unknown))} is not one of "
+                        f"{', '.join(OUTPUTS)}")
+    return wanted | {"labels"}
+
+
 def write_tables(output: Path, image_id: str, measurements: list, summaries: list) -> None:
-    write_rows(output / "tables" / f"{image_id}.measurements.csv", measurements)
-    write_rows(output / "tables" / f"{image_id}.summary.csv", summaries)
+    """An image's tables (none when ``outputs=`` leaves them out: no rows were measured)."""
+    if summaries:
+        write_rows(output / "tables" / f"{image_id}.measurements.csv", measurements)
+        write_rows(output / "tables" / f"{image_id}.summary.csv", summaries)
 
 
 def merge(output: Path, ids: list[str]) -> dict[str, int]:
@@ -268,6 +286,10 @@ def merge(output: Path, ids: list[str]) -> dict[str, int]:
     for name in TABLES:
         paths = [output / "tables" / f"{i}.{name}.csv" for i in ids]
         paths = [p for p in paths if p.is_file()]
+        if not paths:  # outputs= without tables
+            (output / f"{name}.csv").unlink(missing_ok=True)
+            result[f"{name}_rows"] = 0
+            continue
         fields = {}
         for path in paths:
             with open(path, newline="") as f:
@@ -312,6 +334,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             len(mine),
             output,
         )
+    threads.fit()
     model = checkpoint.load(model_name, cfg.device) if todo else None
     pre = model.preprocessing(cfg.get("preprocess")) if todo else {}
     net = model.network(cfg.backend, cfg.device) if todo else None
@@ -326,9 +349,11 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     options = instance_options(cfg.instances, {"postprocess": model.postprocess}) if todo else {}
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
+    outputs_wanted(cfg)  # checked before any image
     start, nuclei, failed = time.perf_counter(), 0, {}
     with Engine(cfg.cluster) as engine:  # dask starts at the first large image only
         for image_id, path in progress(todo.items(), "Predicting"):
+            threads.refit()
             try:
                 image = open_image(path, cfg.get("axes")).select(channel)
                 log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,

@@ -20,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cellseg import checkpoint, config_dir
-from cellseg.callbacks import tensorboard_writers
+from cellseg import checkpoint, config_dir, threads
+from cellseg.callbacks import FitThreads, tensorboard_writers
 from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger, run
 from cellseg.datasets import TARGET_NAMES
 from cellseg.errors import UserError
@@ -106,8 +106,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = build_data(cfg, model.net.multiple)
     log.info("Network: %s parameters", f"{count_parameters(model):,}")
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), FitThreads()]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, precision=precision, callbacks=instantiate_group(cfg.get("callbacks")),
+        cfg.trainer, precision=precision, callbacks=callbacks,
         logger=instantiate_group(cfg.get("logger")) or False,
     )
     return datamodule, model, trainer
@@ -246,6 +247,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the chosen checkpoint, log hyperparameters with the results; return the
     metrics (none when ``ckpt_path`` holds a run that already finished its epochs)."""
     quiet_console()
+    threads.fit()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info(config_line(cfg))
