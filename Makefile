@@ -27,7 +27,7 @@ train: $(STAMP) ## train the augmented study on the embedded synthetic data (end
 XVFB := $(if $(DISPLAY),,$(if $(shell command -v xvfb-run),xvfb-run -a))
 
 test: $(STAMP) ## run the test suite (without slow tests)
-	$(XVFB) $(PY) -m pytest -m "not slow"
+	$(XVFB) $(PY) -m pytest -m "not slow" --durations=15
 
 test-full: $(STAMP) ## run every test, slow ones included
 	$(XVFB) $(PY) -m pytest

@@ -22,13 +22,16 @@ def test_nuclei_scale_zooms_crops_out_and_in_up_to_twofold():
     ratios = []
     for _ in range(300):
         out = transform(image=image, mask=mask)
-        assert out["image"].shape == (128, 128, 3) and out["mask"].shape == (128, 128, 1)
+        assert out["image"].shape == (128, 128, 3)
+        assert out["mask"].shape == (128, 128, 1)
         ratios.append(out["mask"].sum() / mask.sum())
     ratios = np.array(ratios)
     zoom = np.sqrt(ratios)  # area grows with the square of the zoom
-    assert zoom.min() < 0.6 and zoom.max() > 1.8  # reaches both ends of 0.5-2x
+    assert zoom.min() < 0.6
+    assert zoom.max() > 1.8
     # balanced: zoomed out about as often as in (p=0.8 of a zoom, each side half of that)
-    assert 0.3 < (zoom < 0.95).mean() < 0.5 and 0.3 < (zoom > 1.05).mean() < 0.5
+    assert 0.3 < (zoom < 0.95).mean() < 0.5
+    assert 0.3 < (zoom > 1.05).mean() < 0.5
 
 
 def test_crops_carry_the_distance_target_through_the_zoom(tmp_path):
@@ -44,8 +47,10 @@ def test_crops_carry_the_distance_target_through_the_zoom(tmp_path):
     assert mask.shape == (4, 3, 48, 48)
     fg, contours, distance = mask[:, 0], mask[:, 1], mask[:, 2]
     assert set(fg.unique().tolist()) == {0.0, 1.0}
-    assert (contours <= fg).all() and (distance[fg == 0] == 0).all()
-    assert distance.max() <= 1.0 and (distance[fg == 1] > 0).all()
+    assert (contours <= fg).all()
+    assert (distance[fg == 0] == 0).all()
+    assert distance.max() <= 1.0
+    assert (distance[fg == 1] > 0).all()
 
 
 def test_nuclei_colour_varies_the_stain_of_colour_images_and_leaves_grey_ones_grey():
@@ -64,4 +69,5 @@ def test_nuclei_colour_varies_the_stain_of_colour_images_and_leaves_grey_ones_gr
         colour = jitter(image=stained)["image"].reshape(-1, 3).mean(0)
         spreads.append(colour.max() - colour.min())  # the saturation: 0.4 before
     spreads = np.array(spreads)
-    assert spreads.min() < 0.3 and spreads.max() > 0.5  # paler and stronger stains both drawn
+    assert spreads.min() < 0.3
+    assert spreads.max() > 0.5

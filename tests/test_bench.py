@@ -18,7 +18,8 @@ def test_bench_on_tiny_settings(tmp_path):
         cfg.paths.data_dir = str(tmp_path / "data")
     rows = run_bench(cfg)
     (row,) = rows
-    assert row["size"] == 32 and row["batch"] == 2
+    assert row["size"] == 32
+    assert row["batch"] == 2
     for key in ("pipeline_img_s", "plain_img_s", "train_gflop_s", "matmul_gflop_s",
                 "tiled_mpx_s", "bare_mpx_s", "pipeline_peak_mb", "predict_peak_mb"):
         assert row[key] > 0, key
@@ -27,7 +28,8 @@ def test_bench_on_tiny_settings(tmp_path):
     assert len(row["epochs_plain_img_s"]) == len(row["epochs_pipeline_img_s"]) == 2
     assert row["plain_img_s"] == sum(row["epochs_plain_img_s"]) / 2  # the median of two
     table = markdown(rows)
-    assert table.count("\n") == 3 and "pipeline img/s" in table
+    assert table.count("\n") == 3
+    assert "pipeline img/s" in table
     json.dumps(rows)  # serialisable
 
 

@@ -149,7 +149,8 @@ def test_ome_zarr_input_is_predicted_blockwise_on_its_channel(tmp_path):
     write_ome_zarr(tmp_path / "plate.ome.zarr", np.stack([255 - nuclei, nuclei]), 0.5)
     out = predict_to(tmp_path / "plate.ome.zarr", tmp_path / "out", "channel=DAPI",
                      "blocks.size=128", "diameter=null")
-    assert out["images"] == 1 and out["nuclei"] > 50
+    assert out["images"] == 1
+    assert out["nuclei"] > 50
     assert zarr_labels(tmp_path / "out", "plate").shape == (256, 256)
 
 
@@ -188,7 +189,8 @@ def test_a_killed_run_resumes_from_the_blocks_already_segmented(tmp_path, monkey
     monkeypatch.setattr(blocks, "segment_block", counted)
     predict_to(tmp_path / "in/nuclei.tif", tmp_path / "out", *BLOCKWISE)
     second = {p.name for p in calls.iterdir()}
-    assert len(second) == 16 - 5 and not second & first
+    assert len(second) == 16 - 5
+    assert not second & first
     monkeypatch.setattr(blocks, "segment_block", real)
     predict_to(tmp_path / "in/nuclei.tif", tmp_path / "fresh", *BLOCKWISE)
     assert np.array_equal(zarr_labels(tmp_path / "out", "nuclei"),
@@ -251,7 +253,8 @@ def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
     assert (tmp_path / "out/labels/nuclei.png").is_file()
     written = [p.name for d in ("masks", "overlays", "tables") for p in (tmp_path / "out" / d)
                .iterdir()]
-    assert written == [] and not (tmp_path / "out/measurements.csv").exists()
+    assert written == []
+    assert not (tmp_path / "out/measurements.csv").exists()
     assert out["submission_rows"] == out["nuclei"] > 50
     with pytest.raises(UserError, match="overlay is not one of"):
         predict_to(SAMPLE, tmp_path / "again", "outputs=[labels,overlay]")

@@ -38,7 +38,8 @@ def test_a_data_error_is_one_line_before_the_network_is_built(tmp_path):
         f"ERROR: data.root {tmp_path / 'nope'} does not exist; point data.root at your dataset "
         "(see data/README.md) (HYDRA_FULL_ERROR=1 shows the traceback)"
     )
-    assert len(lines) == 2 and lines[0].split("] ", 1)[1].startswith("Run default: data=folder")
+    assert len(lines) == 2
+    assert lines[0].split("] ", 1)[1].startswith("Run default: data=folder")
     (run,) = (tmp_path / "logs/train/runs").iterdir()
     assert run.name.endswith("_default_nope")  # data=folder runs are named after their folder
     assert not list(run.rglob("events.out.tfevents.*"))  # no TensorBoard run to clutter the list
@@ -61,7 +62,8 @@ def test_a_native_debug_run_without_a_terminal_logs_each_epoch_and_ends_with_its
     assert [m.group(1) for m in map(epochs.search, console.splitlines()) if m] == ["1", "2"]
     log_file = (run / "train.log").read_text()
     assert len(epochs.findall(log_file)) == 2
-    assert "Network: 2,160,595 parameters" in console and "Data: 10 images" in console  # 3 outputs
+    assert "Network: 2,160,595 parameters" in console
+    assert "Data: 10 images" in console
     last = run / "checkpoints/last.ckpt"
     assert console.strip().splitlines()[-1].endswith(f"Tested checkpoint: {last}")
     assert torch.load(last, weights_only=True)["epoch"] == 1
@@ -73,7 +75,8 @@ def test_a_native_debug_run_without_a_terminal_logs_each_epoch_and_ends_with_its
 
     other = user_cli(["experiment=baseline", "ckpt_path=last", *TINY_SYNTHETIC], tmp_path)
     assert other.returncode == 1
-    assert "ckpt_path=last: no run under" in other.stdout and str(run) in other.stdout
+    assert "ckpt_path=last: no run under" in other.stdout
+    assert str(run) in other.stdout
 
 
 def test_debug_fast_connects_native_and_epoch_lines_carry_the_scores(cfg_factory, caplog):
@@ -85,7 +88,8 @@ def test_debug_fast_connects_native_and_epoch_lines_carry_the_scores(cfg_factory
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
     assert [line.split("  ")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"]
     assert f"val/iou {metrics['val/iou']:.4f}" in lines[-1]
-    assert f"train/loss {metrics['train/loss']:.4f}" in lines[-1] and "images/s" in lines[-1]
+    assert f"train/loss {metrics['train/loss']:.4f}" in lines[-1]
+    assert "images/s" in lines[-1]
 
 
 def test_run_names_tell_runs_apart_and_are_valid_override_values():
@@ -108,7 +112,8 @@ def test_only_the_first_ddp_process_logs_the_run_messages(monkeypatch, caplog):
         for rank in (0, 1):
             monkeypatch.setattr(rank_zero_only, "rank", rank)
             log.info("message of rank %d", rank)
-    assert "message of rank 0" in caplog.text and "message of rank 1" not in caplog.text
+    assert "message of rank 0" in caplog.text
+    assert "message of rank 1" not in caplog.text
 
 
 def test_a_torch_without_the_private_bf16_checks_trains_in_fp32(monkeypatch, caplog):
@@ -122,11 +127,15 @@ def test_a_torch_without_the_private_bf16_checks_trains_in_fp32(monkeypatch, cap
 def test_the_study_experiments_share_one_base_and_differ_in_augmentation_only():
     baseline, augmented = (OmegaConf.to_container(compose_cfg("train", [f"experiment={e}"]))
                            for e in ("baseline", "augmented"))
-    assert baseline.pop("name") == "baseline" and augmented.pop("name") == "augmented"
-    assert baseline.pop("augmentation") == {} and augmented.pop("augmentation")["transforms"]
-    assert baseline == augmented and "tags" not in baseline
+    assert baseline.pop("name") == "baseline"
+    assert augmented.pop("name") == "augmented"
+    assert baseline.pop("augmentation") == {}
+    assert augmented.pop("augmentation")["transforms"]
+    assert baseline == augmented
+    assert "tags" not in baseline
     text = (Path(config_dir()) / "experiment/augmented.yaml").read_text()
-    assert "  - baseline\n" in text and "max_epochs" not in text
+    assert "  - baseline\n" in text
+    assert "max_epochs" not in text
 
 
 def test_the_profiler_writes_the_file_its_config_names(cfg_factory):
@@ -139,8 +148,10 @@ def test_the_profiler_writes_the_file_its_config_names(cfg_factory):
 def test_make_help_shows_the_real_data_folder_it_would_use():
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and "$(" not in out.stdout
-    assert "make compare" in out.stdout and "dsb2018/stage1_train exists" in out.stdout
+    assert out.returncode == 0
+    assert "$(" not in out.stdout
+    assert "make compare" in out.stdout
+    assert "dsb2018/stage1_train exists" in out.stdout
 
 
 def test_make_compare_says_which_data_it_trains_on(tmp_path):

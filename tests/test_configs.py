@@ -133,7 +133,8 @@ def compose_with_hydra(overrides: list[str]) -> DictConfig:
 )
 def test_hydra_option_composes_and_its_plugin_instantiates(override, tmp_path):
     cfg = compose_with_hydra([override, f"paths.root_dir={tmp_path}"])
-    assert cfg.hydra.run.dir and cfg.hydra.sweep.dir
+    assert cfg.hydra.run.dir
+    assert cfg.hydra.sweep.dir
     if override.startswith("hparams_search"):
         sweeper = hydra.utils.instantiate(cfg.hydra.sweeper, _recursive_=False)
         assert type(sweeper).__name__ == "OptunaSweeper"

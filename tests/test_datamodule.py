@@ -19,7 +19,8 @@ def test_split_reproduces_sklearn_and_is_40_10():
     ids = [f"id{i:02d}" for i in range(50)]
     train, test = split_ids(ids, 0.2, 0)
     assert (train, test) == tuple(train_test_split(ids, test_size=0.2, random_state=0))
-    assert len(train) == 40 and len(test) == 10
+    assert len(train) == 40
+    assert len(test) == 10
     assert not set(train) & set(test)
 
 
@@ -43,7 +44,8 @@ def synthetic_dm(tmp_path_factory):
 
 def test_study_split_validates_on_the_test_images(synthetic_dm):
     s = synthetic_dm.splits
-    assert len(s["train"]) == 16 and len(s["test"]) == 4
+    assert len(s["train"]) == 16
+    assert len(s["test"]) == 4
     assert s["val"] == s["test"]
     assert not set(s["train"]) & set(s["test"])
 
@@ -141,8 +143,10 @@ def test_contour_targets_separate_touching_nuclei():
     labels[2:8, 6:11] = 2  # touching at columns 5 | 6
     t = targets_from_labels(labels, 2)
     assert t.shape == (10, 12, 2)
-    assert t[4, 5, 1] == 1 and t[4, 6, 1] == 1  # both sides of the contact are contour
-    assert t[4, 3, 1] == 0 and t[4, 3, 0] == 1  # the interior is foreground, not contour
+    assert t[4, 5, 1] == 1
+    assert t[4, 6, 1] == 1
+    assert t[4, 3, 1] == 0
+    assert t[4, 3, 0] == 1
     assert (t[..., 1] <= t[..., 0]).all()
 
 
@@ -152,7 +156,8 @@ def test_invert_bright_turns_brightfield_dark():
     bright = np.full((16, 16, 3), 230, np.uint8)
     bright[4:8, 4:8] = 60  # a dark nucleus on a light background
     x = prepare_image(bright, 3, "percentile", invert_bright=True)
-    assert x[5, 5].mean() > 0.9 and x[0, 0].mean() < 0.1
+    assert x[5, 5].mean() > 0.9
+    assert x[0, 0].mean() < 0.1
 
 
 def test_streaming_serves_the_same_batches_as_the_cache(tmp_path):
@@ -167,7 +172,8 @@ def test_streaming_serves_the_same_batches_as_the_cache(tmp_path):
     assert not isinstance(streamed.datasets["train"].pairs, list)  # nothing held in memory
     for split in ("train", "test"):
         for a, b in zip(cached.loader(split), streamed.loader(split), strict=True):
-            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+            assert torch.equal(a["image"], b["image"])
+            assert torch.equal(a["mask"], b["mask"])
 
 
 def test_equivalent_diameters_of_label_images():
@@ -184,10 +190,12 @@ def test_checkpoint_state_holds_the_split_and_the_resized_nuclei_diameter(synthe
     from cellseg.checkpoint import describe_data
 
     state = synthetic_dm.state_dict()
-    assert state["splits"] == synthetic_dm.splits and state["diameter"] > 0
+    assert state["splits"] == synthetic_dm.splits
+    assert state["diameter"] > 0
     restored = NucleiDataModule(**synthetic_dm.hparams)
     restored.load_state_dict(state)
-    assert restored.splits == synthetic_dm.splits and restored.diameter == state["diameter"]
+    assert restored.splits == synthetic_dm.splits
+    assert restored.diameter == state["diameter"]
     assert "augmentation" not in synthetic_dm.hparams  # primitives only
     checkpoint = {"datamodule_hyper_parameters": dict(synthetic_dm.hparams),
                   "NucleiDataModule": state}
@@ -267,7 +275,8 @@ def test_centre_offsets_are_drawn_from_each_rotated_crops_own_nuclei(tmp_path):
     assert mask.shape == (5, 96, 96)
     np.testing.assert_array_equal(np.moveaxis(mask[3:], 0, -1), centre_offsets(labels))
     whole = dm.datasets["val"][0]["mask"]
-    assert whole.shape[0] == 5 and whole[3:][:, whole[0] == 0].eq(0.5).all()
+    assert whole.shape[0] == 5
+    assert whole[3:][:, whole[0] == 0].eq(0.5).all()
     with pytest.raises(ValueError, match="out_channels=5 predicts centre offsets.*data.mode=crop"):
         NucleiDataModule(str(tmp_path / "s"), mode="resize", target_channels=5)
     for channels in (4, 6):  # refused when the data module is made, before any training step
@@ -362,7 +371,8 @@ def test_crops_by_kind_give_colour_and_grey_images_crops_by_their_numbers(tmp_pa
     train = dm.splits["train"]
     assert dm.train_kinds == ["colour" if i == "d" else "grey" for i in train]
     counts = np.bincount(dm.datasets["train"].order, minlength=len(train))
-    assert counts[train.index("d")] == 4 and counts[train.index("e")] == 11
+    assert counts[train.index("d")] == 4
+    assert counts[train.index("e")] == 11
     assert "4 of them to the 1 colour (stained) images, 13 to the 3 grey ones" in caplog.text
     with pytest.raises(ValueError, match="crops_by_kind=true .* needs data.crops_by_area=true"):
         NucleiDataModule(str(tmp_path), crops_by_kind=True, mode="crop")

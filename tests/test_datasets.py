@@ -111,7 +111,8 @@ def test_percentile_normalisation_handles_16_bit_and_dim_images():
     dim16 = rng.integers(100, 400, (32, 32, 1)).astype(np.uint16)
     out = normalize(dim16, "percentile")
     assert out.dtype == np.float32
-    assert out.min() == 0.0 and out.max() == 1.0
+    assert out.min() == 0.0
+    assert out.max() == 1.0
     assert normalize(np.full((4, 4, 3), 255, np.uint8), "scale").max() == 1.0
     assert normalize(np.zeros((4, 4, 1), np.uint8), "percentile").max() == 0.0  # all black
 

@@ -85,7 +85,8 @@ def test_a_split_smaller_than_the_processes_names_the_fix(tmp_path):
 @pytest.mark.parametrize("name", ["ddp", "ddp_spawn"])
 def test_ddp_configs(name):
     cfg = compose_cfg("train", [f"trainer={name}"])
-    assert cfg.trainer.strategy == name and cfg.trainer.devices == 2
+    assert cfg.trainer.strategy == name
+    assert cfg.trainer.devices == 2
 
 
 def test_slurm_launcher_config_resolves_without_a_cluster():

@@ -56,7 +56,8 @@ def test_eval_on_all_images_with_tta(trained):
     ckpt, root = trained
     metrics, rows = evaluate(eval_cfg(ckpt, "split=all", "inference.tta=true"))
     assert len(rows) == metrics["images"] == 10
-    assert {r["height"] for r in rows} == {64} and 0.0 <= metrics["map"] <= 1.0
+    assert {r["height"] for r in rows} == {64}
+    assert 0.0 <= metrics["map"] <= 1.0
 
 
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):
@@ -100,7 +101,8 @@ def test_predict_writes_masks_labels_overlays_and_submission(trained, tmp_path):
     for sub in ("masks", "labels", "overlays"):
         assert sorted(p.stem for p in (out / sub).glob("*.png")) == ids
     labels = np.asarray(Image.open(out / "labels" / f"{ids[0]}.png"))
-    assert labels.dtype == np.uint16 and labels.shape == (64, 64)
+    assert labels.dtype == np.uint16
+    assert labels.shape == (64, 64)
     mask = np.asarray(Image.open(out / "masks" / f"{ids[0]}.png"))
     assert set(np.unique(mask)) <= {0, 255}
     with open(out / "submission.csv") as f:
@@ -121,8 +123,10 @@ def test_predict_resumes_and_never_overwrites_unless_asked(trained, tmp_path):
     first[0].unlink()  # as if interrupted before the last image
     stamp = first[1].stat().st_mtime_ns
     summary = predict(predict_cfg(ckpt, root, out))
-    assert summary["images"] == 1 and summary["skipped"] == 9
-    assert first[0].is_file() and first[1].stat().st_mtime_ns == stamp
+    assert summary["images"] == 1
+    assert summary["skipped"] == 9
+    assert first[0].is_file()
+    assert first[1].stat().st_mtime_ns == stamp
     assert predict(predict_cfg(ckpt, root, out, "overwrite=true"))["images"] == 10
 
 
@@ -158,7 +162,8 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
         return out
 
     out = run("cellseg.eval")
-    assert "map" in out.stdout and "all" in out.stdout
+    assert "map" in out.stdout
+    assert "all" in out.stdout
     assert f"Scoring the test split (2 images) of {root}: the checkpoint's training data" in (
         out.stdout + out.stderr
     )
@@ -274,7 +279,8 @@ def test_three_and_five_level_networks_train_crop_evaluate_and_predict(cfg_facto
     train(cfg)  # validation pads 72 to the multiple (72 for 8, 96 for 32)
     ckpt = f"{cfg.paths.output_dir}/checkpoints/last.ckpt"
     metrics, rows = evaluate(eval_cfg(ckpt))
-    assert metrics["images"] == 2 and {(r["height"], r["width"]) for r in rows} == {(72, 72)}
+    assert metrics["images"] == 2
+    assert {(r["height"], r["width"]) for r in rows} == {(72, 72)}
     out = Path(cfg.paths.output_dir) / "pred"
     assert predict(predict_cfg(ckpt, cfg.data.root, out, "inference.tile_size=64",
                            "inference.overlap=16"))["images"] == 10

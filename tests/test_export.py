@@ -182,7 +182,8 @@ def test_export_writes_three_formats_and_the_package_passes_bioimageio_test(
     assert (training["loss"], training["net"]["channels"]) == ("bce", [8, 16])
     # the post-processing the checkpoint was tuned with travels with it, as eval uses it
     tuned = tuned_instances(ckpt)
-    assert "min_score" in tuned and training["postprocess"]["instances"] == tuned
+    assert "min_score" in tuned
+    assert training["postprocess"]["instances"] == tuned
     assert training["postprocess"]["split"] == "val"
     assert f"{options_text(tuned)}, tuned on the run's validation images" in doc
     assert f"its cores (above {tuned['seed_threshold']:g}) seed a watershed" in doc
@@ -229,7 +230,8 @@ def test_bench_backend_table_times_and_scores_each_backend(trained):
     assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
     assert {r["images"] for r in rows} == {2}  # the test split of 10 images
     assert rows[0]["megapixels"] == 2 * 64 * 64 / 1e6
-    assert rows[0]["speedup"] == 1.0 and rows[0]["map_change"] == 0.0
+    assert rows[0]["speedup"] == 1.0
+    assert rows[0]["map_change"] == 0.0
     assert abs(rows[1]["map_change"]) < 1e-3  # ONNX Runtime keeps the score
     assert rows[1]["speedup"] == rows[1]["predict_mpx_s"] / rows[0]["predict_mpx_s"]
     assert markdown(rows, BACKEND_COLUMNS, ".4f").count("\n") == 4

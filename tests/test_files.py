@@ -14,8 +14,10 @@ from microscopy import nuclei_field, write_nan, write_ome, write_stack
 def test_ome_tiff_channels_by_name_or_index_and_pixel_size(tmp_path):
     data = write_ome(tmp_path / "cells.ome.tif")
     image = open_image(tmp_path / "cells.ome.tif")
-    assert image.axes == "CYX" and image.channel_names == ["DAPI", "noise"]
-    assert image.pixel_size == (0.5, 0.5) and not image.stacked
+    assert image.axes == "CYX"
+    assert image.channel_names == ["DAPI", "noise"]
+    assert image.pixel_size == (0.5, 0.5)
+    assert not image.stacked
     plane = image.plane()
     np.testing.assert_array_equal(plane, np.moveaxis(data, 0, -1))
     np.testing.assert_array_equal(image.select("dapi").nuclei(plane)[..., 0], data[0])
@@ -32,7 +34,8 @@ def test_ome_tiff_channels_by_name_or_index_and_pixel_size(tmp_path):
 def test_z_stack_is_read_one_plane_at_a_time(tmp_path):
     data = write_stack(tmp_path / "stack.tif", planes=3)
     image = open_image(tmp_path / "stack.tif").select(None)
-    assert image.planes_shape == {"Z": 3} and image.stacked
+    assert image.planes_shape == {"Z": 3}
+    assert image.stacked
     planes = list(image.planes())
     assert [index for index, _ in planes] == [{"Z": 0}, {"Z": 1}, {"Z": 2}]
     for z, (_, plane) in enumerate(planes):
@@ -47,7 +50,8 @@ def test_imagej_hyperstack_planes_and_pixel_size(tmp_path):
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TZCYX", "unit": "um"},
                      resolution=(4.0, 2.0))  # pixels per µm in x and y
     image = open_image(path).select(0)
-    assert image.axes == "TZCYX" and image.planes_shape == {"T": 2, "Z": 3}
+    assert image.axes == "TZCYX"
+    assert image.planes_shape == {"T": 2, "Z": 3}
     assert image.pixel_size == (0.5, 0.25)
     np.testing.assert_array_equal(image.plane({"T": 1, "Z": 2}), np.moveaxis(data[1, 2], 0, -1))
 
@@ -90,10 +94,12 @@ def test_nan_and_inf_pixels_warn_and_take_the_lowest_finite_value(tmp_path, capl
     image = read_image(tmp_path / "holes.tif")
     assert "holes.tif: 259 NaN/inf pixels set to the image's lowest finite value" in caplog.text
     finite = np.isfinite(data)
-    assert np.isfinite(image).all() and image[0, 0, 0] == data[finite].min()
+    assert np.isfinite(image).all()
+    assert image[0, 0, 0] == data[finite].min()
     np.testing.assert_array_equal(image[..., 0][finite], data[finite])
     x = prepare_image(image, 1)
-    assert np.isfinite(x).all() and x.max() == 1.0
+    assert np.isfinite(x).all()
+    assert x.max() == 1.0
 
 
 def test_constant_and_all_nan_images_normalise_to_zeros(tmp_path, caplog):
@@ -151,6 +157,8 @@ def test_alpha_is_neither_input_nor_measured(tmp_path):
     rgba[..., 0], rgba[..., 3] = 200, 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "stained.png")
     image = open_image(tmp_path / "stained.png").select(None)
-    assert image.channel_names == ["R", "G", "B"] and image.rgb
+    assert image.channel_names == ["R", "G", "B"]
+    assert image.rgb
     plane = image.plane()
-    assert plane.shape == (20, 20, 3) and plane[..., 0].max() == 200
+    assert plane.shape == (20, 20, 3)
+    assert plane[..., 0].max() == 200

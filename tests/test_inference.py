@@ -94,7 +94,8 @@ def test_resize_mode_predicts_at_training_scale_and_returns_native_size():
     probs = predict_image(model, image, mode="resize", img_size=64)
     assert probs.shape == (100, 130, 1)
     assert model.shapes == [(1, 3, 64, 64)]
-    assert 0 <= probs.min() and probs.max() <= 1
+    assert 0 <= probs.min()
+    assert probs.max() <= 1
 
 
 def test_tile_size_must_be_a_multiple_of_16():
@@ -106,9 +107,11 @@ def test_tile_size_must_be_a_multiple_of_16():
 @pytest.mark.parametrize(("tile", "overlap"), [(256, 32), (512, 32), (1024, 32), (1024, 128)])
 def test_tile_layout_covers_with_the_overlap_and_little_more(length, tile, overlap):
     size, starts = tile_layout(length, tile, overlap, 16)
-    assert starts[0] == 0 and starts[-1] + size == length  # the whole side, nothing beyond
+    assert starts[0] == 0
+    assert starts[-1] + size == length
     if len(starts) > 1:
-        assert size % 16 == 0 and size <= tile
+        assert size % 16 == 0
+        assert size <= tile
         assert min(a + size - b for a, b in zip(starts[:-1], starts[1:], strict=True)) >= overlap
         fewer = len(starts) - 1  # one tile fewer of the full size could not cover the side
         assert fewer * tile - (fewer - 1) * overlap < length
@@ -139,7 +142,8 @@ class DeviceModel(Recorder):
 def test_every_prediction_path_returns_cpu_memory(mode, tile_size):
     image = np.random.default_rng(0).random((100, 130, 3)).astype(np.float32)
     probs = predict_image(DeviceModel(3, 1), image, mode=mode, tile_size=tile_size, overlap=16)
-    assert type(probs) is np.ndarray and probs.shape == (100, 130, 1)
+    assert type(probs) is np.ndarray
+    assert probs.shape == (100, 130, 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -148,7 +152,8 @@ def test_a_model_on_cuda_gives_numpy_back():
     image = np.random.default_rng(0).random((100, 130, 3)).astype(np.float32)
     for mode, tile in (("resize", 1024), ("crop", 1024), ("crop", 64)):
         probs = predict_image(model, image, mode=mode, tile_size=tile, overlap=16)
-        assert type(probs) is np.ndarray and probs.shape == (100, 130, 1)
+        assert type(probs) is np.ndarray
+        assert probs.shape == (100, 130, 1)
 
 
 def test_the_network_multiple_sets_padding_and_tiles():

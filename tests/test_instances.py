@@ -20,7 +20,8 @@ def disc(shape, cy, cx, r):
 def test_touching_discs_are_split_by_the_distance_watershed():
     prob = (disc((40, 60), 20, 20, 10) | disc((40, 60), 20, 38, 10)).astype(np.float32)
     labels = instances(prob)
-    assert labels.dtype == np.int32 and labels.max() == 2
+    assert labels.dtype == np.int32
+    assert labels.max() == 2
     assert labels[20, 15] != labels[20, 43]
     unsplit = instances(prob, split=False)
     assert unsplit.max() == 1
@@ -52,7 +53,9 @@ def test_min_score_drops_objects_by_their_mean_foreground_probability():
     prob[20, 40:50] = 1.0  # a sure streak does not save it: its mean is 0.62
     assert instances(prob, split=False).max() == 2  # off by default
     kept = instances(prob, split=False, min_score=0.8)
-    assert kept.max() == 1 and kept[20, 15] == 1 and kept[20, 45] == 0
+    assert kept.max() == 1
+    assert kept[20, 15] == 1
+    assert kept[20, 45] == 0
     assert instances(prob, split=False, min_score=0.6).max() == 2  # at the score: kept
     assert instances(prob, split=False, min_score=0.96).max() == 0
 
@@ -73,7 +76,8 @@ def touching_discs():
 def test_distance_target_is_one_at_each_centre_and_falls_to_the_own_border():
     labels = touching_discs()
     targets = targets_from_labels(labels, 3)
-    assert targets.shape == (40, 60, 3) and targets.dtype == np.float32
+    assert targets.shape == (40, 60, 3)
+    assert targets.dtype == np.float32
     fg, contours, distance = np.moveaxis(targets, -1, 0)
     np.testing.assert_array_equal(fg, labels > 0)
     np.testing.assert_array_equal(targets_from_labels(labels, 2), targets[..., :2])
@@ -82,7 +86,8 @@ def test_distance_target_is_one_at_each_centre_and_falls_to_the_own_border():
         assert distance[labels == k].max() == pytest.approx(1.0)
     assert distance[20, 37] == 1.0  # the undisturbed disc's centre
     # where the discs touch, each is at its own border: its lowest value, 1 / its depth
-    assert labels[20, 27] == 2 and contours[20, 27] == 1
+    assert labels[20, 27] == 2
+    assert contours[20, 27] == 1
     assert distance[20, 27] == distance[labels == 2].min() == distance[labels == 2][0]
     assert 0.09 < distance[20, 27] < 0.11  # the disc is about 10 pixels deep
     assert (distance[labels == 3] == 1).all()  # too small for an interior: all core
@@ -98,7 +103,8 @@ def test_centre_offsets_run_from_0_to_1_across_each_nucleus_and_are_half_elsewhe
     labels[1:6, 2:11] = 40  # sparse ids, as in a crop
     labels[7:10, 4:7] = 7
     offsets = centre_offsets(labels)
-    assert offsets.shape == (12, 20, 2) and offsets.dtype == np.float32
+    assert offsets.shape == (12, 20, 2)
+    assert offsets.dtype == np.float32
     assert (offsets[labels == 0] == 0.5).all()
     np.testing.assert_allclose(offsets[3, 2:11, 1], np.linspace(0, 1, 9))  # columns, centre 6
     np.testing.assert_allclose(offsets[1:6, 6, 0], [0, 0.25, 0.5, 0.75, 1])  # rows, centre 3
@@ -115,10 +121,12 @@ def test_centre_offsets_split_touching_nuclei_that_no_other_channel_splits():
     probs[..., 1], probs[..., 2] = 0, labels > 0  # no contour, a flat distance: one core
     edges = offset_edges(probs[..., 3:])
     assert edges[6, 13] == pytest.approx(edges[6, 14]) == pytest.approx(0.45, abs=0.01)  # border
-    assert (edges[4:10, 4:12] == 0).all() and (edges[4:10, 16:24] == 0).all()  # inside
+    assert (edges[4:10, 4:12] == 0).all()
+    assert (edges[4:10, 16:24] == 0).all()
     assert labels_from_probs(probs[..., :3], min_size=1).max() == 1
     found = labels_from_probs(probs, min_size=1, offset_threshold=0.2)
-    assert found.max() == 2 and found[6, 5] != found[6, 20]
+    assert found.max() == 2
+    assert found[6, 5] != found[6, 20]
     assert labels_from_probs(probs, min_size=1).max() == 1  # off (1.0) unless tuned or set
 
 
@@ -159,11 +167,15 @@ def test_touching_weights_mark_where_two_nuclei_meet_and_nowhere_else():
 
     labels = touching_discs()  # discs 1 and 2 meet around column 28; speck 3 stands alone
     w = touching_weights(labels, 4.0)
-    assert w.shape == labels.shape and w.dtype == np.float32
+    assert w.shape == labels.shape
+    assert w.dtype == np.float32
     assert set(np.unique(w)) == {1.0, 5.0}
     rows, cols = np.nonzero(w == 5.0)
-    assert 24 <= cols.min() and cols.max() <= 32  # a band across the junction of 1 and 2
-    assert w[20, 28] == 5.0 and w[20, 12] == 1.0 and w[3, 50] == 1.0  # junction, disc, speck
+    assert 24 <= cols.min()
+    assert cols.max() <= 32
+    assert w[20, 28] == 5.0
+    assert w[20, 12] == 1.0
+    assert w[3, 50] == 1.0
     np.testing.assert_array_equal(touching_weights(np.where(labels == 2, 0, labels), 4.0), 1.0)
 
 
@@ -176,7 +188,8 @@ def test_seed_h_splits_nuclei_whose_cores_merged_at_their_distance_saddle():
     split = instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.2)
     assert split.max() == 2
     assert split[20, 23] != split[20, 37]
-    assert (split[:, :29] != split[20, 37]).all() and (split[:, 31:] != split[20, 23]).all()
+    assert (split[:, :29] != split[20, 37]).all()
+    assert (split[:, 31:] != split[20, 23]).all()
     # a dip shallower than seed_h (0.9 - 0.5 from the lower peak) is no second nucleus
     assert instances(fg, distance=distance, seed_threshold=0.3, min_size=1, seed_h=0.6).max() == 1
 
@@ -187,5 +200,6 @@ def test_distance_seeds_keep_a_seed_in_every_core_however_flat():
     # both tops are lower than h: plain h-maxima of the distance would find neither
     seeds = distance_seeds(cores, distance, h=0.5)
     assert seeds.max() == 2
-    assert seeds[20, 23] == 1 and seeds[20, 53] == 2
+    assert seeds[20, 23] == 1
+    assert seeds[20, 53] == 2
     assert (seeds[~cores] == 0).all()

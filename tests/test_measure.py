@@ -26,15 +26,20 @@ def test_measurements_per_nucleus_in_every_channel_and_in_square_micrometres():
     assert [r["label"] for r in rows] == [1, 4]
     first, second = rows
     assert (first["image"], first["t"], first["z"]) == ("a", 0, 2)
-    assert first["area_px"] == 8 and first["area_um2"] == 8 * 0.125
+    assert first["area_px"] == 8
+    assert first["area_um2"] == 8 * 0.125
     assert (first["centroid_y"], first["centroid_x"]) == (1.5, 2.5)
     assert (first["bbox_y0"], first["bbox_x0"], first["bbox_y1"], first["bbox_x1"]) == (1, 1, 3, 5)
     assert first["equivalent_diameter_px"] == pytest.approx(math.sqrt(4 * 8 / math.pi))
-    assert first["solidity"] == 1.0 and second["eccentricity"] == pytest.approx(0.0)
-    assert first["mean_DAPI"] == 100 and first["integrated_DAPI"] == 800
+    assert first["solidity"] == 1.0
+    assert second["eccentricity"] == pytest.approx(0.0)
+    assert first["mean_DAPI"] == 100
+    assert first["integrated_DAPI"] == 800
     assert second["mean_DAPI"] == pytest.approx((8 * 200 + 290) / 9)
-    assert second["max_DAPI"] == 290 and second["integrated_DAPI"] == 8 * 200 + 290
-    assert second["mean_GFP"] == 7 and second["integrated_GFP"] == 63
+    assert second["max_DAPI"] == 290
+    assert second["integrated_DAPI"] == 8 * 200 + 290
+    assert second["mean_GFP"] == 7
+    assert second["integrated_GFP"] == 63
     assert measure(labels, image, ["DAPI", "GFP"])[0]["area_um2"] == ""  # no pixel size
     assert "score" not in first  # no probabilities given
 
@@ -51,11 +56,15 @@ def test_each_nucleus_scores_its_mean_foreground_probability():
 def test_summary_counts_areas_and_fraction():
     labels, _ = two_nuclei()
     row = summarize(labels, (0.5, 0.5), image="a", t=0, z=0)
-    assert row["nuclei"] == 2 and row["mean_area_px"] == 8.5 and row["median_area_px"] == 8.5
+    assert row["nuclei"] == 2
+    assert row["mean_area_px"] == 8.5
+    assert row["median_area_px"] == 8.5
     assert row["mean_area_um2"] == 8.5 * 0.25
     assert row["area_fraction"] == 17 / 120
     empty = summarize(np.zeros((4, 4), np.int32))
-    assert empty["nuclei"] == 0 and empty["mean_area_px"] == 0.0 and empty["area_fraction"] == 0
+    assert empty["nuclei"] == 0
+    assert empty["mean_area_px"] == 0.0
+    assert empty["area_fraction"] == 0
 
 
 def test_median_diameter_of_the_nuclei_of_several_images():

@@ -121,7 +121,8 @@ def test_missed_nucleus():
     pred = square_labels(B_BOX)
     assert matching_counts(truth, pred, [0.5]).tolist() == [[1, 0, 1]]
     s = instance_scores(truth, pred)
-    assert s["map"] == pytest.approx(0.5) and s["ap50"] == pytest.approx(0.5)
+    assert s["map"] == pytest.approx(0.5)
+    assert s["ap50"] == pytest.approx(0.5)
     assert s["f1_50"] == pytest.approx(2 / 3)
 
 
@@ -282,7 +283,8 @@ def test_score_labels_script_scores_another_tools_label_images(tmp_path, capsys)
     assert (f"at IoU 0.5: {nuclei} found, 0 false, 0 missed | colour images (3): map 1.000, "
             "ap50_pooled 1.000 | grey images (7): map 1.000") in capsys.readouterr().out
     merged = script.main(str(tmp_path / "merged"), str(REAL_DATA))
-    assert merged["iou"] == 1.0 and merged["ap50_pooled"] < 0.05
+    assert merged["iou"] == 1.0
+    assert merged["ap50_pooled"] < 0.05
     out = capsys.readouterr().out
     assert f"at IoU 0.5: 0 found, 10 false, {nuclei} missed" in out
     # each image's one object holds over half of two or more of its nuclei

@@ -44,7 +44,8 @@ def test_the_shipped_model_carries_what_a_checkpoint_carries(shipped):
     assert info["format"] == 2
     assert info["command"].startswith("python -m cellseg.train experiment=general")
     assert len(info["train_ids_sha256"]) == 64
-    assert info["images"]["train"] > 300 and info["images"]["test"] == 10
+    assert info["images"]["train"] > 300
+    assert info["images"]["test"] == 10
     pre = shipped.preprocessing()
     assert (pre["mode"], pre["in_channels"], pre["invert_bright"]) == ("crop", 3, True)
     assert 10 < pre["diameter"] < 40  # px: the median DSB nucleus
@@ -114,7 +115,8 @@ def test_an_exported_file_predicts_what_its_checkpoint_predicts(trained, tmp_pat
 def test_a_checkpoint_of_format_1_still_reads(trained, tmp_path):
     ckpt, _ = trained
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["cellseg"]["format"] == 2 and "commit" in raw["cellseg"]
+    assert raw["cellseg"]["format"] == 2
+    assert "commit" in raw["cellseg"]
     del raw["cellseg"]  # written before 2026-12-02
     torch.save(raw, tmp_path / "old.ckpt")
     old = checkpoint.load(tmp_path / "old.ckpt")
@@ -200,9 +202,11 @@ def test_a_folder_layout_root_in_train_roots_reads_its_instance_labels(tmp_path)
     from cellseg.datasets import training_sources
 
     sources = training_sources([POOL])
-    assert len(sources) == 300 and sources[0].id.startswith("dsb2018-pool/")
+    assert len(sources) == 300
+    assert sources[0].id.startswith("dsb2018-pool/")
     sample = sources[0].read()
-    assert sample.id == sources[0].id and sample.labels.max() > 1
+    assert sample.id == sources[0].id
+    assert sample.labels.max() > 1
 
 
 def test_exported_preparation_is_read_from_old_files_too(trained, tmp_path):

@@ -42,7 +42,8 @@ def test_ome_tiff_needs_its_channel_then_measures_every_channel(trained, tmp_pat
     assert "channel=" in (out / "tables/cells.error.txt").read_text()
     monkeypatch.setattr(predict_module, "segment_at_scale", threshold_segment)
     summary = predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=DAPI"))
-    assert summary["images"] == 1 and summary["failed"] == 0
+    assert summary["images"] == 1
+    assert summary["failed"] == 0
     assert not (out / "tables/cells.error.txt").exists()
     labels = np.asarray(Image.open(out / "labels/cells.png"))
     foreground = prepare_image(data[0][..., None], 1)[..., 0]  # the stand-in's probabilities
@@ -53,7 +54,8 @@ def test_ome_tiff_needs_its_channel_then_measures_every_channel(trained, tmp_pat
     for row in rows:
         k = int(row["label"])
         assert (row["image"], row["t"], row["z"]) == ("cells", "0", "0")
-        assert int(row["area_px"]) == areas[k] and float(row["area_um2"]) == areas[k] * 0.25
+        assert int(row["area_px"]) == areas[k]
+        assert float(row["area_um2"]) == areas[k] * 0.25
         assert float(row["mean_DAPI"]) == pytest.approx(data[0][labels == k].mean())
         assert float(row["score"]) == pytest.approx(foreground[labels == k].mean())
         assert float(row["max_noise"]) == data[1][labels == k].max()
@@ -79,7 +81,8 @@ def test_z_stack_gives_a_multipage_label_tiff_equal_to_its_planes(trained, tmp_p
     with tifffile.TiffFile(tmp_path / "o1/labels/zs.tif") as tif:
         assert tif.series[0].axes == "ZYX"
         stack = tif.asarray()
-    assert stack.dtype == np.uint16 and stack.shape == (3, 96, 96)
+    assert stack.dtype == np.uint16
+    assert stack.shape == (3, 96, 96)
     for z in range(3):
         flat = np.asarray(Image.open(tmp_path / f"o2/labels/z{z}.png"))
         np.testing.assert_array_equal(stack[z], flat)
@@ -108,7 +111,8 @@ def test_nan_block_warns_and_the_nuclei_around_it_are_found(trained, tmp_path, m
     assert holes.max() > 2
     assert not np.asarray(Image.open(tmp_path / "out/labels/blank.png")).any()
     rows = {r["image"]: r for r in read_csv(tmp_path / "out/summary.csv")}
-    assert rows["blank"]["nuclei"] == "0" and summary["images"] == 3
+    assert rows["blank"]["nuclei"] == "0"
+    assert summary["images"] == 3
 
 
 def test_unreadable_file_is_skipped_listed_and_the_rest_finished(trained, tmp_path, caplog):
@@ -119,7 +123,8 @@ def test_unreadable_file_is_skipped_listed_and_the_rest_finished(trained, tmp_pa
     (tmp_path / "in/empty.png").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
         summary = predict(predict_cfg(ckpt, tmp_path / "in", tmp_path / "out"))
-    assert summary["images"] == 1 and summary["failed"] == 1
+    assert summary["images"] == 1
+    assert summary["failed"] == 1
     assert "1 of 2 images skipped: empty" in caplog.text
     assert "cannot read image" in (tmp_path / "out/tables/empty.error.txt").read_text()
     assert [r["ImageId"] for r in read_csv(tmp_path / "out/submission.csv")][0] == "good"
@@ -165,7 +170,8 @@ def test_diameter_rescales_to_the_training_scale_and_maps_labels_back():
 def test_shards_split_ids_stably_and_completely():
     ids = [f"img{k}" for k in range(40)]
     shards = [{i for i in ids if in_shard(i, f"{s}/3")} for s in range(3)]
-    assert set().union(*shards) == set(ids) and sum(map(len, shards)) == 40
+    assert set().union(*shards) == set(ids)
+    assert sum(map(len, shards)) == 40
     assert all(len(s) >= 5 for s in shards)
     assert shards[1] == {i for i in reversed(ids) if in_shard(i, "1/3")}
     with pytest.raises(ValueError, match="shard=3/2; use i/n"):
@@ -222,4 +228,5 @@ def test_too_small_images_are_skipped_by_name_and_a_failing_redo_leaves_no_stale
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "in/cells.png")
     with pytest.raises(ImageFileError, match="none of the 3 images could be segmented"):
         predict(predict_cfg(ckpt, tmp_path / "in", out, "overwrite=true"))
-    assert not list((out / "labels").iterdir()) and not (out / "tables/cells.summary.csv").exists()
+    assert not list((out / "labels").iterdir())
+    assert not (out / "tables/cells.summary.csv").exists()

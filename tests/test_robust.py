@@ -101,8 +101,10 @@ def test_ckpt_path_last_takes_the_newest_run_of_the_same_config_or_lists_the_oth
     with pytest.raises(FileNotFoundError) as err:
         resolve_ckpt("last", str(log_dir), other_data)
     message = str(err.value)
-    assert "no run under" in message and "(baseline, synthetic /elsewhere)" in message
-    assert str(newer_augmented.parents[1]) in message and str(old_baseline.parents[1]) in message
+    assert "no run under" in message
+    assert "(baseline, synthetic /elsewhere)" in message
+    assert str(newer_augmented.parents[1]) in message
+    assert str(old_baseline.parents[1]) in message
 
 
 def test_resuming_a_finished_run_says_it_is_complete(cfg_factory, caplog):
@@ -124,12 +126,14 @@ def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(tmp_path, content, c
     with pytest.raises(ValueError) as err:
         read_checkpoint(str(path))
     assert str(err.value).startswith(f"ckpt_path={path} is not a cellseg checkpoint")
-    assert "KeyError" not in str(err.value) and "pop from" not in str(err.value)
+    assert "KeyError" not in str(err.value)
+    assert "pop from" not in str(err.value)
     with pytest.raises(SystemExit) as exit_:
         one_line_errors(read_checkpoint)(str(path))  # as every entry point reports it
     assert exit_.value.code == 1
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "\n" not in record.getMessage() and "HYDRA_FULL_ERROR=1" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert "HYDRA_FULL_ERROR=1" in record.getMessage()
 
 
 def test_a_run_that_fails_in_its_first_epoch_leaves_no_tensorboard_run(cfg_factory, monkeypatch):
@@ -141,7 +145,8 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_no_tensorboard_run(cfg_facto
     with pytest.raises(FloatingPointError):
         train(cfg)  # after the image grid callback wrote the training samples
     out = Path(cfg.paths.output_dir)
-    assert out.is_dir() and not list(out.rglob("events.out.tfevents.*"))
+    assert out.is_dir()
+    assert not list(out.rglob("events.out.tfevents.*"))
 
 
 def test_native_writes_last_ckpt_every_epoch_though_it_validates_every_fifth(cfg_factory):
@@ -149,5 +154,6 @@ def test_native_writes_last_ckpt_every_epoch_though_it_validates_every_fifth(cfg
                       "trainer.check_val_every_n_epoch=5")
     metrics = train(cfg)
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
-    assert last["epoch"] == 1 and "val/iou" not in metrics
+    assert last["epoch"] == 1
+    assert "val/iou" not in metrics
     assert metric_value(metrics, "val/iou_best") is None  # a warning outside a sweep, no crash

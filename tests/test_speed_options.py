@@ -46,7 +46,8 @@ def test_gpu_mixed_precision_follows_the_capability(monkeypatch, bf16, expected)
 
 def test_trainer_gpu_config_asks_for_mixed_precision():
     cfg = compose_cfg("train", ["trainer=gpu"])
-    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "mixed"
+    assert cfg.trainer.accelerator == "gpu"
+    assert cfg.trainer.precision == "mixed"
 
 
 def test_build_passes_the_resolved_precision(monkeypatch, cfg_factory):
@@ -69,7 +70,8 @@ def test_compile_option_compiles_the_network_in_place_for_fit(monkeypatch):
 def test_default_optimizer_is_fused_adam(cfg_factory):
     _, model, _ = build(cfg_factory())
     optimizer = model.configure_optimizers()["optimizer"]
-    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["fused"] is True
 
 
 FAULTS_PER_STEP = """

@@ -20,7 +20,8 @@ def test_nuclei_sizes_styles_and_touching_neighbours():
     radii, styles, touching = [], set(), 0
     for i in range(30):
         image, labels = make_sample(0, i)
-        assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+        assert image.shape == (256, 256, 3)
+        assert image.dtype == np.uint8
         areas = np.bincount(labels.ravel())[1:]
         radii.extend(np.sqrt(areas[areas > 0] / np.pi))
         background = image[labels == 0].mean()
@@ -29,7 +30,8 @@ def test_nuclei_sizes_styles_and_touching_neighbours():
         right = labels[:, 1:] != labels[:, :-1]
         touching += int((right & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)).any())
     assert styles == {"brightfield", "fluorescence"}
-    assert 4 < np.median(radii) < 25 and max(radii) < 35
+    assert 4 < np.median(radii) < 25
+    assert max(radii) < 35
     assert touching > 10
 
 

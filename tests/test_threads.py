@@ -35,7 +35,8 @@ def other_process(registry, cpus):
 
 
 def test_alone_a_process_takes_every_core(machine):
-    assert threads.fit() == 4 and torch.get_num_threads() == 4
+    assert threads.fit() == 4
+    assert torch.get_num_threads() == 4
 
 
 def test_beside_others_it_takes_an_equal_share_and_gets_cores_back(machine):
@@ -54,11 +55,13 @@ def test_beside_others_it_takes_an_equal_share_and_gets_cores_back(machine):
 
 def test_a_reused_pid_does_not_count(machine):
     (machine / "1").write_text(json.dumps({"cpus": [0, 1], "started": 12.0}))  # pid 1 is older
-    assert threads.sharing() == 1 and not (machine / "1").exists()
+    assert threads.sharing() == 1
+    assert not (machine / "1").exists()
 
 
 def test_threads_set_by_hand_are_left_alone(machine, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     torch.set_num_threads(3)
     other_process(machine, [0, 1, 2, 3]).kill()
-    assert threads.fit() == 3 and not (machine / str(__import__("os").getpid())).exists()
+    assert threads.fit() == 3
+    assert not (machine / str(__import__("os").getpid())).exists()

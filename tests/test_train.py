@@ -99,7 +99,8 @@ def test_native_validation_on_padded_images_equals_eval_on_the_unpadded_ones(cfg
     eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "split=val", "diameter=null"])
     scores, rows = evaluate(eval_cfg)
     # native holds 10 % of the 8 training images out for validation: 1 image
-    assert {(r["height"], r["width"]) for r in rows} == {(72, 72)} and len(rows) == 1
+    assert {(r["height"], r["width"]) for r in rows} == {(72, 72)}
+    assert len(rows) == 1
     for k in ("iou", "miou", "dice"):
         assert scores[k] == pytest.approx(metrics[f"val/{k}"], rel=1e-5), k
 
@@ -126,7 +127,8 @@ def test_multirun_of_both_experiments_lands_side_by_side(tmp_path):
 def test_unknown_experiment_names_the_choices(tmp_path):
     out = run_cli(["experiment=nope"], tmp_path)
     assert out.returncode != 0
-    assert "baseline" in out.stderr and "augmented" in out.stderr
+    assert "baseline" in out.stderr
+    assert "augmented" in out.stderr
 
 
 @needs_real_data
@@ -152,7 +154,8 @@ def test_optuna_search_runs_two_trials_and_survives_a_failing_one(tmp_path):
     assert "Failed experiment: non-finite loss" in out.stdout + out.stderr
     (sweep,) = (tmp_path / "logs/train/multiruns").iterdir()
     results = (sweep / "optimization_results.yaml").read_text()
-    assert "model.optimizer.lr: 0.001" in results and "best_value" in results
+    assert "model.optimizer.lr: 0.001" in results
+    assert "best_value" in results
     trials = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [t.split("_")[0] for t in trials] == ["0", "1"]
     assert trials[0].endswith("model.optimizer.lr-1e+30")  # the trials tell apart by name

@@ -73,7 +73,8 @@ def test_search_turns_min_score_on_where_doubtful_objects_are_no_nuclei():
     start = {"split": False, **{k: DEFAULTS[k] for k in options}}
     assert set_score([p[..., None]], [truth], start) == pytest.approx(0.5)  # 2 of 4 found
     best, score = search([p[..., None]], [truth], {k: SPACE[k] for k in options}, start)
-    assert best["min_score"] == 0.8 and score == 1.0
+    assert best["min_score"] == 0.8
+    assert score == 1.0
 
 
 def test_pooled_map_lets_every_nucleus_count_the_same_in_the_search():
@@ -112,7 +113,8 @@ def test_the_searched_options_are_those_the_outputs_use():
     assert searched_options(5) == [
         "threshold", "contour_threshold", "seed_threshold", "seed_h", "offset_threshold", *last
     ]
-    assert DEFAULTS["min_score"] == 0.0 and 0.0 in SPACE["min_score"]  # off unless it pays
+    assert DEFAULTS["min_score"] == 0.0
+    assert 0.0 in SPACE["min_score"]
 
 
 def test_the_users_value_wins_over_the_tuned_one_and_is_logged(caplog):
@@ -176,7 +178,9 @@ def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
     assert before["postprocess"]["score"] == "map_pooled"
     result = script.main(ckpt, "map")
     after = torch.load(ckpt, weights_only=True)
-    assert after["postprocess"] == result and result["score"] == "map" and "map" in result
+    assert after["postprocess"] == result
+    assert result["score"] == "map"
+    assert "map" in result
     assert (result["split"], result["images"]) == ("val", 2)
     for k, v in before["state_dict"].items():  # the weights untouched
         assert torch.equal(after["state_dict"][k], v)
@@ -228,6 +232,7 @@ def test_tuning_leaves_the_weights_in_memory_as_they_were(cfg_factory):
         model.net.head.bias.fill_(7.0)  # weights no checkpoint holds
     model.train()
     callback.tune_checkpoints(trainer, model)
-    assert (model.net.head.bias == 7.0).all() and model.training
+    assert (model.net.head.bias == 7.0).all()
+    assert model.training
     assert "postprocess" in torch.load(trainer.checkpoint_callback.best_model_path,
                                        weights_only=True)
