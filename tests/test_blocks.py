@@ -116,6 +116,15 @@ def test_labels_ome_zarr_is_a_pyramid_with_axes_and_scale(tmp_path):
     assert [lv.shape for lv in levels] == [(256, 256), (128, 128), (64, 64)]
     assert np.array_equal(levels[1], levels[0][::2, ::2])
     assert levels[0].max() > 50
+    # the napari plugin's reader: one labels layer, every level, read lazily, in µm
+    from cellseg.napari.reader import get_reader
+
+    path = str(tmp_path / "out/labels/cells.ome.zarr")
+    ((data, meta, kind),) = get_reader(path)(path)
+    assert kind == "labels"
+    assert meta["multiscale"]
+    assert meta["scale"] == [0.5, 0.5]
+    assert [d.shape for d in data] == [(256, 256), (128, 128), (64, 64)]
 
 
 def write_ome_zarr(path: Path, image: np.ndarray, pixel_size: float) -> None:
