@@ -254,16 +254,3 @@ def test_margin_covers_two_nuclei_and_the_network_halo():
     assert blocks.margin(20.0, 0.5, 32, "auto") == 104  # the halo in the image's own pixels
     assert blocks.margin(20.0, None, 32, 50) == 50
 
-
-def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
-    from cellseg.errors import UserError
-
-    out = predict_to(SAMPLE, tmp_path / "out", "outputs=[labels]", "diameter=null")
-    assert (tmp_path / "out/labels/nuclei.png").is_file()
-    written = [p.name for d in ("masks", "overlays", "tables") for p in (tmp_path / "out" / d)
-               .iterdir()]
-    assert written == []
-    assert not (tmp_path / "out/measurements.csv").exists()
-    assert out["submission_rows"] == out["nuclei"] > 50
-    with pytest.raises(UserError, match="overlay is not one of"):
-        predict_to(SAMPLE, tmp_path / "again", "outputs=[labels,overlay]")

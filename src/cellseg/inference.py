@@ -286,21 +286,26 @@ def auto_diameter(preprocess: dict, quiet: bool = False) -> bool:
 
 
 def estimate_diameter(
-    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict
+    model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict, instances_cfg: dict,
+    passes: list | None = None,
 ) -> float | None:
     """The median equivalent diameter (px) of the nuclei in ``image``, as the model finds them:
     segmented as it is, then again rescaled so that nuclei of the size found appear at the
     training size, until two passes agree within 20 % (nuclei far from the training size come
     out in pieces or merged; at the training size they do not). Each pass sees the image's
     centre, at most ``ESTIMATE_SIDE`` px a side at the network: a bounded cost on any image.
-    None: no nuclei found."""
+    None: no nuclei found. ``passes`` (a list) receives (scale, foreground, labels) of each pass
+    that saw the whole image, for the caller to reuse."""
     from cellseg.measure import median_diameter
 
     scale, diameter = 1.0, None
     quick = {**inference, "tta": False}
     for _ in range(AUTO_PASSES):  # on the centre of a large image: at most 1024 px a side seen
         view = centre(image, max(round(ESTIMATE_SIDE / scale), preprocess["multiple"]))
-        labels = segment_rescaled(model, view, preprocess, quick, instances_cfg, scale)[1]
+        foreground, labels = segment_rescaled(model, view, preprocess, quick, instances_cfg,
+                                              scale)
+        if passes is not None and view.shape[:2] == image.shape[:2]:
+            passes.append((scale, foreground, labels))
         found = median_diameter([labels])
         if found is None:
             return diameter
@@ -363,19 +368,27 @@ def segment_at_scale(
     """:func:`segment` with the image rescaled so that nuclei of ``diameter`` pixels appear at
     the training data's median diameter (``preprocess["diameter"]``); the probabilities and
     labels are mapped back to the image's own pixel grid (labels nearest). ``auto``: the
-    diameter estimated (:func:`choose_scale`)."""
-    scale, _ = choose_scale(model, image, preprocess, inference, instances_cfg, diameter)
+    diameter estimated (:func:`choose_scale`); where the image is then segmented at the scale
+    of an estimating pass that saw all of it, that pass's result is the result (the same
+    computation: an image within ``AUTO_BAND`` is segmented once, not twice)."""
+    passes: list = []
+    scale, _ = choose_scale(model, image, preprocess, inference, instances_cfg, diameter,
+                            passes=passes)
+    for seen, foreground, labels in passes:
+        if seen == (scale or 1.0) and not inference.get("tta"):
+            return foreground, labels
     return segment_rescaled(model, image, preprocess, inference, instances_cfg, scale)
 
 
 def choose_scale(
     model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict,
     instances_cfg: dict, diameter: Any, shape: tuple[int, ...] | None = None,
+    passes: list | None = None,
 ) -> tuple[float | None, float | None]:
     """The factor to rescale an image of ``shape`` (default: ``image``'s) by, and the nuclei's
     diameter in its pixels (given, or None where unknown). ``auto``: estimated on ``image``
-    (:func:`estimate_diameter`, logged), None (as it is) where the estimate is within
-    ``AUTO_BAND`` of the training size."""
+    (:func:`estimate_diameter`, logged; ``passes`` as there), None (as it is) where the
+    estimate is within ``AUTO_BAND`` of the training size."""
     shape = shape or image.shape
     if diameter != "auto":
         scale = diameter_scale(preprocess, diameter, quiet=True)
@@ -383,7 +396,7 @@ def choose_scale(
         return scale, given or preprocess.get("diameter")
     scale = found = None
     if auto_diameter(preprocess, quiet=True):
-        found = estimate_diameter(model, image, preprocess, inference, instances_cfg)
+        found = estimate_diameter(model, image, preprocess, inference, instances_cfg, passes)
         if found is not None:
             scale = reachable_scale(preprocess, shape, found)
             scale = scale if abs(math.log(scale)) >= math.log(AUTO_BAND) else None

@@ -1,0 +1,53 @@
+"""The whole predict at the speed of its network: no work done twice, outputs on demand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellseg import checkpoint, inference
+from cellseg.samples import sample_path
+from helpers import compose_cfg
+
+SAMPLE = sample_path("nuclei")
+
+
+def predict_to(input_path, output, *overrides: str) -> dict:
+    from cellseg.predict import predict
+
+    return predict(compose_cfg("predict", [f"input={input_path}", f"output={output}",
+                                           *overrides]))
+
+
+def test_auto_segments_an_image_of_the_training_size_once_with_the_same_labels(monkeypatch):
+    model = checkpoint.load(None, "cpu")
+    net, pre = model.network(), model.preprocessing()
+    options = {"min_score": 0.9, "seed_threshold": 0.4, "contour_threshold": 0.4}
+    settings = {"tile_size": 1024, "overlap": 32, "batch_size": 1, "tta": False}
+    # the sample's nuclei (about 10 px) twice as large: the model's training size
+    image = np.asarray(Image.open(SAMPLE).resize((512, 512), Image.BILINEAR))[..., None]
+    calls = []
+    real = inference.predict_tensor
+    monkeypatch.setattr(inference, "predict_tensor",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    foreground, labels = inference.segment_at_scale(net, image, pre, settings, options, "auto")
+    assert len(calls) == 1  # the estimating pass's result is the result
+    direct = inference.segment_rescaled(net, image, pre, settings, options, None)
+    assert np.array_equal(labels, direct[1])
+    assert np.array_equal(foreground, direct[0])
+    assert labels.max() > 50
+
+
+def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
+    from cellseg.errors import UserError
+
+    out = predict_to(SAMPLE, tmp_path / "out", "outputs=[labels]", "diameter=null")
+    assert (tmp_path / "out/labels/nuclei.png").is_file()
+    written = [p.name for d in ("masks", "overlays", "tables") for p in (tmp_path / "out" / d)
+               .iterdir()]
+    assert written == []
+    assert not (tmp_path / "out/measurements.csv").exists()
+    assert out["submission_rows"] == out["nuclei"] > 50
+    with pytest.raises(UserError, match="overlay is not one of"):
+        predict_to(SAMPLE, tmp_path / "again", "outputs=[labels,overlay]")
