@@ -19,7 +19,7 @@ def machine(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "registry", lambda: tmp_path)
     monkeypatch.setattr(threads, "available_cores", lambda: {0, 1, 2, 3})
     monkeypatch.setattr(threads, "_state", {"registered": None, "checked": 0.0,
-                                            "threads": None, "managed": None})
+                                            "threads": None, "managed": None, "before": None})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     yield tmp_path
@@ -65,3 +65,21 @@ def test_threads_set_by_hand_are_left_alone(machine, monkeypatch):
     other_process(machine, [0, 1, 2, 3]).kill()
     assert threads.fit() == 3
     assert not (machine / str(__import__("os").getpid())).exists()
+
+
+def test_an_entry_point_is_registered_while_it_runs_only(machine):
+    torch.set_num_threads(3)
+    seen = []
+
+    @threads.sharing_cores
+    def work():
+        seen.append((len(list(machine.iterdir())), torch.get_num_threads()))
+
+    other = other_process(machine, [0, 1, 2, 3])
+    try:
+        work()
+    finally:
+        other.kill()
+    assert seen == [(2, 2)]  # itself and the other; 4 cores shared by 2
+    assert len(list(machine.iterdir())) == 1  # its own entry removed after
+    assert torch.get_num_threads() == 3  # put back as it was

@@ -88,12 +88,12 @@ def select_samples(sources: list[Source], ids: list[str], root: str) -> list[Sam
     return list(iter_samples([by_id[i] for i in ids], f"Reading {Path(root).name}"))
 
 
+@threads.sharing_cores
 def evaluate(
     cfg: DictConfig, on_image: Callable[[Sample, np.ndarray, np.ndarray], None] | None = None
 ) -> tuple[dict[str, float], list[dict]]:
     """Scores over the selected images and one row of scores per image; ``on_image(sample,
     foreground, labels)`` sees each segmentation (compare keeps some for its figure)."""
-    threads.fit()
     model = checkpoint.load(checkpoint.named(cfg), cfg.device)
     log.info(model.first_line())
     pre = model.preprocessing(cfg.get("preprocess"))

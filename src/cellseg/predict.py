@@ -307,6 +307,7 @@ def merge(output: Path, ids: list[str]) -> dict[str, int]:
     return result
 
 
+@threads.sharing_cores
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Write the outputs for every input image (of this shard); returns a summary."""
     model_name = checkpoint.named(cfg)
@@ -334,7 +335,6 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             len(mine),
             output,
         )
-    threads.fit()
     model = checkpoint.load(model_name, cfg.device) if todo else None
     pre = model.preprocessing(cfg.get("preprocess")) if todo else {}
     net = model.network(cfg.backend, cfg.device) if todo else None

@@ -9,23 +9,27 @@ SLURM's CPU count), counting the live cellseg processes whose cores overlap its 
 is looked at again every few seconds (:func:`refit`, called between batches, images and
 blocks), so a job that finishes hands its cores back to the others.
 
-``OMP_NUM_THREADS`` set by hand, or ``torch.set_num_threads`` called before, wins: cellseg then
-leaves the threads as they are.
+A process is registered while it works (:func:`sharing_cores` around ``train``, ``predict`` and
+``eval``), not while it idles. ``OMP_NUM_THREADS`` set by hand wins: cellseg then leaves the
+threads as they are.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 REFIT_EVERY_S = 5.0
-_state: dict = {"registered": None, "checked": 0.0, "threads": None, "managed": None}
+_state: dict = {"registered": None, "checked": 0.0, "threads": None, "managed": None,
+                "before": None}
 
 
 def available_cores() -> set[int]:
@@ -103,6 +107,8 @@ def fit(reason: str = "") -> int:
     if not managed():
         return torch.get_num_threads()
     register()
+    if _state["before"] is None:
+        _state["before"] = torch.get_num_threads()
     threads = share()
     _state["checked"] = time.monotonic()
     if threads != _state["threads"]:
@@ -118,3 +124,32 @@ def refit() -> None:
     """:func:`fit` again when ``REFIT_EVERY_S`` have passed (cheap to call often)."""
     if _state["threads"] is not None and time.monotonic() - _state["checked"] >= REFIT_EVERY_S:
         fit()
+
+
+def release() -> None:
+    """Leave the registry (the work is done): the others take the cores back at their next
+    look."""
+    import torch
+
+    if _state["registered"]:
+        _state["registered"].unlink(missing_ok=True)
+    if _state["before"] is not None:
+        torch.set_num_threads(_state["before"])  # as it was before cellseg sized it
+    _state.update(registered=None, threads=None, before=None)
+
+
+def sharing_cores(fn: Callable) -> Callable:
+    """Decorate an entry point: threads fitted while it runs, the registry left after (an
+    entry point called inside another keeps the outer one's registration)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        outer = _state["registered"] is not None
+        fit()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if not outer:
+                release()
+
+    return wrapper

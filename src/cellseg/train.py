@@ -243,11 +243,11 @@ def check_resumable(ckpt: dict[str, Any], path: str, model: L.LightningModule) -
         )
 
 
+@threads.sharing_cores
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the chosen checkpoint, log hyperparameters with the results; return the
     metrics (none when ``ckpt_path`` holds a run that already finished its epochs)."""
     quiet_console()
-    threads.fit()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info(config_line(cfg))
