@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from cellseg import checkpoint, config_dir
+from cellseg import config_dir
+from cellseg.bench import bare_forward_mpx_s
 from cellseg.predict import find_inputs, predict
 
 STAGES = {  # stage: (module file, function) whose cumulative time is the stage's
@@ -48,23 +48,6 @@ def stage_seconds(stats: pstats.Stats) -> dict[str, float]:
             if path.endswith(file) and name == function:
                 found[stage] += cumulative
     return found
-
-
-def bare_forward_mpx_s(paths: list[Path]) -> float:
-    """The network alone (one forward pass per image at its own size, padded to the multiple)."""
-    model = checkpoint.load(None, "cpu")
-    net, pre = model.network("pytorch", "cpu"), model.preprocessing()
-    multiple, pixels, seconds = pre["multiple"], 0, 0.0
-    with torch.no_grad():
-        for path in paths:
-            h, w = np.asarray(Image.open(path)).shape[:2]
-            x = torch.rand(1, pre["in_channels"], -(-h // multiple) * multiple,
-                           -(-w // multiple) * multiple)
-            start = time.perf_counter()
-            net(x)
-            seconds += time.perf_counter() - start
-            pixels += h * w
-    return pixels / 1e6 / seconds
 
 
 def main() -> None:

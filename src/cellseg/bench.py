@@ -15,6 +15,10 @@ For each input size and precision, in one process run so that ratios hold on a n
 - with ``backends.ckpt_path``, whole-image prediction megapixels/s of a checkpoint's test
   images through each of ``backends.names`` (``cellseg.backends``), alternated, next to the
   scores ``cellseg.eval`` gets through each (``shapes=[]`` skips the training rows);
+- with ``folder.root``, the whole ``python -m cellseg.predict`` over the first ``folder.images``
+  images of a folder of real images (the shipped model), with default outputs and with
+  ``outputs=[labels]``: megapixels/s end to end next to the bare forward pass over the same
+  images (:func:`folder_rows`);
 - with ``large.sides``, the whole ``python -m cellseg.predict`` on square images of those sides
   (the shipped sample's nuclei tiled, :func:`slide`): seconds, megapixels/s and the peak
   resident memory of the process and its dask workers together, block-wise and (up to
@@ -398,6 +402,72 @@ def large_rows(cfg: DictConfig, root: Path) -> list[dict]:
     return rows
 
 
+def bare_forward_mpx_s(paths: list[Path], model_name: str | None = None) -> float:
+    """The network alone: one forward pass per image at its own size (padded to the multiple),
+    as predict's whole-image path runs it."""
+    import numpy as np
+    from PIL import Image
+
+    from cellseg import checkpoint
+
+    model = checkpoint.load(model_name, "cpu")
+    net, pre = model.network("pytorch", "cpu"), model.preprocessing()
+    m, pixels, seconds = pre["multiple"], 0, 0.0
+    with torch.no_grad():
+        for path in paths:
+            h, w = np.asarray(Image.open(path)).shape[:2]
+            x = torch.rand(1, pre["in_channels"], -(-h // m) * m, -(-w // m) * m)
+            start = time.perf_counter()
+            net(x)
+            seconds += time.perf_counter() - start
+            pixels += h * w
+    return pixels / 1e6 / seconds
+
+
+def folder_rows(cfg: DictConfig, root: Path) -> list[dict]:
+    """The whole predict over real images against the bare forward pass, per outputs setting."""
+    import shutil
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from cellseg.predict import find_inputs
+
+    source = Path(cfg.folder.root)
+    folder = source / "images" if (source / "images").is_dir() else source
+    paths = sorted(find_inputs(folder).values())[: cfg.folder.images]
+    work = root / "folder"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "in").mkdir(parents=True)
+    for path in paths:
+        shutil.copy(path, work / "in" / path.name)
+    megapixels = sum(int(np.prod(Image.open(p).size)) for p in paths) / 1e6
+    bare = bare_forward_mpx_s(paths)
+    rows = []
+    for outputs in cfg.folder.outputs:
+        out = work / f"out_{outputs}"
+        cmd = [sys.executable, "-m", "cellseg.predict", f"input={work / 'in'}", f"output={out}",
+               f"hydra.run.dir={work / 'log'}", f"outputs={outputs}", *cfg.folder.overrides]
+        seconds, peak, _ = run_measured(cmd)
+        rows.append({"images": len(paths), "megapixels": megapixels, "outputs": outputs,
+                     "seconds": seconds, "mpx_s": megapixels / seconds, "bare_mpx_s": bare,
+                     "vs_bare": megapixels / seconds / bare, "peak_mb": peak})
+        log.info("%s", rows[-1])
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+FOLDER_COLUMNS = [
+    ("images", "images"),
+    ("megapixels", "MP"),
+    ("outputs", "outputs"),
+    ("seconds", "seconds (whole process)"),
+    ("mpx_s", "predict MP/s"),
+    ("bare_mpx_s", "bare forward MP/s"),
+    ("vs_bare", "ratio"),
+    ("peak_mb", "peak MB"),
+]
 LARGE_COLUMNS = [
     ("side", "side"),
     ("mode", "predict"),
@@ -458,17 +528,19 @@ def main(cfg: DictConfig) -> None:
         else []
     )
     out = Path(cfg.paths.output_dir)
+    folder = folder_rows(cfg, out) if cfg.folder.root else []
     large = large_rows(cfg, out) if cfg.large.sides else []
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     settings = OmegaConf.to_container(cfg, resolve=False)
     settings.pop("paths", None)
     (out / "bench.json").write_text(
         json.dumps({**info, "settings": settings, "rows": rows, "backends": backend_rows,
-                    "large": large}, indent=2)
+                    "folder": folder, "large": large}, indent=2)
     )
     table = (markdown(rows) if rows else "") + (
         f"\n{markdown(backend_rows, BACKEND_COLUMNS, '.4f')}" if backend_rows else ""
-    ) + (f"\n{markdown(large, LARGE_COLUMNS)}" if large else "")
+    ) + (f"\n{markdown(folder, FOLDER_COLUMNS)}" if folder else "") + (
+        f"\n{markdown(large, LARGE_COLUMNS)}" if large else "")
     (out / "bench.md").write_text(table)
     print(table)
     log.info("bench.md and bench.json in %s", out)
