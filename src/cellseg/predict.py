@@ -12,7 +12,12 @@ file stem) it writes:
   ``overlays/<id>.png`` (nucleus outlines over the nuclei channel);
 - a file with planes: ``labels/<id>.tif`` (16-bit, multi-page, the file's leading axes) and one
   ``overlays/<id>_z<k>.png`` (``_t<k>`` ...) per plane;
-- ``tables/<id>.measurements.csv`` and ``tables/<id>.summary.csv``.
+- ``tables/<id>.measurements.csv`` and ``tables/<id>.summary.csv``;
+- an OME-Zarr input, or a plane above ``blocks.above``² pixels: ``labels/<id>.ome.zarr``
+  (32-bit labels with a multiscale pyramid, segmented block-wise on dask: :mod:`cellseg.blocks`)
+  and the tables.
+
+``outputs=`` chooses among masks, overlays and tables (labels are always written).
 
 From the per-image files it (re)builds ``submission.csv`` (Kaggle run-length format, 2-D images),
 ``measurements.csv`` (one row per nucleus) and ``summary.csv`` (one row per image and plane).
@@ -226,7 +231,9 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
             nuclei = image.nuclei(plane)
             foreground, labels = segment_plane(model, nuclei, pre, options, cfg, image.path)
             if labels.max() >= 2**16:
-                raise UserError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit labels")
+                raise UserError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit "
+                                "label images; pass blocks.above=0 (labels as a 32-bit "
+                                "OME-Zarr, docs/large-images.md)")
             keys = {"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)}
             if "tables" in wanted:
                 measurements.extend(measure(labels, plane, image.channel_names,
