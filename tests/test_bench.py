@@ -47,3 +47,41 @@ def test_timed_alternates_its_functions_and_leaves_out_the_warmup(monkeypatch):
     medians = timed([lambda: call("a"), lambda: call("b")], 1, 3)
     assert calls == ["a", "b"] * 4  # one warm-up round, three measured, in turn
     assert medians == [2.0, 20.0]  # the medians of the measured rounds only
+
+
+def test_slide_is_the_sample_tiled_in_both_formats(tmp_path):
+    import numpy as np
+    import tifffile
+    import zarr
+    from PIL import Image
+
+    from cellseg.bench import slide
+    from cellseg.samples import sample_path
+
+    base = np.asarray(Image.open(sample_path("nuclei")))
+    tiff = tifffile.imread(slide(tmp_path / "a", 600, "tiff", tile=256))
+    level = np.asarray(zarr.open_array(slide(tmp_path / "b", 600, tile=256) / "0", mode="r"))
+    for image in (tiff, level):
+        assert image.shape == (600, 600)
+        turns = [np.rot90(b, k) for b in (base, base.T) for k in range(4)]
+        assert any(np.array_equal(image[256:512, :256], t) for t in turns)
+
+
+def test_large_and_folder_rows_run_the_whole_predict(tmp_path):
+    from cellseg.bench import folder_rows, large_rows
+    from cellseg.samples import sample_path
+
+    cfg = compose_cfg("bench", ["large.sides=[512]", "large.whole_up_to=512",
+                                "large.block_size=128", "large.workers=1",
+                                'large.overrides=["diameter=null"]',
+                                f"folder.root={sample_path('nuclei').parent}", "folder.images=1",
+                                'folder.overrides=["diameter=null"]'])
+    rows = large_rows(cfg, tmp_path)
+    assert [(r["side"], r["mode"]) for r in rows] == [(512, "blocks"), (512, "whole")]
+    for row in rows:
+        assert row["megapixels"] == 512 * 512 / 1e6
+        assert row["peak_mb"] > 100
+    rows = folder_rows(cfg, tmp_path)
+    assert [r["outputs"] for r in rows] == ["[masks,labels,overlays,tables]", "[labels]"]
+    assert rows[0]["megapixels"] == 256 * 256 / 1e6
+    assert rows[0]["vs_bare"] == rows[0]["mpx_s"] / rows[0]["bare_mpx_s"]

@@ -75,3 +75,28 @@ def test_median_diameter_of_the_nuclei_of_several_images():
     b[10:14, 10:14] = 7  # 16 px
     assert median_diameter([a, b]) == pytest.approx(math.sqrt(4 * 9 / math.pi))
     assert median_diameter([np.zeros((3, 3), np.int32)]) is None
+
+
+def test_measurements_equal_regionprops_on_real_nuclei():
+    from PIL import Image
+    from skimage.measure import regionprops_table
+
+    from cellseg.samples import sample_path
+
+    labels = np.asarray(Image.open(sample_path("nuclei").with_name("nuclei_labels.png")))
+    labels = labels.astype(np.int32)
+    image = np.asarray(Image.open(sample_path("nuclei")))[..., None]
+    rows = measure(labels, image, ["dapi"])
+    props = ("label", "area", "centroid", "bbox", "equivalent_diameter_area", "eccentricity",
+             "solidity", "intensity_mean", "intensity_max")
+    want = regionprops_table(labels, image, properties=props)
+    assert [r["label"] for r in rows] == list(want["label"])
+    for ours, theirs in (("area_px", "area"), ("centroid_y", "centroid-0"),
+                         ("centroid_x", "centroid-1"), ("bbox_y0", "bbox-0"),
+                         ("bbox_x1", "bbox-3"), ("solidity", "solidity"),
+                         ("equivalent_diameter_px", "equivalent_diameter_area"),
+                         ("mean_dapi", "intensity_mean-0"), ("max_dapi", "intensity_max-0")):
+        assert [r[ours] for r in rows] == pytest.approx(list(want[theirs]), abs=1e-9), ours
+    assert [r["eccentricity"] for r in rows] == pytest.approx(list(want["eccentricity"]),
+                                                              abs=1e-5)
+    assert len(rows) == 89

@@ -19,6 +19,9 @@ For each input size and precision, in one process run so that ratios hold on a n
   images of a folder of real images (the shipped model), with default outputs and with
   ``outputs=[labels]``: megapixels/s end to end next to the bare forward pass over the same
   images (:func:`folder_rows`);
+- with ``side_by_side.args``, two ``python -m cellseg.train`` runs one after the other against
+  the same two started together, with cellseg sizing its threads (:mod:`cellseg.threads`) and
+  with ``OMP_NUM_THREADS`` set to every core in each (as before it did);
 - with ``large.sides``, the whole ``python -m cellseg.predict`` on square images of those sides
   (the shipped sample's nuclei tiled, :func:`slide`): seconds, megapixels/s and the peak
   resident memory of the process and its dask workers together, block-wise and (up to
@@ -445,8 +448,8 @@ def folder_rows(cfg: DictConfig, root: Path) -> list[dict]:
     megapixels = sum(int(np.prod(Image.open(p).size)) for p in paths) / 1e6
     bare = bare_forward_mpx_s(paths)
     rows = []
-    for outputs in cfg.folder.outputs:
-        out = work / f"out_{outputs}"
+    for k, outputs in enumerate(cfg.folder.outputs):
+        out = work / f"out_{k}"
         cmd = [sys.executable, "-m", "cellseg.predict", f"input={work / 'in'}", f"output={out}",
                f"hydra.run.dir={work / 'log'}", f"outputs={outputs}", *cfg.folder.overrides]
         seconds, peak, _ = run_measured(cmd)
@@ -458,6 +461,46 @@ def folder_rows(cfg: DictConfig, root: Path) -> list[dict]:
     return rows
 
 
+def side_by_side_rows(cfg: DictConfig, root: Path) -> list[dict]:
+    """Two trainings one after the other, then started together: seconds of each way."""
+    import os
+    import subprocess
+    import sys
+
+    from cellseg.threads import available_cores
+
+    def command(k: int) -> list[str]:
+        return [sys.executable, "-m", "cellseg.train", *cfg.side_by_side.args,
+                f"hydra.run.dir={root / 'side_by_side' / str(k)}"]
+
+    rows = []
+    for threads in ("cellseg", "OMP_NUM_THREADS"):
+        env = dict(os.environ)
+        env.pop("OMP_NUM_THREADS", None)
+        if threads == "OMP_NUM_THREADS":
+            env["OMP_NUM_THREADS"] = str(len(available_cores()))
+        start = time.perf_counter()
+        for k in range(2):
+            subprocess.run(command(k), env=env, check=True, capture_output=True)
+        serial = time.perf_counter() - start
+        start = time.perf_counter()
+        procs = [subprocess.Popen(command(k), env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for k in range(2)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"{' '.join(command(0))} failed")
+        together = time.perf_counter() - start
+        rows.append({"threads": threads, "one_after_the_other_s": serial,
+                     "together_s": together, "together_vs_serial": together / serial})
+        log.info("%s", rows[-1])
+    return rows
+
+
+SIDE_BY_SIDE_COLUMNS = [
+    ("threads", "threads sized by"),
+    ("one_after_the_other_s", "2 runs one after the other (s)"),
+    ("together_s", "2 runs together (s)"),
+    ("together_vs_serial", "ratio"),
+]
 FOLDER_COLUMNS = [
     ("images", "images"),
     ("megapixels", "MP"),
@@ -529,17 +572,20 @@ def main(cfg: DictConfig) -> None:
     )
     out = Path(cfg.paths.output_dir)
     folder = folder_rows(cfg, out) if cfg.folder.root else []
+    side_by_side = side_by_side_rows(cfg, out) if cfg.side_by_side.args else []
     large = large_rows(cfg, out) if cfg.large.sides else []
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     settings = OmegaConf.to_container(cfg, resolve=False)
     settings.pop("paths", None)
     (out / "bench.json").write_text(
         json.dumps({**info, "settings": settings, "rows": rows, "backends": backend_rows,
-                    "folder": folder, "large": large}, indent=2)
+                    "folder": folder, "side_by_side": side_by_side, "large": large},
+                   indent=2)
     )
     table = (markdown(rows) if rows else "") + (
         f"\n{markdown(backend_rows, BACKEND_COLUMNS, '.4f')}" if backend_rows else ""
     ) + (f"\n{markdown(folder, FOLDER_COLUMNS)}" if folder else "") + (
+        f"\n{markdown(side_by_side, SIDE_BY_SIDE_COLUMNS)}" if side_by_side else "") + (
         f"\n{markdown(large, LARGE_COLUMNS)}" if large else "")
     (out / "bench.md").write_text(table)
     print(table)
