@@ -386,10 +386,14 @@ def atomic(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+PNG_COMPRESSION = 1  # zlib level: the same pixels, written about 4x faster than PIL's default 6
+
+
 def save_png(path: Path, array: np.ndarray) -> None:
-    """Write a PNG atomically (16-bit labels as 16-bit gray)."""
+    """Write a PNG atomically (16-bit labels as 16-bit gray), compressed lightly: in a predict
+    run the default level spent as long on PNGs as on measuring every nucleus."""
     with atomic(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=PNG_COMPRESSION)
 
 
 def save_stack(
