@@ -26,6 +26,8 @@ GROUPS = Path(config_dir())
 NEEDS_GPU = {("trainer", "gpu")}
 # Hydra's own groups: composed with the hydra config, their sweeper/launcher instantiated
 HYDRA_GROUPS = ("hparams_search", "launcher", "hydra")
+# eval's and predict's groups: composed (and run) with those configs below
+PREDICT_GROUPS = ("inference", "instances", "cluster")
 TOP_LEVEL = ("train", "eval", "predict", "compare", "bench")
 
 
@@ -36,7 +38,7 @@ def options(group: str) -> list[str]:
 TRAIN_OPTIONS = [
     (group.name, option)
     for group in sorted(p for p in GROUPS.iterdir() if p.is_dir())
-    if group.name not in (*HYDRA_GROUPS, "inference", "instances")
+    if group.name not in (*HYDRA_GROUPS, *PREDICT_GROUPS)
     for option in options(group.name)
 ]
 
@@ -45,7 +47,7 @@ EXPERIMENT_DATA = {("experiment", "general"): "dsb2018", ("experiment", "finetun
 
 
 def test_every_group_is_covered():
-    covered = {g for g, _ in TRAIN_OPTIONS} | {*HYDRA_GROUPS, "inference", "instances"}
+    covered = {g for g, _ in TRAIN_OPTIONS} | {*HYDRA_GROUPS, *PREDICT_GROUPS}
     assert covered == {p.name for p in GROUPS.iterdir() if p.is_dir()}
     assert len(TRAIN_OPTIONS) >= 20
 
@@ -105,6 +107,12 @@ def test_inference_option_runs(option):
     image = np.random.default_rng(0).random((40, 200, 3)).astype(np.float32)
     probs = predict_image(UNet(3).eval(), image, mode="resize", img_size=32, **cfg.inference)
     assert probs.shape == (40, 200, 1)
+
+
+@pytest.mark.parametrize("option", options("cluster"))
+def test_cluster_option_composes_into_predict(option):
+    cfg = compose_cfg("predict", ["input=x", "output=y", f"cluster={option}"])
+    assert cfg.cluster.kind == option  # the SLURM one's job script: tests/test_blocks.py
 
 
 @pytest.mark.parametrize("option", options("instances"))
