@@ -254,3 +254,25 @@ def test_margin_covers_two_nuclei_and_the_network_halo():
     assert blocks.margin(20.0, 0.5, 32, "auto") == 104  # the halo in the image's own pixels
     assert blocks.margin(20.0, None, 32, 50) == 50
 
+
+
+def test_a_z_stack_is_segmented_block_wise_plane_by_plane(tmp_path):
+    nuclei = np.asarray(Image.open(SAMPLE))
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in/stack.tif", np.stack([nuclei, 255 - nuclei, nuclei]),
+                     metadata={"axes": "ZYX"})
+    predict_to(tmp_path / "in", tmp_path / "out", *BLOCKWISE)
+    node = zarr.open_group(tmp_path / "out/labels/stack.ome.zarr", mode="r")
+    axes = [a["name"] for a in node.attrs["multiscales"][0]["axes"]]
+    assert axes == ["z", "y", "x"]
+    labels = np.asarray(node["0"][:])
+    assert labels.shape == (3, 256, 256)
+    assert np.array_equal(labels[2], labels[0])  # the same plane twice: the same nuclei
+    assert labels[0].max() > 50
+    assert not np.array_equal(labels[1], labels[0])  # each plane its own segmentation
+    assert np.asarray(node["1"][:]).shape == (3, 128, 128)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out/summary.csv")))
+    assert [r["z"] for r in rows] == ["0", "1", "2"]
+    assert int(rows[0]["nuclei"]) == labels[0].max()
