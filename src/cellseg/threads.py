@@ -100,7 +100,7 @@ def managed() -> bool:
     return _state["managed"]
 
 
-def fit(reason: str = "") -> int:
+def fit() -> int:
     """Register and set PyTorch's threads to this process's share; returns the threads."""
     import torch
 
@@ -114,8 +114,8 @@ def fit(reason: str = "") -> int:
     if threads != _state["threads"]:
         torch.set_num_threads(threads)
         if _state["threads"] is not None or threads < len(available_cores()):
-            log.info("PyTorch threads: %d of %d cores (%d cellseg processes share them)%s",
-                     threads, len(available_cores()), sharing(), reason)
+            log.info("PyTorch threads: %d of %d cores (%d cellseg processes share them)",
+                     threads, len(available_cores()), sharing())
         _state["threads"] = threads
     return threads
 
