@@ -327,8 +327,9 @@ def slide(path: Path, side: int, fmt: str = "zarr", tile: int = 1024) -> Path:
     base = np.asarray(Image.open(sample_path("nuclei")))
     rng = np.random.default_rng(0)
 
+    turns = [np.rot90(base, k) for k in range(4)] + [np.rot90(base.T, k) for k in range(4)]
+
     def chunk(h: int, w: int) -> np.ndarray:
-        turns = [np.rot90(base, k) for k in range(4)] + [np.rot90(base.T, k) for k in range(4)]
         rows = [np.hstack([turns[rng.integers(8)] for _ in range(-(-w // 256))])
                 for _ in range(-(-h // 256))]
         return np.vstack(rows)[:h, :w]

@@ -319,7 +319,7 @@ def measure_block(job: Job, block: Block, out: str) -> tuple[str, np.ndarray]:
     from cellseg.files import write_rows
     from cellseg.measure import measure
 
-    _, _, image = _start(job)
+    image = _image(job.path, job.axes, job.channel)  # no network: measuring only
     y0, x0 = max(0, block.y0 - 1), max(0, block.x0 - 1)
     ys = slice(y0, min(job.height, block.y1 + job.margin))
     xs = slice(x0, min(job.width, block.x1 + job.margin))
@@ -494,7 +494,8 @@ def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path
         sample = image.nuclei(image.region(index, slice(0, h, step), slice(0, w, step)))
         intensity = image_intensity(sample, pre["in_channels"], pre["normalize"],
                                     pre["invert_bright"])
-        centre = image.nuclei(image.region(index, slice(y, y + side), slice(x, x + side)))
+        centre = (image.nuclei(image.region(index, slice(y, y + side), slice(x, x + side)))
+                  if cfg.get("diameter") == "auto" else sample)  # read only to estimate
         found.append((index, intensity, *choose_scale(
             net, centre, {**pre, "intensity": intensity}, inference, options,
             cfg.get("diameter"), shape=(h, w))))
