@@ -174,22 +174,22 @@ def test_eval_and_predict_command_lines(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_predicting_a_4096_image_stays_under_3_gb(trained, tmp_path):
+def test_predicting_a_4096_image_whole_stays_under_2_5_gb(tmp_path):
+    """The shipped (native) model on the largest plane predict still takes whole."""
     import resource
 
     from helpers import run_cli
 
-    ckpt, root = trained
     (tmp_path / "in").mkdir()
     rng = np.random.default_rng(0)
     image = np.tile(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), (16, 16, 1))
     Image.fromarray(image).save(tmp_path / "in/big.png")
-    out = run_cli([f"ckpt_path={ckpt}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"],
+    out = run_cli([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "diameter=null"],
                   tmp_path, module="cellseg.predict")
     assert out.returncode == 0, failure(out)
     assert (tmp_path / "out/labels/big.png").is_file()
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    assert peak_mb < 3072, f"peak resident memory {peak_mb:.0f} MB (1.8-2.2 GB measured)"
+    assert peak_mb < 2560, f"peak resident memory {peak_mb:.0f} MB (about 1.6 GB measured)"
 
 
 def test_eval_scores_the_runs_own_split_whatever_its_own_defaults(cfg_factory):

@@ -22,7 +22,7 @@ from cellseg.datasets import prepare_image, read_samples  # noqa: E402
 from cellseg.export import documentation, export  # noqa: E402
 from cellseg.inference import predict_tensor  # noqa: E402
 from cellseg.predict import predict  # noqa: E402
-from cellseg.tune import options_text, tuned_instances  # noqa: E402
+from cellseg.checkpoint import options_text, tuned_instances  # noqa: E402
 from helpers import compose_cfg  # noqa: E402
 
 

@@ -30,7 +30,7 @@ def shipped():
 def sample_score(model, diameter="auto") -> dict[str, float]:
     """The model's instance scores on the packaged sample image."""
     from cellseg.inference import segment_at_scale
-    from cellseg.tune import instance_options
+    from cellseg.checkpoint import instance_options
 
     image, truth = read_image(sample_path()), read_image(sample_labels_path())[..., 0]
     options = instance_options({}, {"postprocess": model.postprocess})
@@ -112,6 +112,27 @@ def test_an_exported_file_predicts_what_its_checkpoint_predicts(trained, tmp_pat
             exported.module  # noqa: B018 (export and fine-tuning need the checkpoint)
 
 
+def test_the_predicting_network_is_the_trained_modules_without_lightning(shipped):
+    """Prediction runs checkpoint.TrainedNet; export and fine-tuning the SegmentationModule
+    built from the same file: both give the same logits."""
+    x = torch.rand(1, 3, 64, 96)
+    assert type(shipped.net).__name__ == "TrainedNet"
+    with torch.no_grad():
+        torch.testing.assert_close(shipped.net(x), shipped.module(x))
+    assert type(shipped.module).__name__ == "SegmentationModule"
+
+
+def test_predict_imports_neither_lightning_nor_torchvision():
+    """270 + 160 MB a predict or a block worker would carry for nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cellseg.predict, cellseg.blocks; "
+            "print(sorted(m for m in ('lightning', 'torchvision', 'torchmetrics') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_a_checkpoint_of_format_1_still_reads(trained, tmp_path):
     ckpt, _ = trained
     raw = torch.load(ckpt, weights_only=True)
@@ -139,7 +160,7 @@ def test_predict_without_a_model_uses_the_shipped_one_and_says_so_first(tmp_path
 def test_diameter_auto_finds_the_size_of_magnified_nuclei(shipped, caplog):
     from cellseg.datasets import resize
     from cellseg.inference import estimate_diameter
-    from cellseg.tune import instance_options
+    from cellseg.checkpoint import instance_options
 
     image = read_image(sample_path())
     options = instance_options({}, {"postprocess": shipped.postprocess})

@@ -8,17 +8,16 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from cellseg.checkpoint import instance_options, tuned_instances
 from cellseg.eval import evaluate
 from cellseg.train import build, train
 from cellseg.tune import (
     DEFAULTS,
     SPACE,
     TunePostprocessing,
-    instance_options,
     search,
     searched_options,
     set_score,
-    tuned_instances,
 )
 from helpers import compose_cfg, two_peaks
 
@@ -120,7 +119,7 @@ def test_the_searched_options_are_those_the_outputs_use():
 def test_the_users_value_wins_over_the_tuned_one_and_is_logged(caplog):
     checkpoint = {"postprocess": {"instances": {"threshold": 0.4, "min_size": 20}}}
     chosen = {"threshold": None, "min_size": 5, "h": None, "split": True}
-    with caplog.at_level(logging.INFO, logger="cellseg.tune"):
+    with caplog.at_level(logging.INFO, logger="cellseg.checkpoint"):
         options = instance_options(chosen, checkpoint)
     assert options == {"threshold": 0.4, "min_size": 5, "split": True}
     assert "instances.min_size=5 overrides the tuned 20" in caplog.text

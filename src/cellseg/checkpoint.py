@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch import nn
 
 from cellseg.errors import UserError
 from cellseg.models import DEFAULT_MODEL, MODELS, shipped_path
+from cellseg.unet import UNet
 
 log = logging.getLogger(__name__)
 PREPROCESS_KEYS = ("mode", "img_size", "in_channels", "normalize", "invert_bright")
@@ -144,6 +146,40 @@ def preprocessing(
     return pre
 
 
+def tuned_instances(checkpoint: str | Path | Mapping | nn.Module) -> dict[str, Any]:
+    """The instance options tuned after training that a checkpoint (a model loaded from it, the
+    file, or its dict) holds; ``{}`` when it holds none (tuning refused, or written before
+    cellseg tuned)."""
+    if isinstance(checkpoint, nn.Module):  # TrainedNet, SegmentationModule
+        checkpoint = {"postprocess": getattr(checkpoint, "postprocess", {})}
+    elif not isinstance(checkpoint, Mapping):
+        checkpoint = read(checkpoint)
+    return dict((checkpoint.get("postprocess") or {}).get("instances") or {})
+
+
+def options_text(options: Mapping) -> str:
+    """``threshold=0.4 min_size=20 ...``: instance options as a person reads them."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in options.items())
+
+
+def instance_options(
+    instances_cfg: Mapping, checkpoint: str | Path | Mapping | nn.Module
+) -> dict[str, Any]:
+    """The options eval and predict pass to ``segment``: the checkpoint's tuned values, each
+    replaced by the user's where ``instances_cfg`` sets one (not null); both are logged."""
+    tuned = tuned_instances(checkpoint)
+    given = {k: v for k, v in dict(instances_cfg).items() if v is not None}
+    if tuned:
+        log.info("Post-processing tuned after training: %s", options_text(tuned))
+    else:
+        log.info("The checkpoint holds no tuned post-processing: instances' defaults are used")
+    for k in sorted(tuned.keys() & given.keys()):
+        if given[k] != tuned[k]:
+            log.info("instances.%s=%s overrides the tuned %s", k, given[k], tuned[k])
+    return {**tuned, **given}
+
+
 def checkpoint_data(source: nn.Module | str | Path) -> dict[str, Any]:
     """What a checkpoint says about its training data: ``{"hparams": the datamodule's
     arguments (root, layout, mode, img_size, normalize, test_size, ...), "splits": {"train",
@@ -159,6 +195,29 @@ def load_model(name: str | Path | None, device: str | torch.device = "cpu") -> n
     return load(name, device).module
 
 
+class TrainedNet(nn.Module):
+    """A checkpoint's network ready to predict, without Lightning (whose import costs a predict
+    270 MB and seconds): the UNet with its weights, the memory format it trained in, and what
+    the checkpoint says beside them (``hparams``, ``data_description``, ``postprocess``) under
+    the names a SegmentationModule loaded from the same file has."""
+
+    def __init__(self, checkpoint: dict[str, Any]) -> None:
+        super().__init__()
+        self.hparams = dict(checkpoint["hyper_parameters"])
+        self.net = UNet(**(self.hparams.get("net") or {}))
+        weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()
+                   if k.startswith("net.")}
+        self.net.load_state_dict(weights)
+        channels_last = self.hparams.get("channels_last", True)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        self.data_description = describe_data(checkpoint)
+        self.postprocess = checkpoint.get("postprocess") or {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.contiguous(memory_format=self.memory_format))
+
+
 @dataclass
 class Model:
     """A model ready to use: ``net`` maps (N, C, H, W) float32 to (N, K, H, W) logits."""
@@ -166,21 +225,26 @@ class Model:
     name: str  # as the user named it (or the default's name)
     path: Path
     kind: str  # checkpoint | torchscript | onnx | bioimageio
-    net: Any  # a SegmentationModule (checkpoints) or a backends.Network
+    net: Any  # a TrainedNet (checkpoints) or a backends.Network
     data: dict[str, Any]  # describe_data(): hparams, splits, diameter
     postprocess: dict[str, Any]  # the checkpoint's "postprocess": tuned options and scores
     info: dict[str, Any] = field(default_factory=dict)  # describe()
     preprocess_saved: dict[str, Any] = field(default_factory=dict)  # exported files' own
+    device: str | torch.device = "cpu"
+    _module: nn.Module | None = field(default=None, repr=False)
 
     @property
     def module(self) -> nn.Module:
-        """The trained SegmentationModule (checkpoints only: export and fine-tuning need it)."""
+        """The trained SegmentationModule (checkpoints only: export and fine-tuning need it),
+        built from the file on first use: prediction runs :class:`TrainedNet` alone."""
         if self.kind != "checkpoint":
             raise UserError(
                 f"model={self.name} is an exported {self.kind} file; this needs the checkpoint "
                 "it was exported from (.ckpt) or a shipped model's name"
             )
-        return self.net
+        if self._module is None:
+            self._module = segmentation_module(read(self.path), self.device)
+        return self._module
 
     def preprocessing(self, override: dict | None = None) -> dict[str, Any]:
         """See :func:`preprocessing`."""
@@ -231,20 +295,24 @@ def load(name: str | Path | None = None, device: str | torch.device = "cpu") -> 
 
 
 def load_checkpoint(path: Path, name: str, device: str | torch.device = "cpu") -> Model:
-    """A ``.ckpt`` (or a shipped model) as a :class:`Model` around its SegmentationModule."""
+    """A ``.ckpt`` (or a shipped model) as a :class:`Model` around its :class:`TrainedNet`."""
+    checkpoint = read(path)
+    net = TrainedNet(checkpoint).to(device).eval()
+    if not net.data_description["hparams"]:
+        log.warning("%s predates cellseg's data description: pass preprocess= (see "
+                    "docs/troubleshooting.md)", path)
+    return Model(name, path, "checkpoint", net, net.data_description, net.postprocess,
+                 describe(checkpoint), device=device)
+
+
+def segmentation_module(checkpoint: dict[str, Any], device: str | torch.device = "cpu"):
+    """The SegmentationModule (Lightning) a checkpoint's dict holds, in eval mode."""
     from cellseg.module import SegmentationModule
 
-    checkpoint = read(path)
     module = SegmentationModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
-    module.to(device).eval()
-    data = describe_data(checkpoint)
-    if not data["hparams"]:
-        log.warning("%s predates cellseg's data description: pass preprocess= (see "
-                    "docs/troubleshooting.md)", path)
-    return Model(name, path, "checkpoint", module, data, checkpoint.get("postprocess") or {},
-                 describe(checkpoint))
+    return module.to(device).eval()
 
 
 def load_exported(path: Path, name: str, kind: str, device: str | torch.device) -> Model:

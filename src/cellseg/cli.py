@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.progress import track
@@ -146,7 +146,13 @@ class RankZeroFilter(logging.Filter):
     """Pass records of the process of global rank 0 only (one copy of each line under DDP)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return rank_zero_only.rank == 0
+        return global_rank() == 0
+
+
+def global_rank() -> int:
+    """This process's DDP rank as Lightning sets it on ``rank_zero_only`` (0 where Lightning is
+    not imported: predict and eval run without it)."""
+    return getattr(rank_zero_only, "rank", 0)
 
 
 def rank_zero_logger(name: str) -> logging.Logger:

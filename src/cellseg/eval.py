@@ -34,7 +34,7 @@ from cellseg.datasets import Sample, Source, all_sources, iter_samples
 from cellseg.errors import UserError
 from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.metrics import InstanceScores, PixelScore, pixel_metrics
-from cellseg.tune import instance_options
+from cellseg.checkpoint import instance_options
 
 log = logging.getLogger(__name__)
 SCORES = ("iou", "miou", "dice", "map", "ap50", "f1_50")

@@ -63,7 +63,7 @@ from cellseg.files import (
 )
 from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.measure import measure, summarize
-from cellseg.tune import instance_options
+from cellseg.checkpoint import instance_options
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("masks", "labels", "overlays", "tables")

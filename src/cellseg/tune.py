@@ -7,7 +7,7 @@ ends, :class:`TunePostprocessing` predicts the probability maps of the validatio
 (``threshold``, ``contour_threshold``, ``seed_threshold``, ``seed_h``, ``offset_threshold``,
 ``h``, ``min_size``, ``min_score``: those the network's outputs use) for the best
 ``map_pooled`` by coordinate descent, and writes them into every checkpoint file of the run as
-``checkpoint["postprocess"]``. Eval and predict read them with :func:`instance_options`; a value
+``checkpoint["postprocess"]``. Eval and predict read them with :func:`cellseg.checkpoint.instance_options`; a value
 the user sets wins (and is logged).
 
 ``map_pooled`` is ``map`` over all the images' nuclei, each counting the same. A few validation
@@ -36,7 +36,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from cellseg.checkpoint import describe_data, preprocessing, read
+from cellseg.checkpoint import describe_data, options_text, preprocessing, read
 from cellseg.datasets import iter_samples
 from cellseg.errors import UserError
 from cellseg.inference import probabilities
@@ -229,37 +229,3 @@ def checkpoint_paths(trainer: L.Trainer) -> list[Path]:
             if p and Path(p).is_file() and Path(p).resolve() not in paths:
                 paths.append(Path(p).resolve())
     return paths
-
-
-def tuned_instances(checkpoint: str | Path | Mapping | torch.nn.Module) -> dict[str, Any]:
-    """The instance options tuned after training that a checkpoint (a model loaded from it, the
-    file, or its dict) holds; ``{}`` when it holds none (tuning refused, or written before
-    cellseg tuned)."""
-    if isinstance(checkpoint, torch.nn.Module):  # kept by SegmentationModule.on_load_checkpoint
-        checkpoint = {"postprocess": getattr(checkpoint, "postprocess", {})}
-    elif not isinstance(checkpoint, Mapping):
-        checkpoint = read(checkpoint)
-    return dict((checkpoint.get("postprocess") or {}).get("instances") or {})
-
-
-def options_text(options: Mapping) -> str:
-    """``threshold=0.4 min_size=20 ...``: instance options as a person reads them."""
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in options.items())
-
-
-def instance_options(
-    instances_cfg: Mapping, checkpoint: str | Path | Mapping | torch.nn.Module
-) -> dict[str, Any]:
-    """The options eval and predict pass to ``segment``: the checkpoint's tuned values, each
-    replaced by the user's where ``instances_cfg`` sets one (not null); both are logged."""
-    tuned = tuned_instances(checkpoint)
-    given = {k: v for k, v in dict(instances_cfg).items() if v is not None}
-    if tuned:
-        log.info("Post-processing tuned after training: %s", options_text(tuned))
-    else:
-        log.info("The checkpoint holds no tuned post-processing: instances' defaults are used")
-    for k in sorted(tuned.keys() & given.keys()):
-        if given[k] != tuned[k]:
-            log.info("instances.%s=%s overrides the tuned %s", k, given[k], tuned[k])
-    return {**tuned, **given}

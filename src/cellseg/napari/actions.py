@@ -16,7 +16,7 @@ from cellseg.errors import UserError
 from cellseg.files import save_png
 from cellseg.inference import segment_at_scale
 from cellseg.measure import measure, summarize
-from cellseg.tune import instance_options
+from cellseg.checkpoint import instance_options
 
 
 def defaults(group: str) -> dict[str, Any]:
