@@ -17,12 +17,15 @@ from PIL import Image
 pytest.importorskip("onnxruntime", reason="pip install 'cellseg[export]'")
 
 from cellseg.backends import network  # noqa: E402
-from cellseg.checkpoint import load_model  # noqa: E402
+from cellseg.checkpoint import (  # noqa: E402
+    load_model,  # noqa: E402
+    options_text,
+    tuned_instances,
+)
 from cellseg.datasets import prepare_image, read_samples  # noqa: E402
 from cellseg.export import documentation, export  # noqa: E402
 from cellseg.inference import predict_tensor  # noqa: E402
 from cellseg.predict import predict  # noqa: E402
-from cellseg.checkpoint import options_text, tuned_instances  # noqa: E402
 from helpers import compose_cfg  # noqa: E402
 
 

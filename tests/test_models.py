@@ -29,8 +29,8 @@ def shipped():
 
 def sample_score(model, diameter="auto") -> dict[str, float]:
     """The model's instance scores on the packaged sample image."""
-    from cellseg.inference import segment_at_scale
     from cellseg.checkpoint import instance_options
+    from cellseg.inference import segment_at_scale
 
     image, truth = read_image(sample_path()), read_image(sample_labels_path())[..., 0]
     options = instance_options({}, {"postprocess": model.postprocess})
@@ -127,8 +127,9 @@ def test_predict_imports_neither_lightning_nor_torchvision():
     import subprocess
     import sys
 
-    code = ("import sys, cellseg.predict, cellseg.blocks; "
-            "print(sorted(m for m in ('lightning', 'torchvision', 'torchmetrics') if m in sys.modules))")
+    heavy = ("lightning", "torchvision", "torchmetrics")
+    code = (f"import sys, cellseg.predict, cellseg.blocks; "
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -158,9 +159,9 @@ def test_predict_without_a_model_uses_the_shipped_one_and_says_so_first(tmp_path
 
 
 def test_diameter_auto_finds_the_size_of_magnified_nuclei(shipped, caplog):
+    from cellseg.checkpoint import instance_options
     from cellseg.datasets import resize
     from cellseg.inference import estimate_diameter
-    from cellseg.checkpoint import instance_options
 
     image = read_image(sample_path())
     options = instance_options({}, {"postprocess": shipped.postprocess})

@@ -46,6 +46,7 @@ from skimage.segmentation import find_boundaries
 
 from cellseg import checkpoint, config_dir, threads
 from cellseg.blocks import Engine, predict_large
+from cellseg.checkpoint import instance_options
 from cellseg.cli import one_line_errors, progress, run
 from cellseg.datasets import IMAGE_SUFFIXES
 from cellseg.errors import UserError
@@ -63,7 +64,6 @@ from cellseg.files import (
 )
 from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.measure import measure, summarize
-from cellseg.checkpoint import instance_options
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("masks", "labels", "overlays", "tables")

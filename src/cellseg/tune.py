@@ -7,8 +7,8 @@ ends, :class:`TunePostprocessing` predicts the probability maps of the validatio
 (``threshold``, ``contour_threshold``, ``seed_threshold``, ``seed_h``, ``offset_threshold``,
 ``h``, ``min_size``, ``min_score``: those the network's outputs use) for the best
 ``map_pooled`` by coordinate descent, and writes them into every checkpoint file of the run as
-``checkpoint["postprocess"]``. Eval and predict read them with :func:`cellseg.checkpoint.instance_options`; a value
-the user sets wins (and is logged).
+``checkpoint["postprocess"]``. Eval and predict read them with
+:func:`cellseg.checkpoint.instance_options`; a value the user sets wins (and is logged).
 
 ``map_pooled`` is ``map`` over all the images' nuclei, each counting the same. A few validation
 images hold from a score to hundreds of nuclei (``experiment=native``'s: 23, 23, 101, 183):

@@ -12,11 +12,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cellseg import checkpoint, config_dir
+from cellseg.checkpoint import instance_options
 from cellseg.errors import UserError
 from cellseg.files import save_png
 from cellseg.inference import segment_at_scale
 from cellseg.measure import measure, summarize
-from cellseg.checkpoint import instance_options
 
 
 def defaults(group: str) -> dict[str, Any]:
