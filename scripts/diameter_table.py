@@ -1,4 +1,4 @@
-"""Measure ``diameter=``: the test split upscaled 2x, predicted with and without it.
+"""Measure ``diameter=``: sample50's 10 test images upscaled 2x, predicted with and without it.
 
     python scripts/diameter_table.py CKPT [DATA_ROOT]
 
@@ -17,8 +17,7 @@ from omegaconf import OmegaConf
 
 from cellseg import config_dir
 from cellseg.checkpoint import load_model, preprocessing
-from cellseg.datamodule import split_ids
-from cellseg.datasets import read_samples, resize
+from cellseg.datasets import read_sample50, resize
 from cellseg.inference import segment_at_scale
 from cellseg.measure import median_diameter
 from cellseg.metrics import instance_scores
@@ -27,8 +26,8 @@ from cellseg.metrics import instance_scores
 def main(ckpt: str, root: str = "../shared/data/dsb2018/stage1_train") -> None:
     model = load_model(ckpt)
     pre = preprocessing(model)
-    samples = {s.id: s for s in read_samples(root, "dsb2018")}
-    train, test = split_ids(sorted(samples), 0.2, 0)
+    samples, split = read_sample50(root)  # its own split, whatever else root holds
+    train, test = split["train"], split["test"]
     if not pre.get("diameter"):
         pre["diameter"] = median_diameter(samples[i].labels for i in train)
         print(f"checkpoint records no diameter; training split median: {pre['diameter']:.1f} px")

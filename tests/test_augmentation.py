@@ -71,3 +71,38 @@ def test_nuclei_colour_varies_the_stain_of_colour_images_and_leaves_grey_ones_gr
     spreads = np.array(spreads)
     assert spreads.min() < 0.3
     assert spreads.max() > 0.5
+
+
+def pipeline_of(name: str) -> list[tuple[str, dict]]:
+    """The transforms ``augmentation=name`` builds, as (class, arguments) in order."""
+    cfg = compose_cfg("train", [f"augmentation={name}"])
+    pipeline = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    return [(type(t).__name__, t.to_dict()["transform"]) for t in pipeline.transforms]
+
+
+def test_pipelines_extend_each_other_by_named_steps():
+    """nuclei is light plus three steps, nuclei_scale changes nuclei's affine alone,
+    nuclei_colour adds one step: what each config file says, and nothing copied."""
+    light, nuclei = pipeline_of("light"), pipeline_of("nuclei")
+    scale, colour = pipeline_of("nuclei_scale"), pipeline_of("nuclei_colour")
+    assert [n for n, _ in light] == ["HorizontalFlip", "VerticalFlip", "RandomRotate90"]
+    assert nuclei[:3] == light
+    assert [n for n, _ in nuclei[3:]] == ["Affine", "RandomBrightnessContrast", "GaussNoise"]
+    assert [n for n, _ in scale] == [n for n, _ in nuclei]
+    assert scale[4:] == nuclei[4:]
+    assert scale[3][1]["p"] == 0.8
+    assert nuclei[3][1]["p"] == 0.5
+    assert scale[3][1]["balanced_scale"] is True
+    assert colour[:-1] == scale
+    assert colour[-1][0] == "ColorJitter"
+    assert [n for n, _ in pipeline_of("strong")][-2:] == ["GaussNoise", "GaussianBlur"]
+
+
+def test_a_step_is_dropped_or_changed_by_name():
+    cfg = compose_cfg("train", ["augmentation=nuclei", "augmentation.steps.noise=null",
+                                "augmentation.steps.affine.p=1.0"])
+    pipeline = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    names = [type(t).__name__ for t in pipeline.transforms]
+    assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine",
+                     "RandomBrightnessContrast"]
+    assert pipeline.transforms[3].p == 1.0

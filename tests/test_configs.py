@@ -27,7 +27,7 @@ NEEDS_GPU = {("trainer", "gpu")}
 # Hydra's own groups: composed with the hydra config, their sweeper/launcher instantiated
 HYDRA_GROUPS = ("hparams_search", "launcher", "hydra")
 # eval's and predict's groups: composed (and run) with those configs below
-PREDICT_GROUPS = ("inference", "instances", "cluster")
+PREDICT_GROUPS = ("inference", "instances", "cluster", "shared")
 TOP_LEVEL = ("train", "eval", "predict", "compare", "bench")
 
 
@@ -159,3 +159,29 @@ def test_native_long_is_native_with_a_twice_longer_schedule():
     assert long.name == "native_long"
     for key in ("data", "augmentation", "model.net", "model.loss"):
         assert OmegaConf.select(long, key) == OmegaConf.select(native, key)
+
+
+def test_eval_predict_and_export_share_their_common_keys_from_one_file():
+    """model=, ckpt_path and preprocess in configs/shared/model.yaml; device, backend, channel
+    and diameter in shared/images.yaml: each written once, the same in every entry point."""
+    model_keys = ("model_name", "ckpt_path", "preprocess")
+    image_keys = ("device", "backend", "channel", "diameter")
+    given = {"eval": [], "predict": ["input=x", "output=y"], "export": ["image=z"]}
+    cfgs = {name: compose_cfg(name, overrides) for name, overrides in given.items()}
+    for name, cfg in cfgs.items():
+        for key in model_keys + (image_keys if name != "export" else ()):
+            assert key in cfg, (name, key)
+    assert cfgs["predict"].diameter == cfgs["eval"].diameter == "auto"
+    for name in cfgs:  # nowhere else
+        text = (GROUPS / f"{name}.yaml").read_text()
+        assert not [k for k in model_keys + image_keys if f"\n{k}:" in text], name
+
+
+def test_the_experiments_take_the_cosine_schedule_from_its_group():
+    for experiment in ("baseline", "augmented", "native", "general", "finetune"):
+        cfg = compose_cfg("train", [f"experiment={experiment}"])
+        assert cfg.model.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR"
+        assert cfg.model.scheduler.T_max == cfg.trainer.max_epochs
+    assert compose_cfg("train", []).model.scheduler is None
+    cosine = compose_cfg("train", ["scheduler=cosine", "trainer.max_epochs=7"])
+    assert cosine.model.scheduler.T_max == 7

@@ -1,7 +1,7 @@
 """Split, batches and per-worker augmentation streams."""
 
 import logging
-from pathlib import Path
+import shutil
 
 import albumentations as A
 import numpy as np
@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cellseg.datamodule import NucleiDataModule, NucleiDataset, seed_worker, split_ids
+from cellseg.datamodule import NucleiDataModule, NucleiDataset, seed_worker
+from cellseg.datasets import split_ids
 from helpers import REAL_DATA, needs_real_data
 
 
@@ -25,10 +26,37 @@ def test_split_reproduces_sklearn_and_is_40_10():
 
 
 @needs_real_data
-def test_the_readmes_sample_ids_are_the_real_data_measured_on():
-    listed = (Path(__file__).parents[1] / "docs/dsb2018_sample_ids.txt").read_text().split()
+def test_sample50s_ids_are_the_real_data_measured_on_and_split_40_10():
+    from cellseg.datasets import SAMPLE50_IDS, sample50_split
+
+    listed = SAMPLE50_IDS.read_text().split()
     assert listed == sorted(p.name for p in REAL_DATA.iterdir() if p.is_dir())
     assert len(listed) == 50
+    split = sample50_split()
+    assert split["test"] == split_ids(listed, 0.2, 0)[1]
+    assert "c75139ef0546d2240b37afb3219eb74a06b7977818697d5c3138796472483af3" in split["test"]
+
+
+def test_sample50_is_read_from_a_larger_folder_and_missing_images_are_named(tmp_path):
+    """A script scores sample50's 10 test images even from the whole stage1_train (670 ids):
+    the split comes from its id list, never from the folder."""
+    from cellseg.datasets import read_sample50, sample50_split
+    from cellseg.errors import UserError
+    from cellseg.synthetic import write_sample
+
+    split = sample50_split()
+    rng = np.random.default_rng(0)
+    for i in [*split["train"], *split["test"], "an_image_of_the_full_set"]:
+        labels = np.zeros((16, 16), np.int32)
+        labels[4:9, 4:9] = 1
+        write_sample(tmp_path, i, rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), labels)
+    samples, got = read_sample50(tmp_path)
+    assert got == split
+    assert sorted(samples) == sorted(split["train"] + split["test"])
+    gone = split["test"][3]
+    shutil.rmtree(tmp_path / gone)
+    with pytest.raises(UserError, match=f"lacks 1 of sample50's 50 images .e.g. {gone}"):
+        read_sample50(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +119,10 @@ def test_two_workers_draw_different_augmentations():
 
 def test_augmentation_keeps_masks_binary(tmp_path):
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from cellseg import config_dir
+    from helpers import compose_cfg
 
-    aug = instantiate(OmegaConf.load(f"{config_dir()}/augmentation/nuclei.yaml"))
+    aug = instantiate(compose_cfg("train", ["augmentation=nuclei"]).augmentation, _convert_="all")
     dm = NucleiDataModule(
         str(tmp_path / "s"), layout="synthetic", synthetic={"n_images": 10, "size": 64},
         augmentation=aug,
@@ -136,7 +163,7 @@ def test_crop_mode_pads_images_smaller_than_the_crop(tmp_path):
 
 
 def test_contour_targets_separate_touching_nuclei():
-    from cellseg.datasets import targets_from_labels
+    from cellseg.targets import targets_from_labels
 
     labels = np.zeros((10, 12), np.int32)
     labels[2:8, 1:6] = 1
@@ -177,7 +204,7 @@ def test_streaming_serves_the_same_batches_as_the_cache(tmp_path):
 
 
 def test_equivalent_diameters_of_label_images():
-    from cellseg.datamodule import equivalent_diameters
+    from cellseg.targets import equivalent_diameters
 
     labels = np.zeros((10, 10), np.int32)
     labels[:4, :4] = 1  # 16 px: the disk of 16 px has diameter sqrt(64 / pi)
@@ -255,7 +282,7 @@ def test_zoomed_crops_have_contours_redrawn_one_pixel_wide(tmp_path):
 def test_centre_offsets_are_drawn_from_each_rotated_crops_own_nuclei(tmp_path):
     """model.net.out_channels=5: the offsets are drawn after the transform (a rotated offset
     would point the wrong way), for training crops and whole validation images alike."""
-    from cellseg.datasets import centre_offsets
+    from cellseg.targets import centre_offsets
 
     turn = A.Compose([A.RandomRotate90(p=1.0)], seed=0)
     dm = NucleiDataModule(
@@ -376,3 +403,20 @@ def test_crops_by_kind_give_colour_and_grey_images_crops_by_their_numbers(tmp_pa
     assert "4 of them to the 1 colour (stained) images, 13 to the 3 grey ones" in caplog.text
     with pytest.raises(ValueError, match="crops_by_kind=true .* needs data.crops_by_area=true"):
         NucleiDataModule(str(tmp_path), crops_by_kind=True, mode="crop")
+
+
+def test_an_unknown_data_option_is_refused_in_one_line(tmp_path):
+    from cellseg.errors import UserError
+
+    with pytest.raises(UserError, match=r"^data.crop_sise is no data option; the options are root"):
+        NucleiDataModule(str(tmp_path), crop_sise=64)
+
+
+def test_the_options_are_checked_once_and_saved_as_they_are_read(tmp_path):
+    from dataclasses import asdict
+
+    dm = NucleiDataModule(tmp_path, mode="crop", crop_size=64, train_roots=[tmp_path / "more"])
+    assert dm.options.root == str(tmp_path)  # primitives: the checkpoint loads weights only
+    assert dm.options.train_roots == [str(tmp_path / "more")]
+    assert dict(dm.hparams) == asdict(dm.options)
+    assert dm.hparams["crop_size"] == 64

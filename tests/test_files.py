@@ -129,7 +129,7 @@ def test_folder_of_ome_tiffs_trains_on_its_nuclei_channel(tmp_path, cfg_factory)
     for k in range(4):
         data = write_ome(tmp_path / f"data/images/f{k}.ome.tif")
         tifffile.imwrite(tmp_path / f"data/masks/f{k}.tif", labels)
-    dm = NucleiDataModule(str(tmp_path / "data"), "folder", in_channels=1, channel="DAPI",
+    dm = NucleiDataModule(str(tmp_path / "data"), layout="folder", in_channels=1, channel="DAPI",
                           test_size=0.25, img_size=96)
     dm.setup()
     image = dm.datasets["test"][0]["image"][0].numpy()
@@ -138,7 +138,7 @@ def test_folder_of_ome_tiffs_trains_on_its_nuclei_channel(tmp_path, cfg_factory)
                       "model.net.in_channels=1", "data.batch_size=2", "trainer.max_epochs=1")
     assert "val/iou" in train(cfg)
     with pytest.raises(ImageFileError, match="has 2 channels"):
-        NucleiDataModule(str(tmp_path / "data"), "folder", test_size=0.25).setup()
+        NucleiDataModule(str(tmp_path / "data"), layout="folder", test_size=0.25).setup()
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"])

@@ -44,7 +44,7 @@ def test_dihedral_is_undone(k):
 def test_centre_offsets_predicted_on_a_flipped_or_turned_image_are_turned_back(k):
     """What a perfect network predicts on dihedral(image, k), put back in place and turned
     back, is what it predicts on the image: so test-time augmentation may average it."""
-    from cellseg.datasets import targets_from_labels
+    from cellseg.targets import targets_from_labels
 
     labels = np.zeros((24, 28), np.int64)
     labels[2:9, 3:15], labels[10:22, 5:11], labels[12:20, 13:22] = 1, 2, 3

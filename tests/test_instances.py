@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from cellseg.datasets import centre_offsets, targets_from_labels
 from cellseg.instances import (
     distance_seeds,
     instances,
@@ -9,6 +8,7 @@ from cellseg.instances import (
     offset_edges,
     remove_small,
 )
+from cellseg.targets import centre_offsets, targets_from_labels
 from helpers import two_peaks
 
 
@@ -163,7 +163,7 @@ def test_labels_from_probs_uses_every_channel_unless_told_and_null_means_default
 
 
 def test_touching_weights_mark_where_two_nuclei_meet_and_nowhere_else():
-    from cellseg.datasets import touching_weights
+    from cellseg.targets import touching_weights
 
     labels = touching_discs()  # discs 1 and 2 meet around column 28; speck 3 stands alone
     w = touching_weights(labels, 4.0)

@@ -259,8 +259,7 @@ def test_score_labels_script_scores_another_tools_label_images(tmp_path, capsys)
 
     from PIL import Image
 
-    from cellseg.datamodule import split_ids
-    from cellseg.datasets import read_samples
+    from cellseg.datasets import read_samples, split_ids
 
     path = Path(__file__).resolve().parents[1] / "scripts/score_labels.py"
     spec = importlib.util.spec_from_file_location("score_labels", path)

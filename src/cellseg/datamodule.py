@@ -12,17 +12,17 @@ memory) each item is read and prepared from disk when it is loaded. Two geometri
   reflect-padded), validation and test on whole images one at a time, padded to the network's
   size multiple and scored on the original pixels only.
 
-The checkpoint describes its data (Lightning's own mechanism): the constructor's arguments
-(less the augmentation object) are saved as ``datamodule_hyper_parameters`` and ``state_dict()``
-holds the split ids and the training nuclei's median diameter; ``cellseg.inference`` reads both.
+The checkpoint describes its data (Lightning's own mechanism): the :class:`DataOptions` are saved
+as ``datamodule_hyper_parameters`` and ``state_dict()`` holds the split ids and the training
+nuclei's median diameter; :mod:`cellseg.checkpoint` reads both.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from skimage.segmentation import find_boundaries
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellseg import synthetic
@@ -40,48 +39,23 @@ from cellseg.datasets import (
     Sample,
     Source,
     all_sources,
-    centre_offsets,
-    check_target_channels,
     image_kind,
     iter_samples,
+    make_splits,
     prepare_image,
     resize,
+)
+from cellseg.errors import UserError
+from cellseg.targets import (
+    centre_offsets,
+    check_target_channels,
+    equivalent_diameters,
+    redraw_contours,
     targets_from_labels,
     touching_weights,
 )
-from cellseg.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Split like ``train_test_split(ids, test_size=test_size, random_state=seed)``."""
-    n = len(ids)
-    n_test = math.ceil(test_size * n) if isinstance(test_size, float) else int(test_size)
-    if not 0 < n_test < n:
-        raise UserError(
-            f"a held-out fraction of {test_size} leaves no image on one side of {n}; "
-            "change data.test_size / data.val_size or add images"
-        )
-    order = np.random.RandomState(seed).permutation(n)
-    return [ids[i] for i in order[n_test:]], [ids[i] for i in order[:n_test]]
-
-
-def make_splits(
-    ids: list[str], test_size: float, val_size: float, seed: int,
-    extra: Sequence[str] = (),
-) -> dict[str, list[str]]:
-    """Train / val / test ids: the test split first, then ``val_size`` off the training ids
-    and the ``extra`` ones (images of ``data.train_roots``, which never test); without
-    ``val_size`` the test images also validate (the study)."""
-    train, test = split_ids(ids, test_size, seed) if test_size else (list(ids), [])
-    train = train + sorted(extra)
-    val = test
-    if val_size:
-        train, val = split_ids(train, val_size, seed)
-    if not train:
-        raise UserError(f"no training images among the {len(ids) + len(extra)} found")
-    return {"train": train, "val": val, "test": test}
 
 
 class Streamed(Sequence):
@@ -108,11 +82,11 @@ class NucleiDataset(Dataset):
     ``labels_channel``: the target's last channel holds the instance labels, which are dropped;
     after a transform the contour channel is first redrawn from them (a zoomed or rotated
     contour would otherwise be resampled: broken lines when zoomed out, doubled when zoomed in);
-    ``offsets`` appends the centre offsets drawn from them (:func:`~cellseg.datasets.
+    ``offsets`` appends the centre offsets drawn from them (:func:`~cellseg.targets.
     centre_offsets`; drawn after the transform, which would turn them the wrong way and, two
     channels more, cost 4x the time);
     ``touching_weight`` > 0 adds the transformed item's loss ``weight`` map from them
-    (:func:`~cellseg.datasets.touching_weights`).
+    (:func:`~cellseg.targets.touching_weights`).
     """
 
     def __init__(
@@ -165,14 +139,6 @@ class NucleiDataset(Dataset):
         }
 
 
-def redraw_contours(target: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The target with its contour channel (1), if any, redrawn from the instance ``labels``."""
-    if target.shape[-1] > 1:
-        target = target.copy()
-        target[..., 1] = find_boundaries(labels, mode="inner") & (labels > 0)
-    return target
-
-
 def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
     """Reflect-pad the image (zero-pad the target) at the bottom and right to a multiple."""
     h, w = image.shape[:2]
@@ -209,10 +175,10 @@ def crop_counts(
     return [max(1, round(total * w / weight_sum)) for w in weights]
 
 
-def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
-    """The diameter of the disk of the same area, in pixels, of every object of a label image."""
-    areas = np.bincount(labels.ravel())[1:]
-    return np.sqrt(4 * areas[areas > 0] / np.pi)
+def augmentation(steps: dict[str, A.BasicTransform | None]) -> A.Compose:
+    """The training pipeline of ``configs/augmentation``: its named steps in order, those set to
+    null left out (the configs extend each other by name; Hydra merges dicts, not lists)."""
+    return A.Compose([step for step in steps.values() if step is not None])
 
 
 def seed_worker(worker_id: int) -> None:
@@ -230,90 +196,94 @@ def seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-class NucleiDataModule(L.LightningDataModule):
-    """Train / val / test loaders over one nucleus dataset."""
+@dataclass(frozen=True)
+class DataOptions:
+    """The data options (``configs/data``, set as ``data.<name>=``), checked once, here. Saved in
+    every checkpoint as its ``datamodule_hyper_parameters``: primitives only (weights_only)."""
 
-    def __init__(
-        self,
-        root: str,
-        layout: str = "dsb2018",
-        mode: str = "resize",
-        img_size: int = 64,
-        crop_size: int = 256,
-        crops_per_image: int = 1,
-        crops_by_area: bool = False,
-        area_power: float = 1.0,
-        crops_by_kind: bool = False,
-        in_channels: int = 3,
-        target_channels: int = 1,
-        normalize: str = "percentile",
-        invert_bright: bool = False,
-        test_size: float = 0.2,
-        val_size: float = 0.0,
-        split_seed: int = 0,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        persistent_workers: bool = False,
-        pin_memory: bool = False,
-        augmentation: A.BaseCompose | None = None,
-        seed: int = 0,
-        synthetic: dict | None = None,
-        cache: bool = True,
-        channel: int | str | None = None,
-        touching_weight: float = 0.0,
-        train_roots: Sequence[str] | None = None,
-    ) -> None:
-        super().__init__()
-        # primitives only: the checkpoint's description of its data (weights_only loading)
-        self.save_hyperparameters(ignore=["augmentation"], logger=False)
-        if mode not in ("resize", "crop"):
-            raise UserError(f"data.mode={mode!r}; use resize (the study) or crop (native)")
-        if crops_by_area and mode != "crop":
-            raise UserError(
-                "data.crops_by_area=true shares out training crops by image area; it needs "
-                "data.mode=crop"
-            )
-        if area_power != 1.0 and not crops_by_area:
-            raise UserError(
-                f"data.area_power={area_power} shares out crops by area to that power; it needs "
-                "data.crops_by_area=true"
-            )
-        if crops_by_kind and not crops_by_area:
-            raise UserError(
-                "data.crops_by_kind=true gives colour and grey images crops by their numbers, "
-                "then by area within each; it needs data.crops_by_area=true"
-            )
-        if touching_weight and (mode != "crop" or target_channels < 2):
-            raise UserError(
-                f"data.touching_weight={touching_weight} weighs the contour, distance and offset "
-                "channels where nuclei touch in training crops; it needs data.mode=crop and "
-                "model.net.out_channels=2 or more"
-            )
-        check_target_channels(target_channels)
-        if target_channels == 5 and mode != "crop":
+    root: str
+    layout: str = "dsb2018"  # dsb2018 (Kaggle) | folder | synthetic
+    mode: str = "resize"  # resize (the study) | crop (native resolution)
+    img_size: int = 64  # resize: the side every image is resized to
+    crop_size: int = 256  # crop: the side of the training crops
+    crops_per_image: int = 1  # crop: crops an epoch per training image (on average, by area)
+    crops_by_area: bool = False  # share the epoch's crops out by image area
+    area_power: float = 1.0  # ... to this power of the area
+    crops_by_kind: bool = False  # ... colour and grey images first by their numbers
+    in_channels: int = 3
+    target_channels: int = 1  # = model.net.out_channels
+    normalize: str = "percentile"  # percentile | scale | minmax
+    invert_bright: bool = False  # brightfield (light background) images inverted
+    test_size: float = 0.2
+    val_size: float = 0.0
+    split_seed: int = 0
+    batch_size: int = 16  # the global batch, shared out over DDP processes
+    num_workers: int = 0
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    seed: int = 0  # the augmentation streams
+    synthetic: dict = field(default_factory=dict)  # layout=synthetic: cellseg.synthetic's options
+    cache: bool = True  # decode and prepare every image once (false: from disk on every load)
+    channel: int | str | None = None  # the nuclei channel of multi-channel files (index or name)
+    touching_weight: float = 0.0  # crop: loss weight added where two nuclei touch
+    train_roots: list = field(default_factory=list)  # more folders, training side only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", str(self.root))
+        object.__setattr__(self, "synthetic", dict(self.synthetic or {}))
+        object.__setattr__(self, "train_roots", [str(r) for r in self.train_roots or []])
+        if self.mode not in ("resize", "crop"):
+            raise UserError(f"data.mode={self.mode!r}; use resize (the study) or crop (native)")
+        needs = [  # (set, what it needs, the option that gives it)
+            (self.crops_by_area and self.mode != "crop",
+             "data.crops_by_area=true shares out training crops by image area", "data.mode=crop"),
+            (self.area_power != 1.0 and not self.crops_by_area,
+             f"data.area_power={self.area_power} shares out crops by area to that power",
+             "data.crops_by_area=true"),
+            (self.crops_by_kind and not self.crops_by_area,
+             "data.crops_by_kind=true gives colour and grey images crops by their numbers, then "
+             "by area within each", "data.crops_by_area=true"),
+            (bool(self.touching_weight) and (self.mode != "crop" or self.target_channels < 2),
+             f"data.touching_weight={self.touching_weight} weighs the contour, distance and "
+             "offset channels where nuclei touch in training crops",
+             "data.mode=crop and model.net.out_channels=2 or more"),
+        ]
+        for unmet, what, fix in needs:
+            if unmet:
+                raise UserError(f"{what}; it needs {fix}")
+        check_target_channels(self.target_channels)
+        if self.target_channels == 5 and self.mode != "crop":
             raise UserError(
                 "model.net.out_channels=5 predicts centre offsets, drawn from each training "
                 "crop's nuclei; it needs data.mode=crop (experiment=native)"
             )
-        self.root = Path(root)
-        self.layout, self.mode = layout, mode
-        self.img_size, self.crop_size, self.crops_per_image = img_size, crop_size, crops_per_image
-        self.crops_by_area, self.area_power = crops_by_area, area_power
-        self.crops_by_kind = crops_by_kind
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> DataOptions:
+        """The options from keyword arguments; an unknown name is refused in one line."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"data.{unknown[0]} is no data option; the options are "
+                            f"{', '.join(f.name for f in fields(cls))} (docs/configuration.md)")
+        return cls(**options)
+
+
+class NucleiDataModule(L.LightningDataModule):
+    """Train / val / test loaders over one nucleus dataset: reading, splitting and loading.
+    Its options (``data.*``) are a :class:`DataOptions`; the targets come from
+    :mod:`cellseg.targets`."""
+
+    def __init__(
+        self, root: str | Path, *, augmentation: A.BaseCompose | None = None, **options: Any
+    ) -> None:
+        super().__init__()
+        self.options = DataOptions.of({"root": root, **options})
+        # the checkpoint's description of its data
+        self.save_hyperparameters(asdict(self.options), logger=False)
+        self.augmentation = augmentation
+        self.root = Path(self.options.root)
         self.train_areas: list[int] = []  # pixels of each training image, in split order
         self.train_kinds: list[str] = []  # colour (stained) or grey, in split order
-        self.in_channels, self.target_channels = in_channels, target_channels
-        self.normalize, self.invert_bright = normalize, invert_bright
-        self.test_size, self.val_size, self.split_seed = test_size, val_size, split_seed
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.pin_memory = pin_memory
-        self.augmentation, self.seed = augmentation, seed
-        self.synthetic = synthetic or {}
-        self.cache = cache
-        self.channel = channel  # the nuclei channel of multi-channel files (index or name)
-        self.touching_weight = touching_weight
-        self.train_roots = [str(r) for r in train_roots or []]  # more folders, training side only
         self.splits: dict[str, list[str]] = {}
         self.diameter: float | None = None
         self.multiple: int | None = None  # the network's size multiple, see set_multiple
@@ -323,8 +293,9 @@ class NucleiDataModule(L.LightningDataModule):
         """Take the network's size multiple: ``img_size`` / ``crop_size`` must be one, and
         whole validation/test images are padded to it. ``setup`` takes it from the trainer's
         model; call this to check the geometry before a trainer exists."""
-        resize_mode = self.mode == "resize"
-        name, size = ("img_size", self.img_size) if resize_mode else ("crop_size", self.crop_size)
+        resize_mode = self.options.mode == "resize"
+        opt = self.options
+        name, size = ("img_size", opt.img_size) if resize_mode else ("crop_size", opt.crop_size)
         if size % multiple:
             fit = max(multiple, size // multiple * multiple)
             raise UserError(
@@ -349,8 +320,8 @@ class NucleiDataModule(L.LightningDataModule):
         self.diameter = state_dict.get("diameter", self.diameter)
 
     def prepare_data(self) -> None:
-        if self.layout == "synthetic":
-            synthetic.generate(self.root, **self.synthetic)
+        if self.options.layout == "synthetic":
+            synthetic.generate(self.root, **self.options.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -361,7 +332,8 @@ class NucleiDataModule(L.LightningDataModule):
         sources = self.sources()
         extra = [i for i in sources if "/" in i]  # the train_roots' images: prefixed ids
         own = sorted(set(sources) - set(extra))
-        self.splits = make_splits(own, self.test_size, self.val_size, self.split_seed, extra)
+        opt = self.options
+        self.splits = make_splits(own, opt.test_size, opt.val_size, opt.split_seed, extra)
         train, val, test = (self.splits[k] for k in ("train", "val", "test"))
         self.log_split()
         diameters, areas, kinds, train_ids = [], {}, {}, set(train)
@@ -376,7 +348,7 @@ class NucleiDataModule(L.LightningDataModule):
                 measure(sample)
             return self.prepare(sample)
 
-        if self.cache:  # decoded and prepared once; epochs cost only augmentation and compute
+        if opt.cache:  # decoded and prepared once; epochs cost only augmentation and compute
             needed = [sources[i] for i in sorted({*train, *val, *test})]
             samples = iter_samples(needed, f"Reading {self.root.name}")
             prepared = {s.id: prepare(s) for s in samples}
@@ -397,7 +369,8 @@ class NucleiDataModule(L.LightningDataModule):
 
     def sources(self) -> dict[str, Source]:
         """Every sample of ``root`` and the ``train_roots`` by id, found but not decoded."""
-        return all_sources(self.root, self.layout, self.channel, self.train_roots)
+        opt = self.options
+        return all_sources(self.root, opt.layout, opt.channel, opt.train_roots)
 
     def log_split(self) -> None:
         """Say which images validate (and so choose the 'best' checkpoint)."""
@@ -405,7 +378,7 @@ class NucleiDataModule(L.LightningDataModule):
             return
         s = self.splits
         n = len({i for ids in s.values() for i in ids})
-        where = ", ".join(map(str, [self.root, *self.train_roots]))
+        where = ", ".join(map(str, [self.root, *self.options.train_roots]))
         sizes = f"{n} images in {where} ({len(s['train'])} train, {len(s['test'])} test)"
         if not s["val"] and not s["test"]:
             log.info("Data: %s; every image trains (data.test_size=0, data.val_size=0): the "
@@ -418,32 +391,33 @@ class NucleiDataModule(L.LightningDataModule):
         else:
             log.info(
                 "Data: %s; validation: %d images held out from training (data.val_size=%s)",
-                sizes, len(s["val"]), self.val_size,
+                sizes, len(s["val"]), self.options.val_size,
             )
 
     def make_dataset(self, split: str, pairs: Sequence) -> NucleiDataset:
-        if self.mode == "resize":
+        opt = self.options
+        if opt.mode == "resize":
             transform = self.augmentation if split == "train" else None
             if transform is not None:
-                transform.set_random_seed(self.seed)
+                transform.set_random_seed(self.options.seed)
             return NucleiDataset(pairs, transform)
         if split != "train":
             return NucleiDataset(
                 pairs, pad_multiple=self.multiple, labels_channel=True, offsets=self.offsets
             )
         crop = [
-            A.PadIfNeeded(self.crop_size, self.crop_size, border_mode=cv2.BORDER_REFLECT_101),
-            A.RandomCrop(self.crop_size, self.crop_size),
+            A.PadIfNeeded(opt.crop_size, opt.crop_size, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(opt.crop_size, opt.crop_size),
         ]
         extra = [self.augmentation] if self.augmentation is not None else []
-        transform = A.Compose(crop + extra, seed=self.seed)
-        repeats = self.crops_per_image
-        if self.crops_by_area:
-            kinds = self.train_kinds if self.crops_by_kind else None
-            repeats = crop_counts(self.train_areas, self.crops_per_image, self.area_power, kinds)
+        transform = A.Compose(crop + extra, seed=self.options.seed)
+        repeats = self.options.crops_per_image
+        if self.options.crops_by_area:
+            kinds = self.train_kinds if self.options.crops_by_kind else None
+            repeats = crop_counts(self.train_areas, opt.crops_per_image, opt.area_power, kinds)
             if self.trainer is None or self.trainer.is_global_zero:
                 log.info("Training crops shared out by image area (to the power %g): %d an epoch, "
-                         "%d to %d per image", self.area_power, sum(repeats), min(repeats),
+                         "%d to %d per image", self.options.area_power, sum(repeats), min(repeats),
                          max(repeats))
                 if kinds:
                     colour = sum(n for n, k in zip(repeats, kinds, strict=True) if k == "colour")
@@ -452,36 +426,38 @@ class NucleiDataModule(L.LightningDataModule):
                              sum(repeats) - colour, kinds.count("grey"))
         return NucleiDataset(
             pairs, transform, repeats=repeats, labels_channel=True,
-            touching_weight=self.touching_weight, offsets=self.offsets,
+            touching_weight=self.options.touching_weight, offsets=self.offsets,
         )
 
     @property
     def offsets(self) -> bool:
         """Whether the targets end with the centre offsets, drawn after the transform."""
-        return self.target_channels == 5
+        return self.options.target_channels == 5
 
     def training_labels(self, labels: np.ndarray) -> np.ndarray:
         """Instance labels at the geometry the network sees: native, or resized to img_size."""
-        return labels if self.mode == "crop" else resize(labels, self.img_size, "nearest")
+        opt = self.options
+        return labels if opt.mode == "crop" else resize(labels, opt.img_size, "nearest")
 
     def prepare(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """Model input (H, W, C) and float32 {0, 1} targets (H, W, K) at training geometry;
         in crop mode the instance labels follow as one more channel (see ``NucleiDataset``)."""
         self.check_size(sample)
-        image = prepare_image(sample.image, self.in_channels, self.normalize, self.invert_bright)
-        if self.mode == "crop":  # the labels ride along (last channel, see NucleiDataset)
+        opt = self.options
+        image = prepare_image(sample.image, opt.in_channels, opt.normalize, opt.invert_bright)
+        if self.options.mode == "crop":  # the labels ride along (last channel, see NucleiDataset)
             # the centre offsets are drawn from them after the transform
-            targets = targets_from_labels(sample.labels, min(self.target_channels, 3))
+            targets = targets_from_labels(sample.labels, min(self.options.target_channels, 3))
             labels = sample.labels[..., None].astype(np.float32)  # exact up to 2**24 nuclei
             return image, np.concatenate([targets, labels], axis=-1)
         # area-averaged foreground thresholded at 0.5: the fairest binary mask at low resolution;
         # contours come from the nearest-resized labels so they stay one pixel wide
-        foreground = resize((sample.labels > 0).astype(np.float32), self.img_size) > 0.5
+        foreground = resize((sample.labels > 0).astype(np.float32), self.options.img_size) > 0.5
         small_labels = self.training_labels(sample.labels)
-        targets = targets_from_labels(small_labels, self.target_channels)
+        targets = targets_from_labels(small_labels, self.options.target_channels)
         targets[..., 0] = foreground
         targets[..., 1:] *= foreground[..., None]
-        return resize(image, self.img_size), targets
+        return resize(image, self.options.img_size), targets
 
     def check_size(self, sample: Sample) -> None:
         """Refuse images smaller than the network's size multiple (nothing to learn there)."""
@@ -497,18 +473,18 @@ class NucleiDataModule(L.LightningDataModule):
         """``batch_size`` is the global batch (the study's 16 however many processes train);
         each of the trainer's ``world_size`` processes loads its share."""
         world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
+        if self.options.batch_size % world:
             raise UserError(
-                f"data.batch_size={self.batch_size} (the global batch) does not split over "
+                f"data.batch_size={self.options.batch_size} (the global batch) does not split over "
                 f"{world} processes; choose a multiple of {world}"
             )
-        return self.batch_size // world
+        return self.options.batch_size // world
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
         """Under DDP each process gets its share of the ids: for training Lightning adds a
         shuffling DistributedSampler; validation and test use one that repeats no image (the
         default pads with repeats), so the scores equal the single-process ones."""
-        whole_images = self.mode == "crop" and split != "train"
+        whole_images = self.options.mode == "crop" and split != "train"
         dataset = self.datasets[split]
         sampler = None
         if split != "train" and self.trainer is not None and self.trainer.world_size > 1:
@@ -524,9 +500,9 @@ class NucleiDataModule(L.LightningDataModule):
             batch_size=1 if whole_images else self.device_batch_size(),
             shuffle=shuffle,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers,
-            pin_memory=self.pin_memory,
+            num_workers=self.options.num_workers,
+            persistent_workers=self.options.persistent_workers and self.options.num_workers > 0,
+            pin_memory=self.options.pin_memory,
             worker_init_fn=seed_worker,
         )
 

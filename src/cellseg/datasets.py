@@ -12,17 +12,16 @@ Files are read by :mod:`cellseg.files` (axes, channels and NaN pixels are handle
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy import ndimage
 from skimage.measure import label as connected_components
-from skimage.segmentation import find_boundaries
 
 from cellseg.cli import progress
 from cellseg.errors import UserError
@@ -118,73 +117,6 @@ def image_intensity(image: np.ndarray, in_channels: int, method: str,
     return {"limits": limits, "invert": invert}
 
 
-def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
-    """Float32 (H, W, channels) training targets: foreground, then (2 or more) nucleus
-    contours, then (3 or more) each nucleus's distance to its own border, 1 at its centre,
-    then (5) each pixel's offset to its nucleus's centre (:func:`centre_offsets`).
-
-    The contour channel marks each nucleus's inner boundary pixels, so touching nuclei are
-    separated by a line the network can learn to predict. The distance channel is scaled per
-    nucleus, so small and large nuclei alike have cores near 1 that seed the watershed, and
-    a zoomed (resampled) target keeps its meaning.
-    """
-    check_target_channels(channels)
-    foreground = labels > 0
-    if channels == 1:
-        return foreground[..., None].astype(np.float32)
-    contours = find_boundaries(labels, mode="inner") & foreground
-    if channels == 2:
-        return np.stack([foreground, contours], axis=-1).astype(np.float32)
-    # 1 on the contour, growing inwards; touching nuclei each keep their own border
-    depth = ndimage.distance_transform_edt(foreground & ~contours) + foreground
-    peak = ndimage.maximum(depth, labels, np.arange(1, labels.max() + 1))
-    scale = np.concatenate([[1.0], np.maximum(peak, 1.0)])
-    distance = depth / scale[np.maximum(labels, 0)]
-    targets = [foreground, contours, distance]
-    if channels == 5:
-        targets += list(np.moveaxis(centre_offsets(labels), -1, 0))
-    return np.stack(targets, axis=-1).astype(np.float32)
-
-
-# the network's output channels, in order (1, 2, 3 or all 5 of them: model.net.out_channels)
-TARGET_NAMES = ("foreground", "contour", "distance", "offset_row", "offset_col")
-
-
-def check_target_channels(channels: int) -> None:
-    """Refuse a number of output channels that no target is drawn for."""
-    if channels not in (1, 2, 3, 5):
-        raise UserError(
-            f"model.net.out_channels={channels}; use 1 (foreground), 2 (+ contours), "
-            "3 (+ contours and distance) or 5 (+ contours, distance and centre offsets)"
-        )
-
-
-def centre_offsets(labels: np.ndarray) -> np.ndarray:
-    """Float32 (H, W, 2): each nucleus pixel's row and column offset from its nucleus's centroid,
-    divided by the nucleus's largest offset on that axis and mapped from [-1, 1] to [0, 1]
-    (0.5 at the centre and in the background).
-
-    HoVer-Net's horizontal and vertical maps (Graham et al. 2019): within a nucleus they rise
-    smoothly from 0 to 1 across it, and where two nuclei touch they fall from 1 to 0 in a pixel,
-    whatever the image looks like there, so a falling offset marks where to split
-    (:func:`cellseg.instances.offset_edges`). Scaled per nucleus, so zoom leaves them alike.
-    """
-    inside = labels > 0
-    out = np.full((*labels.shape, 2), 0.5, np.float32)
-    ids, labels = np.unique(labels, return_inverse=True)  # 0..n: crops keep sparse ids
-    labels = labels.reshape(inside.shape) + int(ids[0] != 0)
-    if not inside.any():
-        return out
-    index = np.arange(1, labels.max() + 1)
-    for axis, coords in enumerate(np.indices(labels.shape, dtype=np.float64)):
-        centre = np.concatenate([[0.0], ndimage.mean(coords, labels, index)])
-        offset = coords - centre[labels]
-        extent = ndimage.maximum(np.abs(offset), labels, index)
-        scale = np.concatenate([[1.0], np.maximum(extent, 1.0)])
-        out[..., axis] = np.where(inside, 0.5 + 0.5 * offset / scale[labels], 0.5)
-    return out
-
-
 def image_kind(image: np.ndarray) -> str:
     """``"colour"`` when an image's RGB channels differ (stained brightfield, e.g. H&E), else
     ``"grey"`` (fluorescence or unstained brightfield, even stored as RGB): a mean channel spread
@@ -194,17 +126,6 @@ def image_kind(image: np.ndarray) -> str:
     rgb = image[..., :3].astype(np.float64)
     spread = float((rgb.max(-1) - rgb.min(-1)).mean())
     return "colour" if spread > 0.02 * max(float(rgb.max()), 1.0) else "grey"
-
-
-def touching_weights(labels: np.ndarray, weight: float, radius: int = 2) -> np.ndarray:
-    """Float32 (H, W) loss weights: ``1 + weight`` on pixels within ``radius`` of two different
-    nuclei (the gaps and borders where touching nuclei meet, which a watershed must split), 1
-    elsewhere. As the U-Net paper's border weights, without its per-pair distance maps."""
-    size, top = 2 * radius + 1, labels.max()
-    highest = ndimage.maximum_filter(labels, size=size)
-    lowest = ndimage.minimum_filter(np.where(labels > 0, labels, top + 1), size=size)
-    touching = (lowest <= top) & (highest != lowest)  # a nucleus in reach, and another one
-    return (1.0 + weight * touching).astype(np.float32)
 
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}
@@ -407,3 +328,60 @@ def _existing_dir(root: str | Path) -> Path:
 
 def _progress(items: list, description: str):
     return progress(items, description, at_least=20)
+
+
+def split_ids(ids: list[str], test_size: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split like ``train_test_split(ids, test_size=test_size, random_state=seed)``."""
+    n = len(ids)
+    n_test = math.ceil(test_size * n) if isinstance(test_size, float) else int(test_size)
+    if not 0 < n_test < n:
+        raise UserError(
+            f"a held-out fraction of {test_size} leaves no image on one side of {n}; "
+            "change data.test_size / data.val_size or add images"
+        )
+    order = np.random.RandomState(seed).permutation(n)
+    return [ids[i] for i in order[n_test:]], [ids[i] for i in order[:n_test]]
+
+
+def make_splits(
+    ids: list[str], test_size: float, val_size: float, seed: int,
+    extra: Sequence[str] = (),
+) -> dict[str, list[str]]:
+    """Train / val / test ids: the test split first, then ``val_size`` off the training ids
+    and the ``extra`` ones (images of ``data.train_roots``, which never test); without
+    ``val_size`` the test images also validate (the study)."""
+    train, test = split_ids(ids, test_size, seed) if test_size else (list(ids), [])
+    train = train + sorted(extra)
+    val = test
+    if val_size:
+        train, val = split_ids(train, val_size, seed)
+    if not train:
+        raise UserError(f"no training images among the {len(ids) + len(extra)} found")
+    return {"train": train, "val": val, "test": test}
+
+
+SAMPLE50_IDS = Path(__file__).parent / "samples" / "dsb2018_sample50_ids.txt"
+
+
+def sample50_split() -> dict[str, list[str]]:
+    """The ``train`` (40) and ``test`` (10) ids of ``sample50``, the 50-image sample of the DSB
+    2018 ``stage1_train`` set on which every number in the docs is measured: the study's split
+    of its own id list (``SAMPLE50_IDS``), whatever else the folder holding them holds."""
+    ids = sorted(SAMPLE50_IDS.read_text().split())
+    train, test = split_ids(ids, 0.2, 0)
+    return {"train": train, "test": test}
+
+
+def read_sample50(root: str | Path) -> tuple[dict[str, Sample], dict[str, list[str]]]:
+    """``sample50``'s 50 samples by id, read from ``root`` (a Kaggle-layout folder holding them:
+    the sample itself or the whole ``stage1_train``), and :func:`sample50_split`."""
+    split = sample50_split()
+    wanted = set(split["train"] + split["test"])
+    sources = {s.id: s for s in dsb2018_sources(root) if s.id in wanted}
+    missing = sorted(wanted - set(sources))
+    if missing:
+        raise UserError(
+            f"{root} lacks {len(missing)} of sample50's 50 images (e.g. {missing[0]}); pass the "
+            "folder that holds them: the DSB 2018 stage1_train or its 50-image sample"
+        )
+    return {s.id: s for s in iter_samples(list(sources.values()), "Reading sample50")}, split

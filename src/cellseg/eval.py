@@ -30,8 +30,7 @@ from rich.table import Table
 from cellseg import checkpoint, config_dir, threads
 from cellseg.checkpoint import instance_options
 from cellseg.cli import one_line_errors, progress, run
-from cellseg.datamodule import make_splits
-from cellseg.datasets import Sample, Source, all_sources, iter_samples
+from cellseg.datasets import Sample, Source, all_sources, iter_samples, make_splits
 from cellseg.errors import UserError
 from cellseg.inference import diameter_scale, segment_at_scale
 from cellseg.metrics import InstanceScores, PixelScore, pixel_metrics

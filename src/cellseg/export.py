@@ -36,8 +36,9 @@ from cellseg import checkpoint, config_dir
 from cellseg.backends import ONNX_OPSET, onnx_bytes, plain_network, torchscript
 from cellseg.checkpoint import options_text, tuned_instances
 from cellseg.cli import one_line_errors, run
-from cellseg.datasets import TARGET_NAMES, normalize, read_image, to_channels
+from cellseg.datasets import normalize, read_image, to_channels
 from cellseg.errors import UserError
+from cellseg.targets import TARGET_NAMES
 from cellseg.tune import DEFAULTS
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The network's output channels are, in order: foreground, then (``out_channels`` >= 2) the
 nuclei's inner contours, then (``out_channels`` >= 3) each nucleus's distance to its own border,
 scaled to 1 at its centre, then (``out_channels`` = 5) each pixel's row and column offset from its
-nucleus's centre (``cellseg.datasets.centre_offsets``). :func:`labels_from_probs` turns such a
+nucleus's centre (``cellseg.targets.centre_offsets``). :func:`labels_from_probs` turns such a
 stack into nuclei.
 """
 

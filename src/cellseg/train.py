@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from cellseg import checkpoint, config_dir, threads
 from cellseg.callbacks import FitThreads, tensorboard_writers
 from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger, run
-from cellseg.datasets import TARGET_NAMES
 from cellseg.errors import UserError
+from cellseg.targets import TARGET_NAMES
 from cellseg.unet import count_parameters
 
 log = rank_zero_logger(__name__)
