@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DSB2018 ?= $(firstword $(wildcard data/dsb2018/stage1_train ../shared/data/dsb2018/stage1_train) data/dsb2018/stage1_train)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full sweep compare bench model tensorboard lint clean
+.PHONY: help install train test test-quick test-full sweep compare bench model tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's|$$(DSB2018)|$(DSB2018)|g' | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ XVFB := $(if $(DISPLAY),,$(if $(shell command -v xvfb-run),xvfb-run -a))
 
 test: $(STAMP) ## run the test suite (without slow tests)
 	$(XVFB) $(PY) -m pytest -m "not slow" --durations=15
+
+test-quick: $(STAMP) ## the quick part: functions alone, no whole command or training (e2e)
+	$(XVFB) $(PY) -m pytest -m "not slow and not e2e" --durations=10
 
 test-full: $(STAMP) ## run every test, slow ones included
 	$(XVFB) $(PY) -m pytest

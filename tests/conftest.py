@@ -12,6 +12,17 @@ import pytest
 
 from helpers import make_cfg
 
+# fixtures that train a model: a test using one runs a whole training (marked e2e)
+TRAINING_FIXTURES = {"trained", "cfg_factory"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark e2e every test that trains through a fixture: ``make test-quick`` leaves them out
+    (modules of whole commands mark themselves with ``pytestmark``)."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def cfg_factory(tmp_path):

@@ -18,6 +18,8 @@ from cellseg.files import open_image
 from cellseg.samples import sample_path
 from helpers import compose_cfg
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 SAMPLE = sample_path("nuclei")  # 256 x 256, 89 nuclei: 16 blocks of 64 px
 BLOCKWISE = ["blocks.above=64", "blocks.size=64", "cluster.workers=1", "diameter=null"]
 

@@ -3,11 +3,14 @@
 import csv
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf, open_dict
 
 from cellseg.compare import compare, curves_figure
 from cellseg.train import train
 from helpers import compose_cfg, make_cfg
+
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
 
 
 def tiny_run(tmp_path: Path, job: str, experiment: str, finished: bool = True) -> Path:
@@ -47,7 +50,11 @@ def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys, monkeypatch):
     assert [r["run"] for r in rows] == ["0_baseline", "1_augmented", "2_augmented"]
     assert [r["status"] for r in rows] == ["finished", "finished", "no finished checkpoint"]
     assert rows[0]["overrides"] == "experiment=baseline"  # not paths.*, not what all share
-    assert 0.0 <= float(rows[1]["map"]) <= 1.0
+    for row in rows[:2]:  # eval's scores: pooled pixel counts, so dice follows from iou
+        iou, dice = float(row["iou"]), float(row["dice"])
+        assert dice == pytest.approx(2 * iou / (1 + iou), abs=2e-4)
+        assert dice > iou
+    assert float(rows[1]["map"]) == pytest.approx(infos[1]["metrics"]["map"], abs=1e-4)
     assert rows[2]["map"] == ""
     assert rows[0]["epochs"] == "2"
     assert float(rows[0]["train_s"]) >= 0

@@ -18,6 +18,8 @@ from cellseg.module import SegmentationModule
 from cellseg.train import build
 from helpers import compose_cfg, failure, make_cfg, run_cli
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 TINY_DDP = [
     "data.synthetic.n_images=15",  # 3 validation images: 2 + 1 (no process repeats one)
     "data.synthetic.size=64",

@@ -15,6 +15,8 @@ from cellseg.eval import evaluate, write_outputs
 from cellseg.predict import find_inputs, predict, rle_by_label, rle_decode
 from helpers import compose_cfg, failure, predict_cfg
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 
 def eval_cfg(ckpt, *overrides):
     return compose_cfg("eval", [f"ckpt_path={ckpt}", *overrides])
@@ -25,8 +27,11 @@ def test_eval_scores_the_test_split_at_native_resolution(trained, tmp_path):
     metrics, rows = evaluate(eval_cfg(ckpt))  # the checkpoint's data and test ids
     assert metrics["images"] == len(rows) == 2  # 10 images, 20 % test
     assert [r["id"] for r in rows] == checkpoint_data(ckpt)["splits"]["test"]
-    for k in ("iou", "miou", "dice", "map", "ap50", "f1_50"):
-        assert 0.0 <= metrics[k] <= 1.0
+    iou = metrics["iou"]  # pooled pixel counts: dice follows from iou exactly
+    assert metrics["dice"] == pytest.approx(2 * iou / (1 + iou), abs=1e-5)
+    assert metrics["dice"] > iou
+    for k in ("map", "ap50"):  # averaged over the images
+        assert metrics[k] == pytest.approx(np.mean([r[k] for r in rows]), abs=1e-6)
     assert {r["height"] for r in rows} == {64}  # the native size, not a training size
     write_outputs(tmp_path, metrics, rows)
     assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 2
@@ -57,7 +62,7 @@ def test_eval_on_all_images_with_tta(trained):
     metrics, rows = evaluate(eval_cfg(ckpt, "split=all", "inference.tta=true"))
     assert len(rows) == metrics["images"] == 10
     assert {r["height"] for r in rows} == {64}
-    assert 0.0 <= metrics["map"] <= 1.0
+    assert metrics["map"] == pytest.approx(np.mean([r["map"] for r in rows]), abs=1e-6)
 
 
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained, tmp_path):
@@ -193,7 +198,7 @@ def test_predicting_a_4096_image_whole_stays_under_2_5_gb(tmp_path):
 
 
 def test_eval_scores_the_runs_own_split_whatever_its_own_defaults(cfg_factory):
-    from cellseg.datamodule import make_splits
+    from cellseg.datasets import make_splits
     from cellseg.train import train
 
     cfg = cfg_factory("data.val_size=0.2", "data.split_seed=3", "trainer.max_epochs=1")

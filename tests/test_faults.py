@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from cellseg.callbacks import AtomicCheckpointIO
 from cellseg.train import build
 from helpers import cli_env, failure
+
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
 
 
 def test_training_uses_the_atomic_checkpoint_writer(cfg_factory):

@@ -18,6 +18,8 @@ from cellseg.models import DEFAULT_MODEL, shipped_path
 from cellseg.samples import sample_labels_path, sample_path
 from helpers import REAL_DATA, compose_cfg, needs_real_data, run_cli
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 POOL = REAL_DATA.parents[1] / "dsb2018-pool"
 needs_pool = pytest.mark.skipif(not POOL.is_dir(), reason=f"the pool is not at {POOL}")
 

@@ -17,6 +17,8 @@ from cellseg.files import read_image  # noqa: E402
 from cellseg.samples import sample_path  # noqa: E402
 from helpers import run_cli  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 
 @pytest.fixture
 def viewer(qtbot):

@@ -19,6 +19,8 @@ from cellseg.predict import in_shard, predict
 from helpers import failure, predict_cfg, run_cli
 from microscopy import nuclei_field, write_nan, write_ome, write_stack
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 
 def threshold_segment(model, image, pre, inference, instances_cfg, diameter=None):
     """A stand-in for the network: normalised intensity above 0.5, connected components."""

@@ -15,6 +15,8 @@ from cellseg.inference import check_shrink
 from cellseg.samples import sample_path
 from helpers import predict_cfg
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 
 def bad_files(folder):
     """Every way a file in a folder of images can be unreadable."""

@@ -13,6 +13,8 @@ from cellseg.module import SegmentationModule
 from cellseg.train import train
 from helpers import REAL_DATA, failure, needs_real_data, run_cli
 
+pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
+
 SCALARS = {
     "train/loss", "train/iou", "train/miou", "train/dice",
     "val/loss", "val/iou", "val/miou", "val/dice", "val/iou_best",
@@ -32,7 +34,9 @@ def test_experiment_trains_and_logs_to_tensorboard(cfg_factory, experiment):
     cfg = cfg_factory(f"experiment={experiment}", "trainer.max_epochs=2")
     metrics = train(cfg)
     assert {"val/iou", "val/miou", "val/dice", "val/iou_best", "test/iou"} <= set(metrics)
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("test/iou", "test/miou", "test/dice"))
+    iou = metrics["test/iou"]  # pooled pixel counts: dice follows from iou exactly
+    assert metrics["test/dice"] == pytest.approx(2 * iou / (1 + iou), abs=1e-5)
+    assert metrics["test/dice"] > iou
     acc = events(Path(cfg.paths.output_dir))
     tags = acc.Tags()
     assert SCALARS <= set(tags["scalars"])
@@ -106,8 +110,13 @@ def test_native_validation_on_padded_images_equals_eval_on_the_unpadded_ones(cfg
 
 
 def test_one_channel_model_on_rgb_data(cfg_factory):
-    metrics = train(cfg_factory("model.net.in_channels=1"))
-    assert 0.0 <= metrics["test/iou"] <= 1.0
+    cfg = cfg_factory("model.net.in_channels=1")
+    metrics = train(cfg)
+    iou = metrics["test/iou"]
+    assert metrics["test/dice"] == pytest.approx(2 * iou / (1 + iou), abs=1e-5)
+    assert metrics["test/dice"] > iou
+    saved = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    assert saved["state_dict"]["net.encoders.0.0.weight"].shape[1] == 1  # one input channel
 
 
 def test_multirun_of_both_experiments_lands_side_by_side(tmp_path):
@@ -139,7 +148,9 @@ def test_short_training_on_real_dsb2018(cfg_factory):
         "trainer.limit_test_batches=null",
     )
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/iou"] <= 1.0
+    iou = metrics["test/iou"]
+    assert metrics["test/dice"] == pytest.approx(2 * iou / (1 + iou), abs=1e-5)
+    assert metrics["test/dice"] > iou
     assert metrics["test/loss"] < 2.0
 
 
