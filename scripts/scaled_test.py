@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from cellseg import checkpoint
+from cellseg.checkpoint import instance_options
 from cellseg.datasets import all_sources, resize
 from cellseg.eval import evaluate_with
 from cellseg.files import save_png
 from cellseg.inference import estimate_diameter
 from cellseg.measure import median_diameter
-from cellseg.tune import instance_options
 
 SCORES = ("map", "ap50_pooled", "iou_nuclei")
 
