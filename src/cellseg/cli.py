@@ -151,7 +151,7 @@ class RankZeroFilter(logging.Filter):
 
 def global_rank() -> int:
     """This process's DDP rank as Lightning sets it on ``rank_zero_only`` (0 where Lightning is
-    not imported: predict and eval run without it)."""
+    not imported: predict runs without it)."""
     return getattr(rank_zero_only, "rank", 0)
 
 

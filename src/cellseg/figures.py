@@ -28,9 +28,8 @@ def rows_grid(rows: Sequence[Sequence[Tensor]], padding: int = 2) -> Tensor:
     ncol = len(rows[0])
     if any(len(r) != ncol for r in rows):
         raise ValueError("every row of an image grid needs the same number of images")
-    from torchvision.utils import (
-        make_grid,  # 160 MB: imported where a grid is drawn, not by predict
-    )
+    # torchvision costs 160 MB: imported where a grid is drawn, not by predict
+    from torchvision.utils import make_grid
 
     tiles = [to_rgb(t) for row in rows for t in row]
     return make_grid(torch.stack(tiles), nrow=ncol, padding=padding, pad_value=1.0)
