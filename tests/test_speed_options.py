@@ -76,7 +76,7 @@ def test_default_optimizer_is_fused_adam(cfg_factory):
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from cellseg.train import keep_freed_memory
+from cellseg.memory import keep_freed_memory
 from cellseg.unet import UNet
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.errors import UserError
+from cellseg.memory import give_back_memory
 
 log = logging.getLogger(__name__)
 SIDES = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -177,26 +178,6 @@ def _scratch(job: Job, name: str, dtype, mode: str = "r"):
         return zarr.open_array(path, mode="r")
     return zarr.open_array(path, mode="a", shape=(job.height, job.width),
                            chunks=(job.size, job.size), dtype=dtype, fill_value=0)
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def give_back_memory() -> None:
-    """Hand the memory a block freed back to the system (glibc's ``malloc_trim``): worker
-    threads each keep a malloc arena, and without this a long run's resident memory creeps up
-    with the blocks done, not with their size."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def record_path(job: Job, block: Block) -> Path:

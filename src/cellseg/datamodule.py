@@ -281,13 +281,17 @@ class NucleiDataModule(L.LightningDataModule):
         # the checkpoint's description of its data
         self.save_hyperparameters(asdict(self.options), logger=False)
         self.augmentation = augmentation
-        self.root = Path(self.options.root)
         self.train_areas: list[int] = []  # pixels of each training image, in split order
         self.train_kinds: list[str] = []  # colour (stained) or grey, in split order
         self.splits: dict[str, list[str]] = {}
         self.diameter: float | None = None
         self.multiple: int | None = None  # the network's size multiple, see set_multiple
         self.datasets: dict[str, NucleiDataset] = {}
+
+    @property
+    def root(self) -> Path:
+        """The dataset's folder (``data.root``)."""
+        return Path(self.options.root)
 
     def set_multiple(self, multiple: int) -> None:
         """Take the network's size multiple: ``img_size`` / ``crop_size`` must be one, and

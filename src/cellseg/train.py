@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shlex
 import shutil
@@ -24,6 +22,7 @@ from cellseg import checkpoint, config_dir, threads
 from cellseg.callbacks import FitThreads, tensorboard_writers
 from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger, run
 from cellseg.errors import UserError
+from cellseg.memory import keep_freed_memory
 from cellseg.targets import TARGET_NAMES
 from cellseg.unet import count_parameters
 
@@ -72,28 +71,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         )
         return "32-true"
     return precision
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep the memory PyTorch frees for the next training step.
-
-    By default glibc hands free memory at the top of its heap back to the system once 128 KiB
-    or more is free, so every step faults the pages of its activations in again (measured here:
-    twice the page faults and kernel time of a run with this, about 10 % of a 64x64 step). A
-    high trim threshold keeps them; the mmap threshold is pinned at glibc's own maximum (32 MiB)
-    because setting either turns glibc's adaptive thresholds off. Peak memory is the same; the
-    process does not shrink after it. Returns False (logged) where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        log.info("keep_freed_memory: no glibc mallopt here; the memory allocator is left as is")
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    if mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**30):
-        return True
-    log.warning("keep_freed_memory: glibc refused mallopt; the memory allocator is left as is")
-    return False
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
