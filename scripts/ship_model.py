@@ -1,9 +1,11 @@
 """Turn a finished ``experiment=general`` run into the model that ships with cellseg.
 
     python scripts/ship_model.py RUN_DIR [NAME]      (make model runs it after training)
+    python scripts/ship_model.py src/cellseg/models/nuclei.pth   (scores again, weights kept)
 
-Scores the run's last checkpoint on its test images (the sample's 10) with the diameter
-estimated (the default) and with the images as they are, then writes
+Scores the run's last checkpoint (or a shipped model file again, when prediction's defaults
+changed) on its test images (the sample's 10) with the diameter estimated (the default) and
+with the images as they are, then writes
 ``src/cellseg/models/NAME.pth`` (NAME: nuclei): the weights, the network and data description,
 the tuned post-processing, and under ``cellseg``: the format version, the commit and command
 that trained it, a hash of its training ids and its scores. Optimizer and loop states are
@@ -37,8 +39,9 @@ def test_scores(ckpt: Path, diameter: str) -> dict[str, float]:
     return {k: round(metrics[k], 4) for k in SCORES}
 
 
-def main(run: str, name: str = "nuclei") -> Path:
-    ckpt = Path(run) / "checkpoints/last.ckpt"
+def main(source: str, name: str | None = None) -> Path:
+    ckpt = Path(source) if Path(source).is_file() else Path(source) / "checkpoints/last.ckpt"
+    name = name or (ckpt.stem if ckpt.suffix == ".pth" else "nuclei")
     checkpoint = read(ckpt)
     slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
     splits = checkpoint["NucleiDataModule"]["splits"]

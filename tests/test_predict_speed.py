@@ -20,13 +20,14 @@ def predict_to(input_path, output, *overrides: str) -> dict:
                                            *overrides]))
 
 
-def test_auto_segments_an_image_of_the_training_size_once_with_the_same_labels(monkeypatch):
+@pytest.mark.parametrize("side", [512, 384])
+def test_auto_segments_nuclei_within_the_training_zoom_once_with_the_same_labels(monkeypatch, side):
     model = checkpoint.load(None, "cpu")
     net, pre = model.network(), model.preprocessing()
     options = {"min_score": 0.9, "seed_threshold": 0.4, "contour_threshold": 0.4}
     settings = {"tile_size": 1024, "overlap": 32, "batch_size": 1, "tta": False}
-    # the sample's nuclei (about 10 px) twice as large: the model's training size
-    image = np.asarray(Image.open(SAMPLE).resize((512, 512), Image.BILINEAR))[..., None]
+    # the sample's nuclei (about 10 px) 2x (the model's training size) and 1.5x as large
+    image = np.asarray(Image.open(SAMPLE).resize((side, side), Image.BILINEAR))[..., None]
     calls = []
     real = inference.predict_tensor
     monkeypatch.setattr(inference, "predict_tensor",
@@ -37,6 +38,28 @@ def test_auto_segments_an_image_of_the_training_size_once_with_the_same_labels(m
     assert np.array_equal(labels, direct[1])
     assert np.array_equal(foreground, direct[0])
     assert labels.max() > 50
+
+
+def test_auto_segments_a_rescaled_image_twice_at_the_scale_its_estimate_settled_on(monkeypatch):
+    model = checkpoint.load(None, "cpu")
+    net, pre = model.network(), model.preprocessing()
+    options = {"min_score": 0.9, "seed_threshold": 0.4, "contour_threshold": 0.4}
+    settings = {"tile_size": 1024, "overlap": 32, "batch_size": 1, "tta": False}
+    # nuclei about 7.5 px: well below the training zoom (0.5-2x of about 20 px)
+    image = np.asarray(Image.open(SAMPLE).resize((192, 192), Image.BILINEAR))[..., None]
+    passes = []
+    scale, _ = inference.choose_scale(net, image, pre, settings, options, "auto", passes=passes)
+    assert [seen for seen, *_ in passes] == [1.0, scale]  # settled on the second pass's scale
+    assert 2.2 < scale < 3.6
+    calls = []
+    real = inference.predict_tensor
+    monkeypatch.setattr(inference, "predict_tensor",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    foreground, labels = inference.segment_at_scale(net, image, pre, settings, options, "auto")
+    assert len(calls) == 2  # as it is, then rescaled: no third pass a few per cent away
+    direct = inference.segment_rescaled(net, image, pre, settings, options, scale)
+    assert np.array_equal(labels, direct[1])
+    assert labels.max() > 40
 
 
 def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):

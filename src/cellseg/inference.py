@@ -261,7 +261,12 @@ def segment(
 
 
 AUTO_PASSES = 3  # segmentations at most to estimate the nuclei's size (diameter=auto)
-AUTO_BAND = 1.25  # estimates within this factor of the training size: the image is not rescaled
+# the factors (training size / nuclei found) within which an image is segmented as it is: the
+# recipes train on a 0.5-2x zoom, weaker at its small end (few pixels a nucleus), so nuclei are
+# enlarged from 1.5x on, shrunk from 2x; chosen on the shipped model's validation images at 0.5x,
+# 1x and 2x (docs/model.md#any-magnification)
+AUTO_BAND = (0.5, 1.5)
+AUTO_AGREE = 1.2  # two passes whose estimates agree within this factor: the estimate has settled
 
 
 ESTIMATE_SIDE = 1024  # px the network sees at most per side in a size-estimating pass
@@ -290,9 +295,10 @@ def estimate_diameter(
     passes: list | None = None,
 ) -> float | None:
     """The median equivalent diameter (px) of the nuclei in ``image``, as the model finds them:
-    segmented as it is, then again rescaled so that nuclei of the size found appear at the
-    training size, until two passes agree within 20 % (nuclei far from the training size come
-    out in pieces or merged; at the training size they do not). Each pass sees the image's
+    segmented as it is, then, unless the nuclei found are a size it segments well as they are
+    (``AUTO_BAND``), again rescaled so that nuclei of the size found appear at the training
+    size, until two passes agree within ``AUTO_AGREE`` (nuclei far from the training size come
+    out in pieces or merged; within the band they do not). Each pass sees the image's
     centre, at most ``ESTIMATE_SIDE`` px a side at the network: a bounded cost on any image.
     None: no nuclei found. ``passes`` (a list) receives (scale, foreground, labels) of each pass
     that saw the whole image, for the caller to reuse."""
@@ -310,7 +316,9 @@ def estimate_diameter(
         if found is None:
             return diameter
         diameter, new = found, reachable_scale(preprocess, image.shape, found)
-        if abs(math.log(new / scale)) < math.log(1.2):
+        settled = abs(math.log(new / scale)) < math.log(AUTO_AGREE)
+        as_it_is = scale == 1.0 and in_band(new)
+        if settled or as_it_is:  # nuclei of a size the network segments well: found whole
             break
         scale = new
     return diameter
@@ -370,7 +378,7 @@ def segment_at_scale(
     labels are mapped back to the image's own pixel grid (labels nearest). ``auto``: the
     diameter estimated (:func:`choose_scale`); where the image is then segmented at the scale
     of an estimating pass that saw all of it, that pass's result is the result (the same
-    computation: an image within ``AUTO_BAND`` is segmented once, not twice)."""
+    computation: an image within ``AUTO_BAND`` is segmented once, a rescaled one twice)."""
     passes: list = []
     scale, _ = choose_scale(model, image, preprocess, inference, instances_cfg, diameter,
                             passes=passes)
@@ -388,7 +396,9 @@ def choose_scale(
     """The factor to rescale an image of ``shape`` (default: ``image``'s) by, and the nuclei's
     diameter in its pixels (given, or None where unknown). ``auto``: estimated on ``image``
     (:func:`estimate_diameter`, logged; ``passes`` as there), None (as it is) where the
-    estimate is within ``AUTO_BAND`` of the training size."""
+    factor is within ``AUTO_BAND``; the scale of the last pass that saw the whole image where
+    the estimate settled there (within ``AUTO_AGREE``: segmenting again at the last estimate's
+    own scale, a few per cent away, would repeat that pass)."""
     shape = shape or image.shape
     if diameter != "auto":
         scale = diameter_scale(preprocess, diameter, quiet=True)
@@ -399,11 +409,25 @@ def choose_scale(
         found = estimate_diameter(model, image, preprocess, inference, instances_cfg, passes)
         if found is not None:
             scale = reachable_scale(preprocess, shape, found)
-            scale = scale if abs(math.log(scale)) >= math.log(AUTO_BAND) else None
+            scale = None if in_band(scale) else settled_scale(scale, passes or [])
         log.info("nuclei about %s px across (diameter=auto): %s",
                  f"{found:.1f}" if found else "?",
                  f"rescaled by {scale:.3g}" if scale else "as it is")
     return scale, found or preprocess.get("diameter")
+
+
+def in_band(scale: float) -> bool:
+    """Whether an image needing ``scale`` to bring its nuclei to the training size is
+    segmented as it is (``AUTO_BAND``)."""
+    return AUTO_BAND[0] < scale < AUTO_BAND[1]
+
+
+def settled_scale(scale: float, passes: list) -> float:
+    """``scale``, or the scale of the last rescaled pass of ``passes`` within ``AUTO_AGREE``."""
+    for seen, *_ in passes:
+        if seen != 1.0 and abs(math.log(scale / seen)) < math.log(AUTO_AGREE):
+            scale = seen
+    return scale
 
 
 def segment_rescaled(
