@@ -233,6 +233,24 @@ def test_a_folder_layout_root_in_train_roots_reads_its_instance_labels(tmp_path)
     assert sample.labels.max() > 1
 
 
+@needs_pool
+def test_the_stardist_peer_trains_on_the_shipped_models_own_split(tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts/stardist_pool.py"
+    spec = importlib.util.spec_from_file_location("stardist_pool", script)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    peer.write_split(str(POOL.parent), str(tmp_path / "split.json"))
+    split = json.loads((tmp_path / "split.json").read_text())
+    shipped = checkpoint.load(DEFAULT_MODEL).data["splits"]
+    for name in ("train", "val", "test"):
+        assert sorted(e["id"] for e in split[name]) == sorted(
+            i.split("/")[-1] for i in shipped[name]), name
+    assert [len(split[k]) for k in ("train", "val", "test")] == [306, 34, 10]
+    assert all(Path(e["image"]).is_file() for e in split["val"] + split["test"])
+
+
 def test_exported_preparation_is_read_from_old_files_too(trained, tmp_path):
     from cellseg.export import write_torchscript
 
