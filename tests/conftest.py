@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-if not os.environ.get("DISPLAY"):  # Qt (the napari tests) without a screen
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-import pytest
+def qt_screen() -> str:
+    """Where Qt (the napari tests) draws: the screen ``DISPLAY`` names where Qt can open it, else
+    the offscreen platform. ``xvfb-run`` without the libraries of Qt's xcb plugin (e.g.
+    libxcb-cursor0) gives a ``DISPLAY`` that Qt aborts on, which would end the whole run."""
+    if os.environ.get("DISPLAY") and "QT_QPA_PLATFORM" not in os.environ:
+        probe = "from PyQt6.QtWidgets import QApplication; QApplication([])"
+        opened = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                timeout=120)
+        if opened.returncode == 0:
+            return f"the screen DISPLAY={os.environ['DISPLAY']}"
+        reason = (opened.stderr.strip().splitlines() or ["?"])[0]
+        del os.environ["DISPLAY"]
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+        return f"offscreen, as Qt cannot open DISPLAY ({reason}; docs/napari.md)"
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    return os.environ.get("QT_QPA_PLATFORM") or f"DISPLAY={os.environ['DISPLAY']}"
 
-from helpers import make_cfg
+
+QT_SCREEN = qt_screen()
+
+import pytest  # noqa: E402
+
+from helpers import make_cfg  # noqa: E402
 
 # fixtures that train a model: a test using one runs a whole training (marked e2e)
 TRAINING_FIXTURES = {"trained", "cfg_factory"}
+
+
+def pytest_report_header() -> str:
+    return f"Qt for the napari tests: {QT_SCREEN}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
