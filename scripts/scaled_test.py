@@ -5,7 +5,10 @@ scaled by 0.5x and 3x (labels with them), with diameter=auto (the default) and w
     python scripts/scaled_test.py OUT_DIR [MODEL] [SCALES]     (SCALES: 0.5,1,3)
 
 The estimate's error: the median equivalent diameter that diameter=auto finds against the
-annotated nuclei's median, per image (the log's "nuclei about N px across" lines).
+annotated nuclei's median, per image (the log's "nuclei about N px across" lines). "1x_resized":
+the model's labels of the unscaled images, resized to each scale (nearest, as the annotations
+are) and scored against the scaled annotations: what a model reaches that segments the scaled
+images as well as the originals, so the gap to it is the information the scaling took away.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from cellseg.checkpoint import instance_options
 from cellseg.datasets import all_sources, resize
 from cellseg.eval import evaluate_with
 from cellseg.files import save_png
-from cellseg.inference import estimate_diameter
+from cellseg.inference import estimate_diameter, segment_at_scale
 from cellseg.measure import median_diameter
+from cellseg.metrics import InstanceScores
 
 SCORES = ("map", "ap50_pooled", "iou_nuclei")
 
@@ -47,6 +51,16 @@ def scaled_folder(samples: list, scale: float, folder: Path) -> Path:
     return folder
 
 
+def resized_reference(unscaled: list[np.ndarray], samples: list, scale: float) -> dict:
+    """``map`` and ``ap50_pooled`` of the unscaled images' labels resized by ``scale``."""
+    scores = InstanceScores()
+    for s, labels in zip(samples, unscaled, strict=True):
+        truth = scaled(s, scale)[1]
+        scores.update(truth.astype(np.int32), resize(labels, truth.shape, "nearest"))
+    result = scores.compute()
+    return {k: round(float(result[k]), 4) for k in ("map", "ap50_pooled")}
+
+
 def main(out: str, model: str = "nuclei", scales: str = "0.5,1,3") -> None:
     out_dir = Path(out)
     loaded = checkpoint.load(model)
@@ -55,6 +69,8 @@ def main(out: str, model: str = "nuclei", scales: str = "0.5,1,3") -> None:
     samples = [sources[i].read() for i in test]
     pre = loaded.preprocessing()
     options = instance_options({}, {"postprocess": loaded.postprocess})
+    unscaled = [segment_at_scale(loaded.net, s.image, pre, {}, options, "auto")[1]
+                for s in samples]
     results = {}
     for scale in map(float, scales.split(",")):
         folder = scaled_folder(samples, scale, out_dir / f"x{scale:g}")
@@ -71,6 +87,7 @@ def main(out: str, model: str = "nuclei", scales: str = "0.5,1,3") -> None:
                                         f"data.root={folder}", "split=all",
                                         f"diameter={diameter}"])
             row[diameter] = {k: round(float(metrics[k]), 4) for k in SCORES}
+        row["1x_resized"] = resized_reference(unscaled, samples, scale)
         results[f"{scale:g}"] = row
         print(scale, row, flush=True)
     (out_dir / "scaled.json").write_text(json.dumps(results, indent=2))
