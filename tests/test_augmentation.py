@@ -106,3 +106,19 @@ def test_a_step_is_dropped_or_changed_by_name():
     assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine",
                      "RandomBrightnessContrast"]
     assert pipeline.transforms[3].p == 1.0
+
+
+def test_nuclei_resolution_blurs_the_image_and_leaves_the_mask_sharp():
+    colour, resolution = pipeline_of("nuclei_colour"), pipeline_of("nuclei_resolution")
+    assert resolution[:-1] == colour
+    cfg = compose_cfg("train", ["augmentation=nuclei_resolution"])
+    pipeline = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    (step,) = [t for t in pipeline.transforms if type(t).__name__ == "Downscale"]
+    step.p = 1.0
+    step.set_random_seed(0)
+    image = np.zeros((64, 64, 3), np.float32)
+    image[::2] = 1.0  # stripes one pixel wide: gone at any shrinking
+    mask = (image[..., 0] > 0).astype(np.uint8)
+    out = step(image=image, mask=mask)
+    assert np.array_equal(out["mask"], mask)
+    assert np.abs(np.diff(out["image"][..., 0], axis=0)).max() < 0.9  # no sharp edge left
