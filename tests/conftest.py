@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from helpers import make_cfg
+
 
 def qt_screen() -> str:
     """Where Qt (the napari tests) draws: the screen ``DISPLAY`` names where Qt can open it, else
@@ -27,11 +31,7 @@ def qt_screen() -> str:
     return os.environ.get("QT_QPA_PLATFORM") or f"DISPLAY={os.environ['DISPLAY']}"
 
 
-QT_SCREEN = qt_screen()
-
-import pytest  # noqa: E402
-
-from helpers import make_cfg  # noqa: E402
+QT_SCREEN = qt_screen()  # before any test module imports Qt
 
 # fixtures that train a model: a test using one runs a whole training (marked e2e)
 TRAINING_FIXTURES = {"trained", "cfg_factory"}
