@@ -20,12 +20,17 @@ def predict_to(input_path, output, *overrides: str) -> dict:
                                            *overrides]))
 
 
-@pytest.mark.parametrize("side", [512, 384])
-def test_auto_segments_nuclei_within_the_training_zoom_once_with_the_same_labels(monkeypatch, side):
+def shipped_settings() -> tuple:
+    """The shipped network, its preparation, and fixed inference and instance settings."""
     model = checkpoint.load(None, "cpu")
-    net, pre = model.network(), model.preprocessing()
     options = {"min_score": 0.9, "seed_threshold": 0.4, "contour_threshold": 0.4}
     settings = {"tile_size": 1024, "overlap": 32, "batch_size": 1, "tta": False}
+    return model.network(), model.preprocessing(), settings, options
+
+
+@pytest.mark.parametrize("side", [512, 384])
+def test_auto_segments_nuclei_within_the_training_zoom_once_with_the_same_labels(monkeypatch, side):
+    net, pre, settings, options = shipped_settings()
     # the sample's nuclei (about 10 px) 2x (the model's training size) and 1.5x as large
     image = np.asarray(Image.open(SAMPLE).resize((side, side), Image.BILINEAR))[..., None]
     calls = []
@@ -41,10 +46,7 @@ def test_auto_segments_nuclei_within_the_training_zoom_once_with_the_same_labels
 
 
 def test_auto_segments_a_rescaled_image_twice_at_the_scale_its_estimate_settled_on(monkeypatch):
-    model = checkpoint.load(None, "cpu")
-    net, pre = model.network(), model.preprocessing()
-    options = {"min_score": 0.9, "seed_threshold": 0.4, "contour_threshold": 0.4}
-    settings = {"tile_size": 1024, "overlap": 32, "batch_size": 1, "tta": False}
+    net, pre, settings, options = shipped_settings()
     # nuclei about 7.5 px: well below the training zoom (0.5-2x of about 20 px)
     image = np.asarray(Image.open(SAMPLE).resize((192, 192), Image.BILINEAR))[..., None]
     passes = []
