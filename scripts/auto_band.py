@@ -25,6 +25,7 @@ from cellseg.datasets import all_sources
 from cellseg.eval import evaluate_with
 
 SCORES = ("map", "map_pooled", "ap50_pooled", "iou_nuclei")
+TODAY = (inference.AUTO_BAND, inference.settled_scale)  # the rule as the package has it
 
 
 def set_rule(variant: str) -> str:
@@ -34,9 +35,6 @@ def set_rule(variant: str) -> str:
                            else TODAY[0])
     inference.settled_scale = (lambda scale, passes: scale) if third else TODAY[1]
     return "null" if variant == "null" else "auto"
-
-
-TODAY = (inference.AUTO_BAND, inference.settled_scale)
 
 
 def main(out: str, model: str = "nuclei", variants: str = "today,null", split: str = "val",

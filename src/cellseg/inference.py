@@ -423,11 +423,11 @@ def in_band(scale: float) -> bool:
 
 
 def settled_scale(scale: float, passes: list) -> float:
-    """``scale``, or the scale of the last rescaled pass of ``passes`` within ``AUTO_AGREE``."""
-    for seen, *_ in passes:
-        if seen != 1.0 and abs(math.log(scale / seen)) < math.log(AUTO_AGREE):
-            scale = seen
-    return scale
+    """The scale of the last of ``passes`` where it was rescaled and ``scale`` agrees with it
+    within ``AUTO_AGREE`` (the estimate settled there), else ``scale``."""
+    seen = passes[-1][0] if passes else 1.0
+    agrees = abs(math.log(scale / seen)) < math.log(AUTO_AGREE)
+    return seen if seen != 1.0 and agrees else scale
 
 
 def segment_rescaled(
