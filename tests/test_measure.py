@@ -100,3 +100,22 @@ def test_measurements_equal_regionprops_on_real_nuclei():
     assert [r["eccentricity"] for r in rows] == pytest.approx(list(want["eccentricity"]),
                                                               abs=1e-5)
     assert len(rows) == 89
+
+
+def test_convex_areas_equal_regionprops():
+    """Exact, on shapes with holes, several pieces, one pixel, one row, the image's edges."""
+    from skimage.measure import label as components
+    from skimage.measure import regionprops_table
+
+    from cellseg.measure import convex_areas
+
+    rng = np.random.default_rng(0)
+    for k in range(60):
+        fill = rng.random((30, 41)) < rng.uniform(0.05, 0.6)
+        labels = components(fill) if k % 2 else fill * rng.integers(1, 6, size=fill.shape)
+        want = regionprops_table(labels, properties=("area_convex",))["area_convex"]
+        assert convex_areas(labels).tolist() == want.tolist(), k
+    labels = np.zeros((9, 9), np.int32)
+    labels[0, 0], labels[4, 2:7], labels[8, 8], labels[2:5, 8] = 3, 5, 9, 9
+    assert convex_areas(labels).tolist() == [1, 5, 7]  # 9: two pieces of a column, and the gap
+    assert convex_areas(np.zeros((4, 4), np.int32)).tolist() == []

@@ -1,4 +1,5 @@
-"""Per-nucleus measurements and per-image summaries (``skimage.measure.regionprops_table``)."""
+"""Per-nucleus measurements and per-image summaries: ``skimage.measure.regionprops``' definitions
+and values, computed for all nuclei at once."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import regionprops_table
-
 from cellseg.instances import object_scores
 
 
@@ -26,10 +25,9 @@ def measure(
     nuclei by), and the mean, max and integrated intensity of every channel of ``intensity``
     (Y, X, C) as stored.
 
-    Everything but the solidity is computed for all nuclei at once from pixel sums (moments,
-    ``np.bincount``): ``regionprops``' definitions and values (the eccentricity of near-round
-    nuclei within 1e-5), in half its time; the solidity needs each nucleus's convex hull
-    (``regionprops``)."""
+    Computed for all nuclei at once from pixel sums (moments, ``np.bincount``) and, for the
+    solidity, the convex hulls' rows (:func:`convex_areas`): ``regionprops``' definitions and
+    values (the eccentricity of near-round nuclei within 1e-5) in a fraction of its time."""
     if intensity.ndim == 2:
         intensity = intensity[..., None]
     labels = labels.astype(np.int32, copy=False)
@@ -93,9 +91,69 @@ def shape_table(labels: np.ndarray) -> dict[str, np.ndarray]:
     half_sum, root = (syy + sxx) / 2, np.sqrt(((syy - sxx) / 2) ** 2 + sxy**2)
     big, small = half_sum + root, np.maximum(half_sum - root, 0)
     eccentricity = np.where(big > 0, np.sqrt(1 - small / np.where(big > 0, big, 1)), 0.0)
-    solidity = regionprops_table(labels, properties=("label", "solidity"))["solidity"]
+    solidity = area / convex_areas(labels)
     return {"label": present, "area": area, "centroid_y": cy, "centroid_x": cx, "bbox": bbox,
             "eccentricity": eccentricity, "solidity": solidity}
+
+
+def convex_areas(labels: np.ndarray) -> np.ndarray:
+    """Pixels inside or on each nucleus's convex hull, in label order: ``regionprops``'
+    ``area_convex`` (the hull of the pixels' edge midpoints, a pixel counted when its centre is
+    inside or on it), for all nuclei at once.
+
+    In doubled coordinates every vertex is an integer: the hull's left side is the lower convex
+    chain through the edge midpoints of each row's first pixel, its right side the upper chain of
+    the last pixels', and each row counts the whole columns between the two, in integer
+    arithmetic (so the same counts as skimage's point-in-polygon test, not a float's)."""
+    rows, cols = np.nonzero(labels)
+    if not len(rows):
+        return np.zeros(0, np.int64)
+    ids = labels[rows, cols]
+    order = np.argsort(ids, kind="stable")  # by label, then row, then column
+    ids, rows, cols = ids[order], rows[order].astype(np.int64), cols[order].astype(np.int64)
+    first = np.flatnonzero(np.r_[True, (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])])
+    last = np.r_[first[1:], len(ids)] - 1
+    nucleus = np.cumsum(np.r_[True, ids[first][1:] != ids[first][:-1]]) - 1  # of each row run
+    run_rows = rows[first]
+    top = run_rows[np.r_[True, nucleus[1:] != nucleus[:-1]]]
+    bottom = run_rows[np.r_[nucleus[1:] != nucleus[:-1], True]]
+    heights = bottom - top + 1  # every row from top to bottom, gaps included
+    row_of = np.repeat(np.arange(len(top)), heights)
+    y = 2 * (top[row_of] + np.arange(len(row_of)) - np.repeat(np.cumsum(heights) - heights,
+                                                               heights))
+    ceilings = 0
+    for edge, sign in ((cols[first], 1), (cols[last], -1)):  # left side; right side mirrored
+        chain = _lower_chain(np.repeat(nucleus, 3),
+                             (2 * run_rows[:, None] + [-1, 0, 1]).ravel(),
+                             (sign * 2 * edge[:, None] + [0, -1, 0]).ravel())
+        ceilings = ceilings + _ceil_half(*chain, row_of, y, span=2 * labels.shape[0] + 4)
+    return np.bincount(row_of, weights=1 - ceilings).astype(np.int64)
+
+
+def _lower_chain(group: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each group's lower convex chain x(y) through the points: sorted by group, y and x, one
+    point (the least x) per y, then points on or above their neighbours' chord dropped until
+    none is."""
+    order = np.lexsort((x, y, group))
+    group, y, x = group[order], y[order], x[order]
+    least = np.r_[True, (group[1:] != group[:-1]) | (y[1:] != y[:-1])]
+    group, y, x = group[least], y[least], x[least]
+    while True:
+        inner = (group[:-2] == group[1:-1]) & (group[2:] == group[1:-1])
+        above = (x[1:-1] - x[:-2]) * (y[2:] - y[:-2]) >= (x[2:] - x[:-2]) * (y[1:-1] - y[:-2])
+        drop = np.r_[False, inner & above, False]
+        if not drop.any():
+            return group, y, x
+        group, y, x = group[~drop], y[~drop], x[~drop]
+
+
+def _ceil_half(group, y, x, at_group, at_y, span: int) -> np.ndarray:
+    """ceil(x / 2) of each group's chain at the heights ``at_y`` (strictly inside its span of y,
+    so on a segment a-b of it), in integers."""
+    a = np.searchsorted(group * span + y, at_group * span + at_y, side="right") - 1
+    b = a + 1
+    num = x[a] * (y[b] - y[a]) + (x[b] - x[a]) * (at_y - y[a])
+    return -((-num) // (2 * (y[b] - y[a])))
 
 
 def pixel_sums(labels: np.ndarray, intensity: np.ndarray, present: np.ndarray) -> dict:
