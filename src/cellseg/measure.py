@@ -76,11 +76,11 @@ def shape_table(labels: np.ndarray) -> dict[str, np.ndarray]:
     boxes = ndimage.find_objects(labels)
     bbox = np.array([[b[0].start, b[1].start, b[0].stop, b[1].stop]
                      for b in (boxes[k - 1] for k in present)])
-    rows, cols = np.indices(labels.shape, dtype=np.float64)
-    flat = labels.ravel()
+    rows, cols = np.nonzero(labels)  # the nuclei's pixels only, in the image's order
+    ids, rows, cols = labels[rows, cols], rows.astype(np.float64), cols.astype(np.float64)
 
     def total(weights):
-        return np.bincount(flat, weights=weights.ravel(), minlength=len(counts))[present]
+        return np.bincount(ids, weights=weights, minlength=len(counts))[present]
 
     area = counts[present].astype(np.float64)
     cy, cx = total(rows) / area, total(cols) / area
