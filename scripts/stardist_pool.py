@@ -163,7 +163,7 @@ def main(argv: list[str]) -> None:
     t.add_argument("--patch", type=int, default=256)
     t.add_argument("--bs", type=int, default=4)
     t.add_argument("--steps", type=int, default=47)
-    t.add_argument("--budget-s", type=float, default=4200, help="stop training after this (s)")
+    t.add_argument("--budget-s", type=float, default=4500, help="stop training after this (s)")
     t.add_argument("--model-dir", default="peer_models")
     a = parser.parse_args(argv)
     if a.step == "split":
