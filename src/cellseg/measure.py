@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
+
 from cellseg.instances import object_scores
 
 
