@@ -42,12 +42,14 @@ def main(masks_dir: str = "../shared/data/dsb2018-pool/masks", n: str = "100") -
         assert np.array_equal(ours["solidity"], theirs["solidity"]), "solidity differs"
         assert np.allclose(ours["eccentricity"], theirs["eccentricity"], atol=1e-5)
     nuclei = sum(len(np.unique(lab)) - 1 for lab in labels)
+    runs = {
+        "regionprops, solidity alone": lambda x: regionprops_table(x, properties=("solidity",)),
+        "regionprops, the same properties": lambda x: regionprops_table(x, properties=PROPS),
+        "cellseg.measure.shape_table": shape_table,
+    }
     print(f"{len(labels)} label images, {nuclei} nuclei (best of 3, s):")
-    print(f"regionprops, solidity alone: "
-          f"{best_of_3(lambda: [regionprops_table(x, properties=('solidity',)) for x in labels]):.2f}")
-    print(f"regionprops, the same properties: "
-          f"{best_of_3(lambda: [regionprops_table(x, properties=PROPS) for x in labels]):.2f}")
-    print(f"cellseg.measure.shape_table: {best_of_3(lambda: [shape_table(x) for x in labels]):.2f}")
+    for name, run in runs.items():
+        print(f"{name}: {best_of_3(lambda run=run: [run(x) for x in labels]):.2f}")
 
 
 if __name__ == "__main__":
