@@ -3,7 +3,8 @@
     python scripts/measure_speed.py [MASKS_DIR] [N_MASKS]
 
 Over the first N_MASKS (default 100) 16-bit label images of MASKS_DIR (default the
-dsb2018-pool's ``masks/``), best of 3: ``skimage.measure.regionprops_table`` for the solidity
+dsb2018-pool's ``masks/``), the median of 3 rounds after one warm-up (``cellseg.bench.timed``):
+``skimage.measure.regionprops_table`` for the solidity
 alone and for every shape property ``cellseg.measure.shape_table`` gives, against
 ``shape_table``; checks that the values are the same.
 """
@@ -11,25 +12,16 @@ alone and for every shape property ``cellseg.measure.shape_table`` gives, agains
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from skimage.measure import regionprops_table
 
+from cellseg.bench import timed
 from cellseg.measure import shape_table
 
 PROPS = ("label", "area", "centroid", "bbox", "eccentricity", "solidity")
-
-
-def best_of_3(run) -> float:
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(masks_dir: str = "../shared/data/dsb2018-pool/masks", n: str = "100") -> None:
@@ -47,9 +39,11 @@ def main(masks_dir: str = "../shared/data/dsb2018-pool/masks", n: str = "100") -
         "regionprops, the same properties": lambda x: regionprops_table(x, properties=PROPS),
         "cellseg.measure.shape_table": shape_table,
     }
-    print(f"{len(labels)} label images, {nuclei} nuclei (best of 3, s):")
-    for name, run in runs.items():
-        print(f"{name}: {best_of_3(lambda run=run: [run(x) for x in labels]):.2f}")
+    seconds = timed([lambda run=run: [run(x) for x in labels] for run in runs.values()],
+                    warmup=1, repeats=3)
+    print(f"{len(labels)} label images, {nuclei} nuclei (median of 3, s):")
+    for name, took in zip(runs, seconds, strict=True):
+        print(f"{name}: {took:.2f}")
 
 
 if __name__ == "__main__":

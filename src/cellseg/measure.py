@@ -77,8 +77,8 @@ def shape_table(labels: np.ndarray) -> dict[str, np.ndarray]:
     boxes = ndimage.find_objects(labels)
     bbox = np.array([[b[0].start, b[1].start, b[0].stop, b[1].stop]
                      for b in (boxes[k - 1] for k in present)])
-    rows, cols = np.nonzero(labels)  # the nuclei's pixels only, in the image's order
-    ids, rows, cols = labels[rows, cols], rows.astype(np.float64), cols.astype(np.float64)
+    pixels = nuclei_pixels(labels)
+    ids, rows, cols = pixels[0], pixels[1].astype(np.float64), pixels[2].astype(np.float64)
 
     def total(weights):
         return np.bincount(ids, weights=weights, minlength=len(counts))[present]
@@ -92,24 +92,28 @@ def shape_table(labels: np.ndarray) -> dict[str, np.ndarray]:
     half_sum, root = (syy + sxx) / 2, np.sqrt(((syy - sxx) / 2) ** 2 + sxy**2)
     big, small = half_sum + root, np.maximum(half_sum - root, 0)
     eccentricity = np.where(big > 0, np.sqrt(1 - small / np.where(big > 0, big, 1)), 0.0)
-    solidity = area / convex_areas(labels)
+    solidity = area / convex_areas(*pixels)
     return {"label": present, "area": area, "centroid_y": cy, "centroid_x": cx, "bbox": bbox,
             "eccentricity": eccentricity, "solidity": solidity}
 
 
-def convex_areas(labels: np.ndarray) -> np.ndarray:
-    """Pixels inside or on each nucleus's convex hull, in label order: ``regionprops``'
-    ``area_convex`` (the hull of the pixels' edge midpoints, a pixel counted when its centre is
-    inside or on it), for all nuclei at once.
+def nuclei_pixels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The label, row and column of every nucleus pixel, in the image's (row-major) order."""
+    rows, cols = np.nonzero(labels)
+    return labels[rows, cols], rows, cols
+
+
+def convex_areas(ids: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Pixels inside or on each nucleus's convex hull, in label order, from
+    :func:`nuclei_pixels`: ``regionprops``' ``area_convex`` (the hull of the pixels' edge
+    midpoints, a pixel counted when its centre is inside or on it), for all nuclei at once.
 
     In doubled coordinates every vertex is an integer: the hull's left side is the lower convex
     chain through the edge midpoints of each row's first pixel, its right side the upper chain of
     the last pixels', and each row counts the whole columns between the two, in integer
     arithmetic (so the same counts as skimage's point-in-polygon test, not a float's)."""
-    rows, cols = np.nonzero(labels)
-    if not len(rows):
+    if not len(ids):
         return np.zeros(0, np.int64)
-    ids = labels[rows, cols]
     order = np.argsort(ids, kind="stable")  # by label, then row, then column
     ids, rows, cols = ids[order], rows[order].astype(np.int64), cols[order].astype(np.int64)
     first = np.flatnonzero(np.r_[True, (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])])
@@ -127,7 +131,7 @@ def convex_areas(labels: np.ndarray) -> np.ndarray:
         chain = _lower_chain(np.repeat(nucleus, 3),
                              (2 * run_rows[:, None] + [-1, 0, 1]).ravel(),
                              (sign * 2 * edge[:, None] + [0, -1, 0]).ravel())
-        ceilings = ceilings + _ceil_half(*chain, row_of, y, span=2 * labels.shape[0] + 4)
+        ceilings = ceilings + _ceil_half(*chain, row_of, y, span=2 * int(rows.max()) + 4)
     return np.bincount(row_of, weights=1 - ceilings).astype(np.int64)
 
 
