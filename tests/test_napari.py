@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -128,5 +129,6 @@ def test_corrected_labels_go_to_the_training_set_and_fine_tune(widget, qtbot, tm
                                            "data.crops_per_image=4"))
     qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
     assert widget.status.value.startswith("fine-tuned"), widget.status.value
+    assert Path(widget.model.value).parent.parent.parent == tmp_path / "set/models"
     tuned = checkpoint.load(widget.model.value)
     assert tuned.info["command"].startswith("python -m cellseg.train experiment=finetune")

@@ -4,6 +4,7 @@ corrected labels to a training set, save results, and the fine-tuning command.""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,17 @@ def save(folder: str | Path, name: str, image: np.ndarray, labels: np.ndarray,
     rows = measure(labels, image, names, pixel_size, foreground, **keys)
     write_tables(folder, name, rows, [summarize(labels, pixel_size, **keys)])
     return [path, folder / "tables" / f"{name}.measurements.csv"]
+
+
+def finetune_dir(folder: str | Path) -> Path:
+    """A new run folder for fine-tuning on the training set ``folder``, kept with it (not in a
+    temporary folder that a reboot empties): ``folder/models/finetune_<time>``."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir, k = Path(folder).expanduser() / "models" / f"finetune_{stamp}", 1
+    while run_dir.exists():
+        run_dir, k = run_dir.with_name(f"finetune_{stamp}_{k}"), k + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
 
 
 def finetune_command(folder: str | Path, model: str | Path, run_dir: str | Path,

@@ -7,7 +7,6 @@ worker thread, so the window never freezes; the dock shows what runs and a busy 
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -186,9 +185,10 @@ class SegmentWidget(Container):
 
     def start_finetune(self, epochs: int = 20, extra: tuple[str, ...] = ()) -> None:
         """Fine-tune the current model on the training set in a subprocess; its log lines show
-        in the dock; the new model is chosen when it ends."""
+        in the dock; the new model is chosen when it ends. The run is kept beside the images it
+        learnt from: ``<training set>/models/finetune_<time>/``."""
         model = self.model_name() or checkpoint.DEFAULT_MODEL
-        run_dir = Path(tempfile.mkdtemp(prefix="cellseg-finetune-"))
+        run_dir = actions.finetune_dir(self.folder.value)
         command = [*actions.finetune_command(self.folder.value, model, run_dir, epochs), *extra]
 
         def work():
