@@ -83,6 +83,21 @@ def test_the_widget_gives_predicts_labels_on_the_sample(widget, qtbot, tmp_path)
     np.testing.assert_array_equal(layer.data, predicted)
 
 
+def test_a_finetune_run_is_kept_beside_its_training_set(tmp_path):
+    from cellseg.errors import UserError
+    from cellseg.napari import actions
+
+    with pytest.raises(UserError, match="no annotated images in masks/"):
+        actions.finetune_dir(tmp_path / "set")
+    (tmp_path / "set/masks").mkdir(parents=True)
+    (tmp_path / "set/masks/a.png").write_bytes(b"")
+    first, second = actions.finetune_dir(tmp_path / "set"), actions.finetune_dir(tmp_path / "set")
+    assert first.parent == second.parent == tmp_path / "set/models"
+    assert first != second
+    assert first.is_dir()
+    assert second.is_dir()
+
+
 def test_the_reader_opens_named_channels_with_their_pixel_size(tmp_path):
     from cellseg.napari.reader import get_reader
 

@@ -117,8 +117,12 @@ def save(folder: str | Path, name: str, image: np.ndarray, labels: np.ndarray,
 def finetune_dir(folder: str | Path) -> Path:
     """A new run folder for fine-tuning on the training set ``folder``, kept with it (not in a
     temporary folder that a reboot empties): ``folder/models/finetune_<time>``."""
+    folder = Path(folder).expanduser()
+    if not any((folder / "masks").glob("*.*")):
+        raise UserError(f"{folder}: no annotated images in masks/ to fine-tune on; add corrected "
+                        "labels first (Add to training set)")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir, k = Path(folder).expanduser() / "models" / f"finetune_{stamp}", 1
+    run_dir, k = folder / "models" / f"finetune_{stamp}", 1
     while run_dir.exists():
         run_dir, k = run_dir.with_name(f"finetune_{stamp}_{k}"), k + 1
     run_dir.mkdir(parents=True)
