@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from cellseg import checkpoint, config_dir
 from cellseg.checkpoint import instance_options
+from cellseg.datasets import image_files
 from cellseg.errors import UserError
 from cellseg.files import save_png
 from cellseg.inference import segment_at_scale
@@ -118,7 +119,7 @@ def finetune_dir(folder: str | Path) -> Path:
     """A new run folder for fine-tuning on the training set ``folder``, kept with it (not in a
     temporary folder that a reboot empties): ``folder/models/finetune_<time>``."""
     folder = Path(folder).expanduser()
-    if not any((folder / "masks").glob("*.*")):
+    if not (folder / "masks").is_dir() or not image_files(folder / "masks"):
         raise UserError(f"{folder}: no annotated images in masks/ to fine-tune on; add corrected "
                         "labels first (Add to training set)")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
