@@ -94,28 +94,41 @@ def main(out: str, model: str = "nuclei", kind: str | None = None) -> None:
                          f"{list(by_kind)}")
     print(f"validation map by kind: {by_kind}; measured: {measured}", flush=True)
     held = [samples[i] for i in [*splits["val"], *splits["test"]] if kinds[i] == measured]
-    pool = [i for i in splits["train"] if kinds[i] == measured]
-    order = list(np.random.default_rng(0).permutation(pool))
+    pool = [samples[i] for i in splits["train"] if kinds[i] == measured]
+    rows = measure(out_dir, model, held, pool)
+    chosen = "Measured kind" if kind else "Worst kind on validation"
+    write_table(out_dir, rows, f"{chosen}: **{measured}** (map by kind: {by_kind}); scored on "
+                f"its {len(held)} held-back images (validation and test).",
+                {"kind": measured, "chosen_as_worst": kind is None, "by_kind": by_kind,
+                 "held": len(held)})
+
+
+def measure(out_dir: Path, model: str, held: list, pool: list) -> list[dict]:
+    """``model`` as it is, fine-tuned on 1, 3 and 10 of the ``pool`` samples (drawn once,
+    seeded, the smaller sets inside the larger) and trained from scratch on them, each scored
+    on the ``held`` samples. A run whose last.ckpt exists is not trained again."""
+    order = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
     held_root = write_folder(out_dir / "held", held)
     rows = [{"model": f"{model} as it is", "images": 0, **scores(model, held_root)}]
     for n in SIZES:
-        folder = write_folder(out_dir / f"train{n}", [samples[i] for i in order[:n]])
+        folder = write_folder(out_dir / f"train{n}", order[:n])
         for label, pretrained in (("fine-tuned", model), ("from scratch", None)):
             run = out_dir / f"{label.replace(' ', '_')}_{n}"
             ckpt = train(folder, run, pretrained)
             rows.append({"model": label, "images": n, **scores(ckpt, held_root)})
             print(rows[-1], flush=True)
+    return rows
+
+
+def write_table(out_dir: Path, rows: list[dict], heading: str, facts: dict) -> None:
+    """OUT_DIR/finetune.md (``heading`` and the table) and finetune.json (``facts``, rows)."""
     table = ["| model | training images | " + " | ".join(SCORES) + " |",
              "|---|---|" + "---|" * len(SCORES)]
     table += [f"| {r['model']} | {r['images']} | " + " | ".join(f"{r[k]:.3f}" for k in SCORES)
               + " |" for r in rows]
-    chosen = "Measured kind" if kind else "Worst kind on validation"
-    text = (f"{chosen}: **{measured}** (map by kind: {by_kind}); scored on its "
-            f"{len(held)} held-back images (validation and test).\n\n" + "\n".join(table) + "\n")
+    text = heading + "\n\n" + "\n".join(table) + "\n"
     (out_dir / "finetune.md").write_text(text)
-    (out_dir / "finetune.json").write_text(json.dumps(
-        {"kind": measured, "chosen_as_worst": kind is None, "by_kind": by_kind,
-         "held": len(held), "rows": rows}, indent=2))
+    (out_dir / "finetune.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))
     print(text)
 
 
