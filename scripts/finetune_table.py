@@ -69,24 +69,36 @@ def val_scores_by_kind(model: str, kinds: dict[str, str]) -> dict[str, float]:
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}
 
 
+def train_once(run: Path, overrides: list[str]) -> str:
+    """``cellseg.train`` with ``overrides`` into ``run`` unless its last.ckpt exists; that file."""
+    ckpt = run / "checkpoints/last.ckpt"
+    if not ckpt.is_file():
+        subprocess.run([sys.executable, "-m", "cellseg.train", *overrides,
+                        f"hydra.run.dir={run}"], check=True, stdout=subprocess.DEVNULL)
+    return str(ckpt)
+
+
 def train(folder: Path, run: Path, pretrained: str | None) -> str:
-    args = [sys.executable, "-m", "cellseg.train", "experiment=finetune", f"data.root={folder}",
-            f"hydra.run.dir={run}", f"pretrained={pretrained or 'null'}"]
-    if pretrained is None:
-        args.append("model.optimizer.lr=1e-3")
-    if not (run / "checkpoints/last.ckpt").is_file():
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-    return str(run / "checkpoints/last.ckpt")
+    """experiment=finetune on ``folder`` from ``pretrained``, or from scratch (None) at the
+    recipes' learning rate."""
+    scratch = ["model.optimizer.lr=1e-3"] if pretrained is None else []
+    return train_once(run, ["experiment=finetune", f"data.root={folder}",
+                            f"pretrained={pretrained or 'null'}", *scratch])
+
+
+def model_samples(model: str) -> tuple[dict, dict, dict]:
+    """A model's split ids, its train, val and test samples by id, and each one's kind."""
+    data = checkpoint.load(model).data
+    hp, splits = data["hparams"], data["splits"]
+    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"), hp.get("train_roots"))
+    samples = {i: sources[i].read() for s in ("train", "val", "test") for i in splits[s]}
+    return splits, samples, {i: kind_of(s.image) for i, s in samples.items()}
 
 
 def main(out: str, model: str = "nuclei", kind: str | None = None) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = checkpoint.load(model)
-    hp, splits = loaded.data["hparams"], loaded.data["splits"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"), hp.get("train_roots"))
-    samples = {i: sources[i].read() for s in ("train", "val", "test") for i in splits[s]}
-    kinds = {i: kind_of(s.image) for i, s in samples.items()}
+    splits, samples, kinds = model_samples(model)
     by_kind = val_scores_by_kind(model, kinds)
     measured = kind or min(by_kind, key=by_kind.get)
     if measured not in by_kind:

@@ -18,37 +18,23 @@ measures little. This trains a stand-in that never saw KIND and fine-tunes that:
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
-from finetune_table import kind_of, measure, scores, write_folder, write_table
-
-from cellseg import checkpoint
-from cellseg.datasets import all_sources
+from finetune_table import measure, model_samples, scores, train_once, write_folder, write_table
 
 
 def train_without(folder: Path, run: Path, epochs: int) -> str:
     """experiment=general on ``folder`` alone; the run's last weights."""
-    ckpt = run / "checkpoints/last.ckpt"
-    if not ckpt.is_file():
-        subprocess.run(
-            [sys.executable, "-m", "cellseg.train", "experiment=general", "data=folder",
-             f"data.root={folder}", "data.train_roots=[]", "data.test_size=0", "test=false",
-             f"trainer.max_epochs={epochs}", f"hydra.run.dir={run}"],
-            check=True, stdout=subprocess.DEVNULL,
-        )
-    return str(ckpt)
+    return train_once(run, ["experiment=general", "data=folder", f"data.root={folder}",
+                            "data.train_roots=[]", "data.test_size=0", "test=false",
+                            f"trainer.max_epochs={epochs}"])
 
 
 def main(out: str, kind: str = "stained", epochs: str = "30") -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shipped = checkpoint.load("nuclei")
-    hp, splits = shipped.data["hparams"], shipped.data["splits"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"), hp.get("train_roots"))
-    samples = {i: sources[i].read() for s in ("train", "val", "test") for i in splits[s]}
-    kinds = {i: kind_of(s.image) for i, s in samples.items()}
+    splits, samples, kinds = model_samples("nuclei")
     if kind not in kinds.values():
         raise SystemExit(f"no images of kind {kind!r}: choose one of {sorted(set(kinds.values()))}")
     others = [samples[i] for i in [*splits["train"], *splits["val"]] if kinds[i] != kind]
