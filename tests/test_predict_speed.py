@@ -76,3 +76,38 @@ def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
     assert out["submission_rows"] == out["nuclei"] > 50
     with pytest.raises(UserError, match="overlay is not one of"):
         predict_to(SAMPLE, tmp_path / "again", "outputs=[labels,overlay]")
+
+
+@pytest.mark.skipif(__import__("cellseg.threads").threads.share() < 2,
+                    reason="side by side needs 2 cores free for this process")
+def test_images_side_by_side_match_one_at_a_time_and_leave_large_ones_to_blocks(tmp_path,
+                                                                                 caplog):
+    import logging
+
+    import torch
+    import zarr
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.asarray(Image.open(SAMPLE))
+    for k in range(3):
+        Image.fromarray(np.ascontiguousarray(np.rot90(image, k))).save(folder / f"turn{k}.png")
+    Image.fromarray(np.tile(image, (2, 2))).save(folder / "large.png")  # 512^2: block-wise
+    common = ["diameter=null", "blocks.above=300", "blocks.size=256"]
+    threads_before = torch.get_num_threads()
+    one = predict_to(folder, tmp_path / "one", "cluster.workers=1", *common)
+    with caplog.at_level(logging.INFO):
+        two = predict_to(folder, tmp_path / "two", "cluster.workers=2", *common)
+    assert "2 images side by side, 1 PyTorch thread each" in caplog.text
+    assert torch.get_num_threads() == threads_before
+    assert (one["images"], one["nuclei"]) == (two["images"], two["nuclei"]) == (4, one["nuclei"])
+    for k in range(3):
+        a, b = (np.asarray(Image.open(tmp_path / run / f"labels/turn{k}.png"))
+                for run in ("one", "two"))
+        assert a.max() == b.max() > 50
+        assert (a == b).mean() > 0.999  # the network's sums run on 1 thread, not 2
+    large = [np.asarray(zarr.open_array(tmp_path / run / "labels/large.ome.zarr/0", mode="r"))
+             for run in ("one", "two")]
+    assert large[0].max() == large[1].max() > 200
+    rows = [(tmp_path / run / "summary.csv").read_text().splitlines() for run in ("one", "two")]
+    assert [r.split(",")[:4] for r in rows[0]] == [r.split(",")[:4] for r in rows[1]]

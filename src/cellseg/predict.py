@@ -31,21 +31,25 @@ skipped with a warning and listed at the end; the run fails only when no image c
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from cellseg import checkpoint, config_dir, threads
-from cellseg.blocks import Engine, predict_large
+from cellseg.blocks import Engine, predict_large, worker_layout
 from cellseg.checkpoint import instance_options
 from cellseg.cli import one_line_errors, progress, run
 from cellseg.datasets import IMAGE_SUFFIXES
@@ -314,6 +318,67 @@ def merge(output: Path, ids: list[str]) -> dict[str, int]:
     return result
 
 
+def segment_input(image_id: str, path: Path, engine: Engine | None, *, net, pre: dict,
+                  options: dict, channel, cfg: DictConfig, output: Path) -> int | None:
+    """Segment one input file and write its outputs; returns its nuclei. A large image
+    (:func:`is_large`) goes block-wise on ``engine``; without one, None: left for later."""
+    image = open_image(path, cfg.get("axes")).select(channel)
+    large = is_large(image, cfg.blocks.above)
+    if large and engine is None:
+        return None
+    log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,
+             "axes=" if cfg.get("axes") else "from the file")
+    if large:
+        return predict_large(engine, image, image_id, net, pre, options, cfg, output)
+    return predict_file(net, image, image_id, pre, options, cfg, output)
+
+
+def attempt(work, image_id: str, path: Path, engine: Engine | None):
+    """``work``'s result for one image, or the :class:`ImageFileError` that skips it."""
+    try:
+        return work(image_id, path, engine)
+    except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
+        return err
+
+
+def side_by_side(cfg: DictConfig):
+    """``cluster.workers`` for whole images: 1 with ONNX Runtime, whose sessions run a thread
+    pool over every core of their own."""
+    return 1 if str(cfg.backend).startswith("onnxruntime") else cfg.cluster.get("workers")
+
+
+def each_image(todo: dict[str, Path], work, engine: Engine, workers) -> Iterator[tuple]:
+    """(id, nuclei or the :class:`ImageFileError` that skipped it) of every image to do, as
+    they finish. Side by side on ``workers`` threads of this process (``cluster.workers``:
+    auto, one per core), each with its share of PyTorch's threads: while one image is in the
+    single-threaded post-processing and writing, another is in the network. Large images come
+    after the others, one at a time, block-wise on ``engine``'s own workers."""
+    count, per_worker = worker_layout(workers) if len(todo) > 1 else (1, 0)
+    if count == 1:
+        for image_id, path in progress(todo.items(), "Predicting"):
+            threads.refit()
+            yield image_id, attempt(work, image_id, path, engine)
+        return
+    log.info("%d images side by side, %d PyTorch thread%s each (cluster.workers=%s)", count,
+             per_worker, "s" * (per_worker > 1), workers)
+    before, large = torch.get_num_threads(), []
+    torch.set_num_threads(per_worker)
+    pool = ThreadPoolExecutor(count, thread_name_prefix="predict")
+    try:
+        futures = {pool.submit(attempt, work, i, p, None): (i, p) for i, p in todo.items()}
+        for future in progress(as_completed(futures), "Predicting", total=len(futures)):
+            (image_id, path), result = futures[future], future.result()
+            if result is None:
+                large.append((image_id, path))
+            else:
+                yield image_id, result
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error or Ctrl-C: the queued images not begun
+        torch.set_num_threads(before)
+    for image_id, path in large:
+        yield image_id, attempt(work, image_id, path, engine)
+
+
 @threads.sharing_cores
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Write the outputs for every input image (of this shard); returns a summary."""
@@ -357,25 +422,18 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     outputs_wanted(cfg)  # checked before any image
+    work = functools.partial(segment_input, net=net, pre=pre, options=options,
+                             channel=channel, cfg=cfg, output=output)
     start, nuclei, failed = time.perf_counter(), 0, {}
     with Engine(cfg.cluster) as engine:  # dask starts at the first large image only
-        for image_id, path in progress(todo.items(), "Predicting"):
-            threads.refit()
-            try:
-                image = open_image(path, cfg.get("axes")).select(channel)
-                log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,
-                         "axes=" if cfg.get("axes") else "from the file")
-                if is_large(image, cfg.blocks.above):
-                    nuclei += predict_large(engine, image, image_id, net, pre, options, cfg,
-                                            output)
-                else:
-                    nuclei += predict_file(net, image, image_id, pre, options, cfg, output)
-            except ImageFileError as err:  # unreadable or ambiguous: skipped, listed at the end
-                log.warning("skipped: %s", err)
-                failed[image_id] = str(err)
+        for image_id, result in each_image(todo, work, engine, side_by_side(cfg)):
+            if isinstance(result, ImageFileError):  # skipped, listed at the end
+                log.warning("skipped: %s", result)
+                failed[image_id] = str(result)
                 remove_outputs(output, image_id)
-                error_file(output, image_id).write_text(f"{err}\n")
+                error_file(output, image_id).write_text(f"{result}\n")
                 continue
+            nuclei += result
             error_file(output, image_id).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = {
