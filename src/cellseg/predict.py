@@ -17,7 +17,9 @@ file stem) it writes:
   (32-bit labels with a multiscale pyramid, segmented block-wise on dask: :mod:`cellseg.blocks`)
   and the tables.
 
-``outputs=`` chooses among masks, overlays and tables (labels are always written).
+``outputs=`` chooses among masks, overlays and tables (labels are always written). A folder's
+images are segmented side by side, ``cluster.workers`` of them (auto: one per core, each with
+one PyTorch thread), large ones block-wise after them.
 
 From the per-image files it (re)builds ``submission.csv`` (Kaggle run-length format, 2-D images),
 ``measurements.csv`` (one row per nucleus) and ``summary.csv`` (one row per image and plane).
