@@ -2,7 +2,7 @@
 forward and backward, at the recipes' training size, in fp32 and bf16, next to the machine's
 matrix-multiply rate (docs/performance.md, "bf16 training and the matrix units").
 
-    python scripts/conv_rates.py [SIZE] [BATCH] [WIDTH]     (defaults: 128 16 16, the native recipes)
+    python scripts/conv_rates.py [SIZE] [BATCH] [WIDTH]   (defaults 128 16 16: the native recipes)
 
 Each convolution is found in the network itself (a forward hook records its input's shape), so
 the table follows the network's geometry. "all" is the convolutions' FLOPs over their summed

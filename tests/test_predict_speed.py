@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellseg import checkpoint, inference
+from cellseg import checkpoint, inference, threads
 from cellseg.samples import sample_path
 from helpers import compose_cfg
 
@@ -78,7 +78,7 @@ def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
         predict_to(SAMPLE, tmp_path / "again", "outputs=[labels,overlay]")
 
 
-@pytest.mark.skipif(__import__("cellseg.threads").threads.share() < 2,
+@pytest.mark.skipif(threads.share() < 2,
                     reason="side by side needs 2 cores free for this process")
 def test_images_side_by_side_match_one_at_a_time_and_leave_large_ones_to_blocks(tmp_path,
                                                                                  caplog):

@@ -343,7 +343,7 @@ def attempt(work, image_id: str, path: Path, engine: Engine | None):
         return err
 
 
-def side_by_side(cfg: DictConfig):
+def image_workers(cfg: DictConfig):
     """``cluster.workers`` for whole images: 1 with ONNX Runtime, whose sessions run a thread
     pool over every core of their own."""
     return 1 if str(cfg.backend).startswith("onnxruntime") else cfg.cluster.get("workers")
@@ -428,7 +428,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
                              channel=channel, cfg=cfg, output=output)
     start, nuclei, failed = time.perf_counter(), 0, {}
     with Engine(cfg.cluster) as engine:  # dask starts at the first large image only
-        for image_id, result in each_image(todo, work, engine, side_by_side(cfg)):
+        for image_id, result in each_image(todo, work, engine, image_workers(cfg)):
             if isinstance(result, ImageFileError):  # skipped, listed at the end
                 log.warning("skipped: %s", result)
                 failed[image_id] = str(result)
