@@ -46,7 +46,7 @@ compare: $(STAMP) ## baseline vs augmented (real data when $(DSB2018) exists), t
 	$(PY) -m cellseg.compare 'runs=[logs/train/multiruns/compare_$(NOW)]'
 
 bench: $(STAMP) ## measure training and prediction speed (writes bench.md and bench.json)
-	$(PY) -m cellseg.bench
+	$(PY) -m cellseg.bench $(if $(wildcard $(MODEL_DATA)/dsb2018-pool),folder.root=$(MODEL_DATA)/dsb2018-pool)
 
 # the folder holding dsb2018/stage1_train (the 50-image sample) and dsb2018-pool (300 more)
 MODEL_DATA ?= ../shared/data
