@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from scaled_test import scaled_folder
+from scaled_test import scaled_folder, split_samples
 
 from cellseg import checkpoint, inference
-from cellseg.datasets import all_sources
 from cellseg.eval import evaluate_with
 
 SCORES = ("map", "map_pooled", "ap50_pooled", "iou_nuclei")
@@ -39,11 +37,7 @@ def set_rule(variant: str) -> str:
 
 def main(out: str, model: str = "nuclei", variants: str = "today,null", split: str = "val",
          scales: str = "0.5,1,2") -> dict:
-    loaded = checkpoint.load(model)
-    hp = loaded.data["hparams"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"), hp.get("train_roots") or [])
-    samples = [replace(sources[i].read(), id=i.replace("/", "_"))
-               for i in loaded.data["splits"][split]]
+    samples = split_samples(checkpoint.load(model), split)
     results = {}
     for scale in map(float, scales.split(",")):
         folder = scaled_folder(samples, scale, Path(out) / f"x{scale:g}")

@@ -18,16 +18,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scaled_test import scaled
+from scaled_test import scaled, split_samples
 
 from cellseg import checkpoint
 from cellseg.checkpoint import instance_options
-from cellseg.datasets import all_sources
 from cellseg.inference import choose_scale, segment_rescaled
 from cellseg.instances import object_scores
 from cellseg.metrics import instance_scores
 
-SETTINGS = {"tile_size": 1024, "overlap": 32, "batch_size": 1, "tta": False}
+SETTINGS: dict = {}  # inference defaults (tiles, overlap; no test-time augmentation)
 
 
 def confidences(foreground: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -41,10 +40,7 @@ def confidences(foreground: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def main(model_name: str = "nuclei", split: str = "val") -> None:
     loaded = checkpoint.load(model_name)
-    hp = loaded.data["hparams"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"),
-                          hp.get("train_roots") or [])
-    samples = [sources[i].read() for i in loaded.data["splits"][split]]
+    samples = split_samples(loaded, split)
     net, pre = loaded.network(), loaded.preprocessing()
     options = instance_options({}, {"postprocess": loaded.postprocess})
     rows = []

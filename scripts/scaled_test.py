@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,16 @@ from cellseg.measure import median_diameter
 from cellseg.metrics import InstanceScores
 
 SCORES = ("map", "ap50_pooled", "iou_nuclei")
+
+
+def split_samples(loaded, split: str) -> list:
+    """A loaded model's samples of one split (train, val or test), read from the roots it was
+    trained on, their ids file-safe (a pool id is ``dsb2018-pool/<id>``)."""
+    hp = loaded.data["hparams"]
+    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"),
+                          hp.get("train_roots") or [])
+    return [replace(sources[i].read(), id=i.replace("/", "_"))
+            for i in loaded.data["splits"][split]]
 
 
 def scaled(sample, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +75,7 @@ def resized_reference(unscaled: list[np.ndarray], samples: list, scale: float) -
 def main(out: str, model: str = "nuclei", scales: str = "0.5,1,3") -> None:
     out_dir = Path(out)
     loaded = checkpoint.load(model)
-    hp, test = loaded.data["hparams"], loaded.data["splits"]["test"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"))
-    samples = [sources[i].read() for i in test]
+    samples = split_samples(loaded, "test")
     pre = loaded.preprocessing()
     options = instance_options({}, {"postprocess": loaded.postprocess})
     unscaled = [segment_at_scale(loaded.net, s.image, pre, {}, options, "auto")[1]

@@ -355,7 +355,7 @@ def each_image(todo: dict[str, Path], work, engine: Engine, workers) -> Iterator
     auto, one per core), each with its share of PyTorch's threads: while one image is in the
     single-threaded post-processing and writing, another is in the network. Large images come
     after the others, one at a time, block-wise on ``engine``'s own workers."""
-    count, per_worker = worker_layout(workers) if len(todo) > 1 else (1, 0)
+    count, per_worker = worker_layout(workers) if len(todo) > 1 else (1, None)
     if count == 1:
         for image_id, path in progress(todo.items(), "Predicting"):
             threads.refit()
