@@ -438,6 +438,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             nuclei += result
             error_file(output, image_id).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
+    failed = dict(sorted(failed.items()))  # in id order, however the images finished
     summary = {
         "images": len(todo) - len(failed),
         "skipped": len(mine) - len(todo),
