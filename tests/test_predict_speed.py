@@ -67,7 +67,7 @@ def test_auto_segments_a_rescaled_image_twice_at_the_scale_its_estimate_settled_
 def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
     from cellseg.errors import UserError
 
-    out = predict_to(SAMPLE, tmp_path / "out", "outputs=[labels]", "diameter=null")
+    out = predict_to(SAMPLE, tmp_path / "out", "outputs=labels", "diameter=null")  # one name
     assert (tmp_path / "out/labels/nuclei.png").is_file()
     written = [p.name for d in ("masks", "overlays", "tables") for p in (tmp_path / "out" / d)
                .iterdir()]

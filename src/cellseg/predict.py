@@ -276,8 +276,12 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
 
 
 def outputs_wanted(cfg: DictConfig) -> set[str]:
-    """The outputs ``outputs=`` asks for (labels always: an image is done when they exist)."""
-    wanted = set(cfg.get("outputs") or OUTPUTS)
+    """The outputs ``outputs=`` asks for (labels always: an image is done when they exist).
+    A list, or one name as typed (``outputs=labels``, not read letter by letter)."""
+    asked = cfg.get("outputs") or OUTPUTS
+    if isinstance(asked, str):
+        asked = [name.strip() for name in asked.split(",")]
+    wanted = set(asked)
     unknown = wanted - set(OUTPUTS)
     if unknown:
         raise UserError(f"outputs={sorted(wanted)}: {', '.join(sorted(unknown))} is not one of "
