@@ -364,6 +364,37 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog
         NucleiDataModule(str(tmp_path), area_power=0.5, mode="crop")
 
 
+def test_crops_by_nuclei_give_crowded_images_more_crops(tmp_path, caplog):
+    """Four 32² training images of 1, 1, 1 and 9 nuclei, 4 x 4 crops an epoch: by area 4 each;
+    by the nuclei they hold 16 x 9 / 12 = 12 to the crowded one and 16 / 12 = 1.3 -> 1 to the
+    others. Without crops by area the option is refused."""
+    from PIL import Image
+
+    for stem in "abcde":  # c: test
+        labels = np.zeros((32, 32), np.uint8)
+        for n in range(9 if stem == "e" else 1):
+            row, col = divmod(n, 3)
+            labels[1 + 10 * row:9 + 10 * row, 1 + 10 * col:9 + 10 * col] = n + 1
+        for sub in ("images", "masks"):
+            (tmp_path / sub).mkdir(exist_ok=True)
+            Image.fromarray(labels * 20).save(tmp_path / sub / f"{stem}.png")
+    common = dict(layout="folder", mode="crop", crop_size=32, crops_per_image=4, test_size=0.2,
+                  crops_by_area=True)
+    by_area = NucleiDataModule(str(tmp_path), **common)
+    by_nuclei = NucleiDataModule(str(tmp_path), crops_by_nuclei=True, **common)
+    with caplog.at_level(logging.INFO):
+        for dm in (by_area, by_nuclei):
+            dm.setup()
+    train = by_nuclei.splits["train"]
+    assert by_nuclei.train_nuclei == [9 if i == "e" else 1 for i in train]
+    counts = np.bincount(by_nuclei.datasets["train"].order, minlength=len(train))
+    assert counts.tolist() == [12 if i == "e" else 1 for i in train]
+    assert np.bincount(by_area.datasets["train"].order).tolist() == [4] * len(train)
+    assert "by the nuclei they hold (to the power 1): 15 an epoch, 1 to 12" in caplog.text
+    with pytest.raises(ValueError, match="crops_by_nuclei=true .* needs data.crops_by_area=true"):
+        NucleiDataModule(str(tmp_path), crops_by_nuclei=True, mode="crop")
+
+
 def test_crops_by_kind_give_colour_and_grey_images_crops_by_their_numbers(tmp_path, caplog):
     """Three grey images (one 128², two 32²) and one colour 32² one, 4 x 4 crops an epoch: by
     kind the colour image earns 4 (its own share, 1 of 4 images) where by area alone it got 1

@@ -147,31 +147,34 @@ def pad_to_multiple(image: np.ndarray, target: np.ndarray, multiple: int):
 
 
 def crop_counts(
-    areas: Sequence[int],
+    sizes: Sequence[float],
     crops_per_image: int,
     power: float = 1.0,
     kinds: Sequence[str] | None = None,
 ) -> list[int]:
-    """Each image's crops per epoch when the epoch's ``crops_per_image * len(areas)`` crops are
-    shared out in proportion to the images' areas to the ``power``, at least one per image.
+    """Each image's crops per epoch when the epoch's ``crops_per_image * len(sizes)`` crops are
+    shared out in proportion to the images' sizes (their areas, or the nuclei they hold) to the
+    ``power``, at least one per image.
 
-    ``power=1``: by area (every pixel about as likely to be seen, so every annotated nucleus
-    weighs about the same); ``0``: as many per image (every image, and so every kind of image,
-    weighs the same); ``0.5`` between the two (a 1024x1024 field gets 4x a 256x256 one's crops).
+    By area with ``power=1``: every pixel about as likely to be seen, so every annotated nucleus
+    weighs about the same where nuclei are about as dense; ``0``: as many per image (every image,
+    and so every kind of image, weighs the same); ``0.5`` between the two (a 1024x1024 field gets
+    4x a 256x256 one's crops). By the nuclei an image holds: every nucleus weighs the same
+    however crowded, so dense fields, where touching nuclei must be split, get more crops.
     With ``kinds`` (one per image, e.g. colour / grey) each kind first gets the share of the
     crops its number of images earns, then shares it out among its images as above: a rare kind
     of small images is not drowned out by a few large fields of another.
     """
     if kinds is not None:
-        counts = [0] * len(areas)
+        counts = [0] * len(sizes)
         for kind in set(kinds):
             members = [i for i, k in enumerate(kinds) if k == kind]
-            shares = crop_counts([areas[i] for i in members], crops_per_image, power)
+            shares = crop_counts([sizes[i] for i in members], crops_per_image, power)
             for i, n in zip(members, shares, strict=True):
                 counts[i] = n
         return counts
-    weights = [float(a) ** power for a in areas]
-    total, weight_sum = crops_per_image * len(areas), sum(weights)
+    weights = [float(a) ** power for a in sizes]
+    total, weight_sum = crops_per_image * len(sizes), sum(weights)
     return [max(1, round(total * w / weight_sum)) for w in weights]
 
 
@@ -208,7 +211,8 @@ class DataOptions:
     crop_size: int = 256  # crop: the side of the training crops
     crops_per_image: int = 1  # crop: crops an epoch per training image (on average, by area)
     crops_by_area: bool = False  # share the epoch's crops out by image area
-    area_power: float = 1.0  # ... to this power of the area
+    area_power: float = 1.0  # ... to this power of the area (or of the nuclei count)
+    crops_by_nuclei: bool = False  # ... by the number of nuclei an image holds, not its area
     crops_by_kind: bool = False  # ... colour and grey images first by their numbers
     in_channels: int = 3
     target_channels: int = 1  # = model.net.out_channels
@@ -240,6 +244,9 @@ class DataOptions:
             (self.area_power != 1.0 and not self.crops_by_area,
              f"data.area_power={self.area_power} shares out crops by area to that power",
              "data.crops_by_area=true"),
+            (self.crops_by_nuclei and not self.crops_by_area,
+             "data.crops_by_nuclei=true shares out crops by the nuclei each image holds instead "
+             "of its area", "data.crops_by_area=true"),
             (self.crops_by_kind and not self.crops_by_area,
              "data.crops_by_kind=true gives colour and grey images crops by their numbers, then "
              "by area within each", "data.crops_by_area=true"),
@@ -340,11 +347,12 @@ class NucleiDataModule(L.LightningDataModule):
         self.splits = make_splits(own, opt.test_size, opt.val_size, opt.split_seed, extra)
         train, val, test = (self.splits[k] for k in ("train", "val", "test"))
         self.log_split()
-        diameters, areas, kinds, train_ids = [], {}, {}, set(train)
+        diameters, areas, nuclei, kinds, train_ids = [], {}, {}, {}, set(train)
 
         def measure(sample: Sample) -> None:  # once, at the geometry the network sees
             diameters.append(equivalent_diameters(self.training_labels(sample.labels)))
             areas[sample.id] = sample.labels.size
+            nuclei[sample.id] = len(diameters[-1])
             kinds[sample.id] = image_kind(sample.image)
 
         def prepare(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -367,6 +375,7 @@ class NucleiDataModule(L.LightningDataModule):
         all_diameters = np.concatenate(diameters) if diameters else np.zeros(0)
         self.diameter = float(np.median(all_diameters)) if all_diameters.size else None
         self.train_areas = [areas[i] for i in train]
+        self.train_nuclei = [nuclei[i] for i in train]
         self.train_kinds = [kinds[i] for i in train]
         for name, split_pairs in pairs.items():
             self.datasets[name] = self.make_dataset(name, split_pairs)
@@ -418,11 +427,13 @@ class NucleiDataModule(L.LightningDataModule):
         repeats = self.options.crops_per_image
         if self.options.crops_by_area:
             kinds = self.train_kinds if self.options.crops_by_kind else None
-            repeats = crop_counts(self.train_areas, opt.crops_per_image, opt.area_power, kinds)
+            by = "the nuclei they hold" if opt.crops_by_nuclei else "image area"
+            sizes = self.train_nuclei if opt.crops_by_nuclei else self.train_areas
+            repeats = crop_counts(sizes, opt.crops_per_image, opt.area_power, kinds)
             if self.trainer is None or self.trainer.is_global_zero:
-                log.info("Training crops shared out by image area (to the power %g): %d an epoch, "
-                         "%d to %d per image", self.options.area_power, sum(repeats), min(repeats),
-                         max(repeats))
+                log.info("Training crops shared out by %s (to the power %g): %d an epoch, "
+                         "%d to %d per image", by, self.options.area_power, sum(repeats),
+                         min(repeats), max(repeats))
                 if kinds:
                     colour = sum(n for n, k in zip(repeats, kinds, strict=True) if k == "colour")
                     log.info("... by kind first: %d of them to the %d colour (stained) images, "

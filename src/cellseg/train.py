@@ -139,8 +139,8 @@ def config_line(cfg: DictConfig) -> str:
     data, model = cfg.data, cfg.model
     geometry = f"resized to {data.img_size}" if data.mode == "resize" else f"{data.crop_size} crops"
     if data.get("crops_by_area"):  # refused in resize mode
-        power = data.get("area_power", 1.0)
-        geometry += " by area" if power == 1 else f" by area^{power:g}"
+        power, by = data.get("area_power", 1.0), "nuclei" if data.get("crops_by_nuclei") else "area"
+        geometry += f" by {by}" if power == 1 else f" by {by}^{power:g}"
         geometry += " and kind" if data.get("crops_by_kind") else ""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     optimizer = model.get("optimizer") or {}
