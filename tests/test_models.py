@@ -115,10 +115,13 @@ def test_an_exported_file_predicts_what_its_checkpoint_predicts(trained, tmp_pat
 
 
 def test_the_predicting_network_is_the_trained_modules_without_lightning(shipped):
-    """Prediction runs checkpoint.TrainedNet; export and fine-tuning the SegmentationModule
-    built from the same file: both give the same logits."""
+    """Prediction runs checkpoint.TrainedNet, its batch norms folded into the convolutions;
+    export and fine-tuning the SegmentationModule built from the same file: both give the same
+    logits."""
     x = torch.rand(1, 3, 64, 96)
     assert type(shipped.net).__name__ == "TrainedNet"
+    assert not [m for m in shipped.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [m for m in shipped.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         torch.testing.assert_close(shipped.net(x), shipped.module(x))
     assert type(shipped.module).__name__ == "SegmentationModule"

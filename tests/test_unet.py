@@ -93,3 +93,30 @@ def test_dice_leaves_the_centre_offsets_out():
     expected = bce + soft_dice_loss(logits[:, :3], target[:, :3])
     assert segmentation_loss("dice_bce", logits, target).item() == pytest.approx(expected.item())
     assert expected.item() != pytest.approx((bce + soft_dice_loss(logits, target)).item())
+
+
+def test_folded_batch_norm_gives_the_same_logits_without_batch_norm():
+    """Prediction folds each batch norm into its convolution: the same function (to float
+    rounding) with no batch norm left; a network still training is refused."""
+    from torch import nn
+
+    from cellseg.unet import fold_batch_norm
+
+    torch.manual_seed(0)
+    net = UNet(3, out_channels=3, batch_norm=True)
+    for m in net.modules():  # statistics and affine away from the identity they start at
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    x = torch.randn(2, 3, 64, 48)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batch_norm(net)
+    with torch.no_grad():
+        expected = net.eval()(x)
+        folded = fold_batch_norm(net)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        weights = sum(p.numel() for p in folded.parameters())  # the convolutions' biases back
+        assert weights == count_parameters(UNet(3, out_channels=3))
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4)

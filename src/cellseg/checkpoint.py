@@ -30,7 +30,7 @@ from torch import nn
 
 from cellseg.errors import UserError
 from cellseg.models import DEFAULT_MODEL, MODELS, shipped_path
-from cellseg.unet import UNet
+from cellseg.unet import UNet, fold_batch_norm
 
 log = logging.getLogger(__name__)
 PREPROCESS_KEYS = ("mode", "img_size", "in_channels", "normalize", "invert_bright")
@@ -197,7 +197,8 @@ def load_model(name: str | Path | None, device: str | torch.device = "cpu") -> n
 
 class TrainedNet(nn.Module):
     """A checkpoint's network ready to predict, without Lightning (whose import costs a predict
-    270 MB and seconds): the UNet with its weights, the memory format it trained in, and what
+    270 MB and seconds): the UNet with its weights (batch norm folded into the convolutions,
+    :func:`~cellseg.unet.fold_batch_norm`), the memory format it trained in, and what
     the checkpoint says beside them (``hparams``, ``data_description``, ``postprocess``) under
     the names a SegmentationModule loaded from the same file has."""
 
@@ -208,6 +209,7 @@ class TrainedNet(nn.Module):
         weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()
                    if k.startswith("net.")}
         self.net.load_state_dict(weights)
+        fold_batch_norm(self.net.eval())
         channels_last = self.hparams.get("channels_last", True)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
