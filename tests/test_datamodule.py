@@ -339,6 +339,7 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog
     # by the square root of the area: 16 x 128 / 224 = 9.14 and 16 x 32 / 224 = 2.29
     assert crop_counts([16384, 1024, 1024, 1024], 4, power=0.5) == [9, 2, 2, 2]
     assert crop_counts([16384, 1024, 1024, 1024], 4, power=0) == [4, 4, 4, 4]
+    assert crop_counts([0, 0, 0], 4) == [4, 4, 4]  # by nuclei with none annotated
     for stem, size in (("e", 128), ("a", 32), ("b", 32), ("c", 32), ("d", 32)):  # c: test
         for sub in ("images", "masks"):
             (tmp_path / sub).mkdir(exist_ok=True)

@@ -175,6 +175,8 @@ def crop_counts(
         return counts
     weights = [float(a) ** power for a in sizes]
     total, weight_sum = crops_per_image * len(sizes), sum(weights)
+    if weight_sum == 0:  # by nuclei, and none annotated: as many per image
+        return [crops_per_image] * len(sizes)
     return [max(1, round(total * w / weight_sum)) for w in weights]
 
 
