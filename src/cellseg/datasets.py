@@ -128,12 +128,14 @@ def image_kind(image: np.ndarray) -> str:
     return "colour" if spread > 0.02 * max(float(rgb.max()), 1.0) else "grey"
 
 
-INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR,
+                  "cubic": cv2.INTER_CUBIC}
 
 
 def resize(array: np.ndarray, size: int | tuple[int, int], method: str = "area") -> np.ndarray:
     """Resize an (H, W[, C]) array to ``size`` (a side, or (H, W)); ``area`` averaging for
-    downscaling images, ``nearest`` for labels, ``linear`` for probability maps."""
+    downscaling images, ``cubic`` for enlarging them, ``nearest`` for labels, ``linear`` for
+    probability maps."""
     h, w = (size, size) if isinstance(size, int) else size
     out = cv2.resize(array, (w, h), interpolation=INTERPOLATIONS[method])
     return out[..., None] if array.ndim == 3 and out.ndim == 2 else out
