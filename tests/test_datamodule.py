@@ -327,6 +327,17 @@ def test_touching_weight_gives_training_crops_a_loss_weight_map(tmp_path):
             NucleiDataModule(str(tmp_path / "s"), touching_weight=9.0, **wrong)
 
 
+def epoch_crops(root, caplog, **options) -> tuple[NucleiDataModule, list[int]]:
+    """A folder datamodule of 32-px crops, 4 an image on average, one image in five for test,
+    set up (its log in ``caplog``), and the crops each training image gets an epoch."""
+    dm = NucleiDataModule(str(root), layout="folder", mode="crop", crop_size=32,
+                          crops_per_image=4, test_size=0.2, **options)
+    with caplog.at_level(logging.INFO):
+        dm.setup()
+    counts = np.bincount(dm.datasets["train"].order, minlength=len(dm.splits["train"]))
+    return dm, counts.tolist()
+
+
 def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog):
     """One 128² and three 32² training images, 4 x 4 crops an epoch: by area 16 x 16,384 /
     19,456 = 13.47 and 16 x 1,024 / 19,456 = 0.84 each, rounded; per image (the default) 4 each."""
@@ -346,18 +357,12 @@ def test_crops_by_area_share_the_epochs_crops_out_by_image_size(tmp_path, caplog
             labels = np.zeros((size, size), np.uint8)
             labels[4:12, 4:12] = 255
             Image.fromarray(labels).save(tmp_path / sub / f"{stem}.png")
-    common = dict(layout="folder", mode="crop", crop_size=32, crops_per_image=4, test_size=0.2)
-    by_image = NucleiDataModule(str(tmp_path), **common)
-    by_area = NucleiDataModule(str(tmp_path), crops_by_area=True, **common)
-    with caplog.at_level(logging.INFO):
-        for dm in (by_image, by_area):
-            dm.setup()
+    _, per_image = epoch_crops(tmp_path, caplog)
+    by_area, counts = epoch_crops(tmp_path, caplog, crops_by_area=True)
     train = by_area.splits["train"]
     assert by_area.train_areas == [128 * 128 if i == "e" else 32 * 32 for i in train]
-    big = train.index("e")
-    counts = np.bincount(by_area.datasets["train"].order, minlength=len(train))
-    assert counts.tolist() == [13 if k == big else 1 for k in range(len(train))]
-    assert np.bincount(by_image.datasets["train"].order).tolist() == [4] * len(train)
+    assert counts == [13 if i == "e" else 1 for i in train]
+    assert per_image == [4] * len(train)
     assert "by image area (to the power 1): 16 an epoch, 1 to 13 per image" in caplog.text
     with pytest.raises(ValueError, match="crops_by_area=true .* needs data.mode=crop"):
         NucleiDataModule(str(tmp_path), crops_by_area=True, mode="resize")
@@ -379,18 +384,12 @@ def test_crops_by_nuclei_give_crowded_images_more_crops(tmp_path, caplog):
         for sub in ("images", "masks"):
             (tmp_path / sub).mkdir(exist_ok=True)
             Image.fromarray(labels * 20).save(tmp_path / sub / f"{stem}.png")
-    common = dict(layout="folder", mode="crop", crop_size=32, crops_per_image=4, test_size=0.2,
-                  crops_by_area=True)
-    by_area = NucleiDataModule(str(tmp_path), **common)
-    by_nuclei = NucleiDataModule(str(tmp_path), crops_by_nuclei=True, **common)
-    with caplog.at_level(logging.INFO):
-        for dm in (by_area, by_nuclei):
-            dm.setup()
+    _, by_area = epoch_crops(tmp_path, caplog, crops_by_area=True)
+    by_nuclei, counts = epoch_crops(tmp_path, caplog, crops_by_area=True, crops_by_nuclei=True)
     train = by_nuclei.splits["train"]
     assert by_nuclei.train_nuclei == [9 if i == "e" else 1 for i in train]
-    counts = np.bincount(by_nuclei.datasets["train"].order, minlength=len(train))
-    assert counts.tolist() == [12 if i == "e" else 1 for i in train]
-    assert np.bincount(by_area.datasets["train"].order).tolist() == [4] * len(train)
+    assert counts == [12 if i == "e" else 1 for i in train]
+    assert by_area == [4] * len(train)
     assert "by the nuclei they hold (to the power 1): 15 an epoch, 1 to 12" in caplog.text
     with pytest.raises(ValueError, match="crops_by_nuclei=true .* needs data.crops_by_area=true"):
         NucleiDataModule(str(tmp_path), crops_by_nuclei=True, mode="crop")
@@ -422,14 +421,9 @@ def test_crops_by_kind_give_colour_and_grey_images_crops_by_their_numbers(tmp_pa
         labels[4:12, 4:12] = 255
         Image.fromarray(image).save(tmp_path / "images" / f"{stem}.png")
         Image.fromarray(labels).save(tmp_path / "masks" / f"{stem}.png")
-    dm = NucleiDataModule(str(tmp_path), layout="folder", mode="crop", crop_size=32,
-                          crops_per_image=4, test_size=0.2, crops_by_area=True,
-                          crops_by_kind=True)
-    with caplog.at_level(logging.INFO):
-        dm.setup()
+    dm, counts = epoch_crops(tmp_path, caplog, crops_by_area=True, crops_by_kind=True)
     train = dm.splits["train"]
     assert dm.train_kinds == ["colour" if i == "d" else "grey" for i in train]
-    counts = np.bincount(dm.datasets["train"].order, minlength=len(train))
     assert counts[train.index("d")] == 4
     assert counts[train.index("e")] == 11
     assert "4 of them to the 1 colour (stained) images, 13 to the 3 grey ones" in caplog.text
