@@ -4,7 +4,7 @@ recipe's) and the 3-channel target through the loaders."""
 import hydra
 import numpy as np
 
-from cellseg.datamodule import NucleiDataModule
+from cellseg.datamodule import NucleiDataModule, PhotonNoise
 from helpers import compose_cfg
 
 
@@ -122,3 +122,48 @@ def test_nuclei_resolution_blurs_the_image_and_leaves_the_mask_sharp():
     out = step(image=image, mask=mask)
     assert np.array_equal(out["mask"], mask)
     assert np.abs(np.diff(out["image"][..., 0], axis=0)).max() < 0.9  # no sharp edge left
+
+
+def test_nuclei_optics_blurs_and_bends_the_image_and_leaves_the_mask_sharp():
+    optics = pipeline_of("nuclei_optics")
+    assert optics[:-3] == pipeline_of("nuclei_resolution")
+    assert [name for name, _ in optics[-3:]] == ["GaussianBlur", "RandomGamma", "PhotonNoise"]
+    cfg = compose_cfg("train", ["augmentation=nuclei_optics"])
+    pipeline = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    blur, gamma = pipeline.transforms[-3:-1]
+    image = np.zeros((64, 64, 3), np.float32)
+    image[::2] = 1.0  # stripes one pixel wide
+    image[1::2, :32] = 0.25
+    mask = (image[..., 0] > 0.5).astype(np.uint8)
+    for step in (blur, gamma):
+        step.p = 1.0
+        step.set_random_seed(0)
+        out = step(image=image, mask=mask)
+        assert np.array_equal(out["mask"], mask)
+        assert np.isfinite(out["image"]).all()
+    assert np.abs(np.diff(blur(image=image, mask=mask)["image"][..., 0], axis=0)).max() < 0.9
+    bent = np.unique(gamma(image=image, mask=mask)["image"])
+    assert bent[0] == 0.0
+    assert bent[-1] == 1.0
+    assert not np.isclose(bent[1], 0.25, atol=0.01)
+
+
+def test_photon_noise_is_poisson_and_keeps_grey_images_grey():
+    noise = PhotonNoise(photons_range=(20, 20), p=1.0)
+    noise.set_random_seed(0)
+    grey = np.full((128, 128, 3), 0.5, np.float32)
+    grey[:64] = 0.0
+    out = noise(image=grey)["image"]
+    assert out.dtype == np.float32
+    assert np.array_equal(out[..., 0], out[..., 1])
+    assert np.array_equal(out[..., 0], out[..., 2])
+    assert np.all(out[:64] == 0.0)  # no light, no counts
+    lit = out[64:, :, 0]
+    assert abs(lit.mean() - 0.5) < 0.01
+    assert abs(lit.std() - np.sqrt(0.5 / 20)) < 0.01  # Poisson: variance = mean count
+    assert np.allclose(lit * 20, np.round(lit * 20))  # whole photons
+    colour = grey.copy()
+    colour[..., 1] = 0.25
+    out = noise(image=colour)["image"]
+    assert not np.array_equal(out[64:, :, 0], out[64:, :, 2])  # each channel its own counts
+    assert abs(out[64:, :, 1].mean() - 0.25) < 0.01

@@ -186,6 +186,34 @@ def augmentation(steps: dict[str, A.BasicTransform | None]) -> A.Compose:
     return A.Compose([step for step in steps.values() if step is not None])
 
 
+class PhotonNoise(A.ImageOnlyTransform):
+    """Shot noise of a dim exposure (``augmentation=nuclei_optics``): the normalised image, 1 at
+    its brightest nuclei, taken as the mean of a Poisson count of ``photons`` at 1, drawn
+    log-uniformly from ``photons_range`` (10: a dim live-cell exposure; 1,000: almost none).
+    albumentations' ``GaussNoise`` adds noise of one level everywhere, and its ``ShotNoise``
+    assumes a photograph's gamma of 2.2; a microscope's counts are linear and their noise grows
+    with the signal."""
+
+    def __init__(self, photons_range: Sequence[float] = (10.0, 1000.0), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.photons_range = (float(photons_range[0]), float(photons_range[1]))
+
+    def get_params(self) -> dict[str, float]:
+        low, high = np.log(self.photons_range)
+        return {"photons": float(np.exp(self.py_random.uniform(low, high)))}
+
+    def apply(self, img: np.ndarray, photons: float, **params: Any) -> np.ndarray:
+        grey = img.ndim == 3 and all(np.array_equal(img[..., 0], img[..., c])
+                                     for c in range(1, img.shape[-1]))
+        signal = img[..., :1] if grey else img  # a grey image stays grey: one count a pixel
+        counts = self.random_generator.poisson(np.clip(signal, 0.0, 1.0) * photons)
+        noisy = np.minimum(counts.astype(np.float32) / np.float32(photons), 1.0)
+        return np.repeat(noisy, img.shape[-1], axis=-1) if grey else noisy
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("photons_range",)
+
+
 def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker its own numpy, random and albumentations streams.
 
