@@ -53,12 +53,16 @@ def scaled(sample, scale: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scaled_folder(samples: list, scale: float, folder: Path) -> Path:
+    return write_folder(folder, ((s.id, *scaled(s, scale)) for s in samples))
+
+
+def write_folder(folder: Path, items) -> Path:
+    """A ``data=folder`` root of (id, image, labels) items: images/<id>.png, masks/<id>.png."""
     for sub in ("images", "masks"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    for s in samples:
-        image, labels = scaled(s, scale)
-        save_png(folder / "images" / f"{s.id}.png", image)
-        save_png(folder / "masks" / f"{s.id}.png", labels.astype(np.uint16))
+    for name, image, labels in items:
+        save_png(folder / "images" / f"{name}.png", image)
+        save_png(folder / "masks" / f"{name}.png", labels.astype(np.uint16))
     return folder
 
 
