@@ -1,7 +1,7 @@
 """Other microscopes' optics: a model's scores on its own test (or validation) images degraded
 as another microscope or camera would give them: blurred (defocus, a lower numerical aperture),
 another gamma (another camera's response), fewer photons (Poisson noise), the labels unchanged
-(docs/model.md#other-microscopes-optics).
+(docs/model.md#other-microscopes).
 
     python scripts/degraded_test.py OUT_DIR [MODEL] [SPLIT] [NAMES]
     (SPLIT: test or val; NAMES: some of DEGRADATIONS, comma-separated, all by default)

@@ -1,5 +1,6 @@
 """Scale augmentation (augmentation=nuclei_scale), stain variation (nuclei_colour, the native
-recipe's) and the 3-channel target through the loaders."""
+recipe's), lost resolution and other microscopes' optics (nuclei_resolution, nuclei_optics:
+the general recipe's) and the 3-channel target through the loaders."""
 
 import hydra
 import numpy as np

@@ -189,7 +189,7 @@ def augmentation(steps: dict[str, A.BasicTransform | None]) -> A.Compose:
 class PhotonNoise(A.ImageOnlyTransform):
     """Shot noise of a dim exposure (``augmentation=nuclei_optics``): the normalised image, 1 at
     its brightest nuclei, taken as the mean of a Poisson count of ``photons`` at 1, drawn
-    log-uniformly from ``photons_range`` (10: a dim live-cell exposure; 1,000: almost none).
+    log-uniformly from ``photons_range`` (10: a dim live-cell exposure; 1,000: hardly any noise).
     albumentations' ``GaussNoise`` adds noise of one level everywhere, and its ``ShotNoise``
     assumes a photograph's gamma of 2.2; a microscope's counts are linear and their noise grows
     with the signal."""
