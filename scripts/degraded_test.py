@@ -22,6 +22,7 @@ from scaled_test import SCORES, split_samples, write_folder
 from scipy import ndimage
 
 from cellseg import checkpoint
+from cellseg.datasets import intensity_limits
 from cellseg.eval import evaluate_with
 
 
@@ -36,14 +37,15 @@ def gamma(image: np.ndarray, value: float, rng) -> np.ndarray:
 
 
 def photons(image: np.ndarray, peak: float, rng) -> np.ndarray:
-    """Shot noise of an exposure in which the brightest nuclei (the 99.8th percentile, where
+    """Shot noise of an exposure in which the brightest nuclei (where the model's percentile
     normalisation puts 1) caught ``peak`` photons a pixel."""
-    bright = max(float(np.percentile(image, 99.8)), 1.0)
+    bright = max(intensity_limits(image, "percentile")[1], 1.0)
     return rng.poisson(image.astype(np.float32) / bright * peak) / peak * bright
 
 
 def top_value(image: np.ndarray) -> float:
-    return float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0
+    """The stored type's largest value (the study's ``scale`` normalisation's 1)."""
+    return intensity_limits(image, "scale")[1]
 
 
 DEGRADATIONS = {  # name: (function, its parameter)

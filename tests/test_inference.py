@@ -202,7 +202,8 @@ def test_diameter_scale_checks_the_value_and_the_model():
 @pytest.mark.parametrize(("scale", "method"), [(2.0, "cubic"), (0.5, "area")])
 def test_rescaled_images_are_enlarged_cubic_and_shrunk_by_area(monkeypatch, scale, method):
     """diameter= enlarges images of small nuclei with cubic interpolation (sharper than linear:
-    on the shipped model's validation images at 0.5x, map 0.529 against 0.516) and shrinks by
+    on the validation images at 0.5x of the model shipped on 2026-12-03, map 0.529 against
+    0.516; docs/model.md) and shrinks by
     area averaging; the results come back to the image's grid (probabilities linear, labels
     nearest)."""
     from cellseg import inference

@@ -192,7 +192,8 @@ class PhotonNoise(A.ImageOnlyTransform):
     log-uniformly from ``photons_range`` (10: a dim live-cell exposure; 1,000: hardly any noise).
     albumentations' ``GaussNoise`` adds noise of one level everywhere, and its ``ShotNoise``
     assumes a photograph's gamma of 2.2; a microscope's counts are linear and their noise grows
-    with the signal."""
+    with the signal. A grey crop gets one count a pixel and stays grey, unless an earlier step
+    has tinted it: the recipes' ``GaussNoise`` draws its noise per channel."""
 
     def __init__(self, photons_range: Sequence[float] = (10.0, 1000.0), p: float = 0.5) -> None:
         super().__init__(p=p)
