@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from scipy import ndimage
+from skimage.measure import label as connected_components
 
 from cellseg.instances import (
+    core_peaks,
     distance_seeds,
     instances,
     labels_from_probs,
@@ -203,3 +206,45 @@ def test_distance_seeds_keep_a_seed_in_every_core_however_flat():
     assert seeds[20, 23] == 1
     assert seeds[20, 53] == 2
     assert (seeds[~cores] == 0).all()
+
+
+def seeds_searching_every_core(cores, distance, h):
+    """distance_seeds as it was until 2026-12-04: every core searched alone with h_maxima."""
+    smooth = ndimage.gaussian_filter(distance.astype(np.float64), 1.0)
+    core_labels = connected_components(cores, connectivity=1)
+    seeds, count = np.zeros(cores.shape, np.int32), 0
+    for i, box in enumerate(ndimage.find_objects(core_labels), start=1):
+        found = connected_components(core_peaks(core_labels[box] == i, smooth[box], h),
+                                     connectivity=2)
+        seeds[box] = np.where(found > 0, found + count, seeds[box])
+        count += int(found.max())
+    return seeds
+
+
+@pytest.mark.parametrize("h", [0.05, 0.3])
+def test_distance_seeds_equal_searching_every_core_alone(h):
+    """Cores with one top skip the search; the seeds and their numbers must not change: single
+    bumps, touching pairs, a flat top, ragged noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:120, :160]
+    distance = np.zeros((120, 160))
+    for _ in range(40):
+        cy, cx, r = rng.uniform(0, 120), rng.uniform(0, 160), rng.uniform(3, 12)
+        distance = np.maximum(distance, 1 - np.hypot(yy - cy, xx - cx) / r)
+    distance = np.clip(distance + rng.normal(0, 0.05, distance.shape), 0, 1)
+    distance[10:20, 10:20] = 0.8  # a plateau
+    cores = distance > 0.3
+    expected = seeds_searching_every_core(cores, distance, h)
+    assert expected.max() > connected_components(cores, connectivity=1).max()  # some split
+    np.testing.assert_array_equal(distance_seeds(cores, distance, h), expected)
+
+
+def test_distance_seeds_search_cores_that_meet_another_at_a_corner():
+    """Two cores meeting at one corner: the other core's higher pixel there hides a top of the
+    first from the 8-neighbour test (this noise field, found by search, is such a case)."""
+    distance = np.random.default_rng(10).uniform(0, 1, (12, 12))
+    cores = np.zeros((12, 12), bool)
+    cores[2:6, 2:6] = cores[6:10, 6:10] = True
+    expected = seeds_searching_every_core(cores, distance, 0.05)
+    assert expected.max() == 3
+    np.testing.assert_array_equal(distance_seeds(cores, distance, 0.05), expected)

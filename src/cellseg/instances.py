@@ -100,26 +100,53 @@ def instances(
 
 def distance_seeds(cores: np.ndarray, distance: np.ndarray, h: float) -> np.ndarray:
     """Watershed seeds (labels) in each core: its maxima of the predicted distance (smoothed over
-    1 px, against single-pixel noise) at least ``h`` deep, one seed each; never none.
+    1 px, against single-pixel noise) at least ``h`` deep, one seed each; never none. Numbered
+    core by core (in the cores' raster order), each core's seeds in raster order.
 
     The distance is 1 at every nucleus's centre, falling towards its border, so two nuclei
     whose cores touch still show two peaks with a saddle between them (the h-maxima seeds of
     classical nucleus splitting, on the network's distance instead of the mask's). Each core is
-    searched alone, in its bounding box: fast on large images, and a core's top is always a
-    maximum however flat it is."""
+    searched alone, in its bounding box (:func:`core_peaks`): fast on large images, and a
+    core's top is always a maximum however flat it is. A core with a single pixel at least as
+    high as its 8 neighbours, and no other core beside it, has one maximum, that pixel, which is
+    its seed without a search (about 3 cores in 5 of the pool's images)."""
     smooth = ndimage.gaussian_filter(distance.astype(np.float64), 1.0)
     core_labels = connected_components(cores, connectivity=1)
-    seeds, count = np.zeros(cores.shape, np.int32), 0
-    for i, box in enumerate(ndimage.find_objects(core_labels), start=1):
-        inside = core_labels[box] == i
-        # lifted by 1 inside the core and 0 around it (a 1 px frame, so a core that fills its
-        # box is no plateau): the core's top is more than h deep
-        lifted = np.pad(np.where(inside, smooth[box] + 1.0, 0.0), 1)
-        peaks = inside & h_maxima(lifted, h)[1:-1, 1:-1].astype(bool)
-        found = connected_components(peaks, connectivity=2)
+    n = int(core_labels.max())
+    lifted = np.where(cores, smooth + 1.0, 0.0)
+    top = cores & (lifted >= ndimage.maximum_filter(lifted, 3))
+    search = np.bincount(core_labels[top], minlength=n + 1) != 1
+    search[core_labels[cores & beside_another(core_labels)]] = True
+    search[0] = False
+    seeds, count = np.where(top & ~search[core_labels], core_labels, 0), n
+    boxes = ndimage.find_objects(core_labels)
+    for i in np.flatnonzero(search):
+        box = boxes[i - 1]
+        found = connected_components(core_peaks(core_labels[box] == i, smooth[box], h),
+                                     connectivity=2)
         seeds[box] = np.where(found > 0, found + count, seeds[box])
         count += int(found.max())
-    return seeds
+    # renumbered core by core, each core's seeds in raster order (their first pixels')
+    ids, first = np.unique(seeds.ravel(), return_index=True)
+    ids, first = ids[ids > 0], first[ids > 0]
+    number = np.zeros(count + 1, np.int32)
+    number[ids[np.lexsort((first, core_labels.ravel()[first]))]] = np.arange(1, len(ids) + 1)
+    return number[seeds]
+
+
+def core_peaks(inside: np.ndarray, smooth: np.ndarray, h: float) -> np.ndarray:
+    """The pixels of one core (``inside``, a mask of its bounding box) that are maxima of
+    ``smooth`` at least ``h`` deep. Lifted by 1 inside the core and 0 around it (a 1 px frame,
+    so a core that fills its box is no plateau): the core's top is more than h deep."""
+    lifted = np.pad(np.where(inside, smooth + 1.0, 0.0), 1)
+    return inside & h_maxima(lifted, h)[1:-1, 1:-1].astype(bool)
+
+
+def beside_another(labels: np.ndarray) -> np.ndarray:
+    """Pixels with a pixel of another label (not background) among their 8 neighbours."""
+    highest = ndimage.maximum_filter(labels, 3)
+    lowest = ndimage.minimum_filter(np.where(labels > 0, labels, np.iinfo(labels.dtype).max), 3)
+    return (labels > 0) & ((highest != labels) | (lowest != labels))
 
 
 def offset_edges(offsets: np.ndarray) -> np.ndarray:
