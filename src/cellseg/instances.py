@@ -116,7 +116,7 @@ def distance_seeds(cores: np.ndarray, distance: np.ndarray, h: float) -> np.ndar
     lifted = np.where(cores, smooth + 1.0, 0.0)
     top = cores & (lifted >= ndimage.maximum_filter(lifted, 3))
     search = np.bincount(core_labels[top], minlength=n + 1) != 1
-    search[core_labels[cores & beside_another(core_labels)]] = True
+    search[corner_neighbours(core_labels)] = True
     search[0] = False
     seeds, count = np.where(top & ~search[core_labels], core_labels, 0), n
     boxes = ndimage.find_objects(core_labels)
@@ -142,11 +142,14 @@ def core_peaks(inside: np.ndarray, smooth: np.ndarray, h: float) -> np.ndarray:
     return inside & h_maxima(lifted, h)[1:-1, 1:-1].astype(bool)
 
 
-def beside_another(labels: np.ndarray) -> np.ndarray:
-    """Pixels with a pixel of another label (not background) among their 8 neighbours."""
-    highest = ndimage.maximum_filter(labels, 3)
-    lowest = ndimage.minimum_filter(np.where(labels > 0, labels, np.iinfo(labels.dtype).max), 3)
-    return (labels > 0) & ((highest != labels) | (lowest != labels))
+def corner_neighbours(labels: np.ndarray) -> np.ndarray:
+    """The labels that meet another label (not background) at a corner: of 4-connected
+    components, the only way two can be 8-neighbours."""
+    found = []
+    for a, b in ((labels[:-1, :-1], labels[1:, 1:]), (labels[:-1, 1:], labels[1:, :-1])):
+        meet = (a > 0) & (b > 0) & (a != b)
+        found += [a[meet], b[meet]]
+    return np.concatenate(found)
 
 
 def offset_edges(offsets: np.ndarray) -> np.ndarray:
