@@ -218,3 +218,22 @@ def test_rescaled_images_are_enlarged_cubic_and_shrunk_by_area(monkeypatch, scal
     foreground, labels = inference.segment_rescaled(None, image, {}, {}, {}, scale)
     assert methods == [method, "linear", "nearest"]
     assert foreground.shape == labels.shape == (32, 48)
+
+
+@pytest.mark.parametrize("scale", [1.62, 0.7])
+def test_labels_mapped_back_stay_where_their_nuclei_are(scale):
+    """Labels go to a rescaled grid and come back centre on centre, as the image does (cv2's
+    INTER_NEAREST maps pixel corners, not centres: at these factors, as diameter=auto chooses
+    them, nuclei came back 1-1.3 px down and right, which cost the enlarged test images 0.05 of
+    their matched nuclei's IoU; docs/model.md#any-magnification)."""
+    from cellseg.datasets import resize
+
+    yy, xx = np.mgrid[:90, :120]
+    labels = ((yy - 40.3) ** 2 + (xx - 61.7) ** 2 <= 15**2).astype(np.int32)
+    big = resize(labels, (round(90 * scale), round(120 * scale)), "nearest")
+    back = resize(big, (90, 120), "nearest")
+    for mapped, factor in ((big, scale), (back, 1.0)):
+        rows, cols = np.nonzero(mapped)
+        # a pixel's centre is at index + 0.5 on both grids
+        assert (rows.mean() + 0.5) / factor - 0.5 == pytest.approx(40.3, abs=0.2)
+        assert (cols.mean() + 0.5) / factor - 0.5 == pytest.approx(61.7, abs=0.2)
