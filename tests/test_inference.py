@@ -204,8 +204,8 @@ def test_rescaled_images_are_enlarged_cubic_and_shrunk_by_area(monkeypatch, scal
     """diameter= enlarges images of small nuclei with cubic interpolation (sharper than linear:
     on the validation images at 0.5x of the model shipped on 2026-12-03, map 0.529 against
     0.516; docs/model.md) and shrinks by
-    area averaging; the results come back to the image's grid (probabilities linear, labels
-    nearest)."""
+    area averaging; the results come back to the image's grid (probabilities averaged by area
+    from an enlarged image, else linear; labels nearest)."""
     from cellseg import inference
 
     methods = []
@@ -216,7 +216,8 @@ def test_rescaled_images_are_enlarged_cubic_and_shrunk_by_area(monkeypatch, scal
         np.zeros(image.shape[:2], np.float32), np.ones(image.shape[:2], np.int32)))
     image = np.random.default_rng(0).random((32, 48, 1)).astype(np.float32)
     foreground, labels = inference.segment_rescaled(None, image, {}, {}, {}, scale)
-    assert methods == [method, "linear", "nearest"]
+    back = "area" if scale > 1 else "linear"  # an enlarged image's probabilities averaged back
+    assert methods == [method, back, "nearest"]
     assert foreground.shape == labels.shape == (32, 48)
 
 
@@ -237,3 +238,31 @@ def test_labels_mapped_back_stay_where_their_nuclei_are(scale):
         # a pixel's centre is at index + 0.5 on both grids
         assert (rows.mean() + 0.5) / factor - 0.5 == pytest.approx(40.3, abs=0.2)
         assert (cols.mean() + 0.5) / factor - 0.5 == pytest.approx(61.7, abs=0.2)
+
+
+def test_an_enlarged_segmentation_comes_back_outlined_by_its_averaged_probabilities(monkeypatch):
+    """Back from an image enlarged 2x, a nucleus covers the pixels whose probability, averaged
+    over the pixel, passes the threshold, not those whose one nearest sample lies inside it
+    (docs/model.md#labels-mapped-back-centre-on-centre); a mask pixel next to a nucleus joins
+    it, a nucleus with no such pixel is gone and the rest are numbered 1..N."""
+    from cellseg import inference
+
+    def segmenting(columns, labelled):
+        def segment(net, image, *a):  # every row alike, 6 columns: 3 pixels of the image
+            foreground = np.tile(np.array(columns, np.float32), (image.shape[0], 1))
+            labels = np.zeros(image.shape[:2], np.int32)
+            labels[:, labelled] = 2  # numbered 2: as if a first nucleus had been dropped
+            labels[0, 5] = 3  # a speck with no probability behind it
+            return foreground, labels
+        return segment
+
+    image = np.zeros((3, 3, 1), np.float32)
+    # pixel 1 averages 0.475: out, though its nearest sample (column 3) is labelled
+    monkeypatch.setattr(inference, "segment", segmenting([1, 1, 0.45, 0.5, 0, 0], slice(0, 4)))
+    foreground, labels = inference.segment_rescaled(None, image, {}, {}, {"threshold": 0.5}, 2.0)
+    assert foreground[0].tolist() == pytest.approx([1.0, 0.475, 0.0])
+    assert labels.tolist() == [[1, 0, 0]] * 3
+    # pixel 1 averages 1.0: in, though its nearest sample (column 3) is not labelled
+    monkeypatch.setattr(inference, "segment", segmenting([1, 1, 1, 1, 0, 0], slice(0, 3)))
+    _, labels = inference.segment_rescaled(None, image, {}, {}, {"threshold": None}, 2.0)
+    assert labels.tolist() == [[1, 1, 0]] * 3

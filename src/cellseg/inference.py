@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cellseg.datasets import prepare_image, resize
 from cellseg.errors import UserError
-from cellseg.instances import labels_from_probs
+from cellseg.instances import THRESHOLD, labels_from_probs, labels_within
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,9 @@ def segment_rescaled(
     instances_cfg: dict, scale: float | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`segment` of the image resized by ``scale`` (None or 1: as it is), the results
-    mapped back to the image's own pixel grid."""
+    mapped back to the image's own pixel grid. Where the image was enlarged, its probabilities
+    come back averaged over each pixel and the nuclei are outlined where that average passes
+    the threshold (a nearest pixel's label decides only which nucleus a pixel belongs to)."""
     if scale is None or scale == 1.0:
         return segment(model, image, preprocess, inference, instances_cfg)
     h, w = image.shape[:2]
@@ -443,4 +445,9 @@ def segment_rescaled(
     # enlarged cubic, sharper than linear: small nuclei segmented better (docs/model.md)
     scaled = resize(image, size, "area" if scale < 1 else "cubic")
     foreground, labels = segment(model, scaled, preprocess, inference, instances_cfg)
-    return resize(foreground, (h, w), "linear"), resize(labels, (h, w), "nearest")
+    if scale < 1:
+        return resize(foreground, (h, w), "linear"), resize(labels, (h, w), "nearest")
+    foreground = resize(foreground, (h, w), "area")
+    threshold = instances_cfg.get("threshold")
+    threshold = THRESHOLD if threshold is None else threshold
+    return foreground, labels_within(resize(labels, (h, w), "nearest"), foreground > threshold)

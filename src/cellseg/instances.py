@@ -13,7 +13,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.morphology import h_maxima
-from skimage.segmentation import relabel_sequential, watershed
+from skimage.segmentation import expand_labels, relabel_sequential, watershed
+
+THRESHOLD = 0.5  # foreground probability above which a pixel is in a nucleus, unless tuned
 
 
 def remove_small(
@@ -42,7 +44,7 @@ def object_scores(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 def instances(
     foreground: np.ndarray,
     contours: np.ndarray | None = None,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     min_size: int = 10,
     split: bool = True,
     h: float = 2.0,
@@ -163,6 +165,13 @@ def offset_edges(offsets: np.ndarray) -> np.ndarray:
     fall_rows = -ndimage.sobel(offsets[..., 0], axis=0) / 8
     fall_cols = -ndimage.sobel(offsets[..., 1], axis=1) / 8
     return np.maximum(np.maximum(fall_rows, fall_cols), 0)
+
+
+def labels_within(labels: np.ndarray, mask: np.ndarray, reach: int = 2) -> np.ndarray:
+    """``labels`` cut to ``mask``, and grown into its pixels within ``reach`` px of a nucleus;
+    renumbered 1..N (a nucleus wholly outside the mask is gone)."""
+    kept = np.where(mask, expand_labels(labels, reach), 0)
+    return relabel_sequential(kept)[0].astype(np.int32)
 
 
 def labels_from_probs(probs: np.ndarray, use_contours: bool = True, **options) -> np.ndarray:
