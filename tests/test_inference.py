@@ -266,3 +266,25 @@ def test_an_enlarged_segmentation_comes_back_outlined_by_its_averaged_probabilit
     monkeypatch.setattr(inference, "segment", segmenting([1, 1, 1, 1, 0, 0], slice(0, 3)))
     _, labels = inference.segment_rescaled(None, image, {}, {}, {"threshold": None}, 2.0)
     assert labels.tolist() == [[1, 1, 0]] * 3
+
+
+def test_a_shrunk_segmentation_comes_back_outlined_by_its_interpolated_probabilities(
+    monkeypatch,
+):
+    """Back from an image shrunk 3x, a nucleus is not a staircase of 3x3 blocks: its pixels are
+    those where the interpolated probability passes the threshold."""
+    from cellseg import inference
+
+    def segment(net, image, *a):
+        yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+        foreground = np.clip(1.2 - np.hypot(yy - 4.3, xx - 5.6) / 3, 0, 1).astype(np.float32)
+        return foreground, (foreground > 0.5).astype(np.int32)
+
+    monkeypatch.setattr(inference, "segment", segment)
+    image = np.zeros((30, 36, 1), np.float32)
+    foreground, labels = inference.segment_rescaled(None, image, {}, {}, {"threshold": 0.5},
+                                                    1 / 3)
+    np.testing.assert_array_equal(labels > 0, foreground > 0.5)
+    assert labels.max() == 1
+    blocky = np.kron(segment(None, np.zeros((10, 12)))[1], np.ones((3, 3), np.int32))
+    assert (blocky != labels).sum() > 10  # the staircase's corners are gone

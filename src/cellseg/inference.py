@@ -435,9 +435,9 @@ def segment_rescaled(
     instances_cfg: dict, scale: float | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`segment` of the image resized by ``scale`` (None or 1: as it is), the results
-    mapped back to the image's own pixel grid. Where the image was enlarged, its probabilities
-    come back averaged over each pixel and the nuclei are outlined where that average passes
-    the threshold (a nearest pixel's label decides only which nucleus a pixel belongs to)."""
+    mapped back to the image's own pixel grid: the probabilities averaged over each pixel (from
+    an enlarged image) or interpolated (from a shrunk one), and the nuclei outlined where they
+    pass the threshold; a pixel's nearest sample decides only which nucleus it belongs to."""
     if scale is None or scale == 1.0:
         return segment(model, image, preprocess, inference, instances_cfg)
     h, w = image.shape[:2]
@@ -445,9 +445,9 @@ def segment_rescaled(
     # enlarged cubic, sharper than linear: small nuclei segmented better (docs/model.md)
     scaled = resize(image, size, "area" if scale < 1 else "cubic")
     foreground, labels = segment(model, scaled, preprocess, inference, instances_cfg)
-    if scale < 1:
-        return resize(foreground, (h, w), "linear"), resize(labels, (h, w), "nearest")
-    foreground = resize(foreground, (h, w), "area")
+    foreground = resize(foreground, (h, w), "area" if scale > 1 else "linear")
     threshold = instances_cfg.get("threshold")
     threshold = THRESHOLD if threshold is None else threshold
-    return foreground, labels_within(resize(labels, (h, w), "nearest"), foreground > threshold)
+    reach = max(2, math.ceil(1 / scale))  # px between a nucleus's blocks and its outline
+    return foreground, labels_within(resize(labels, (h, w), "nearest"), foreground > threshold,
+                                     reach)
