@@ -252,7 +252,7 @@ def test_an_enlarged_segmentation_comes_back_outlined_by_its_averaged_probabilit
             foreground = np.tile(np.array(columns, np.float32), (image.shape[0], 1))
             labels = np.zeros(image.shape[:2], np.int32)
             labels[:, labelled] = 2  # numbered 2: as if a first nucleus had been dropped
-            labels[0, 5] = 3  # a speck with no probability behind it
+            labels[1, 5] = 3  # a speck with no probability behind it (sampled: row 1)
             return foreground, labels
         return segment
 
@@ -271,8 +271,9 @@ def test_an_enlarged_segmentation_comes_back_outlined_by_its_averaged_probabilit
 def test_a_shrunk_segmentation_comes_back_outlined_by_its_interpolated_probabilities(
     monkeypatch,
 ):
-    """Back from an image shrunk 3x, a nucleus is not a staircase of 3x3 blocks: its pixels are
-    those where the interpolated probability passes the threshold."""
+    """Back from an image shrunk 8x, a nucleus is not a staircase of 8x8 blocks: its pixels are
+    those where the interpolated probability passes the threshold (the outline lies up to half a
+    block beyond the blocks: more than the 2 px an enlarged image's labels are grown by)."""
     from cellseg import inference
 
     def segment(net, image, *a):
@@ -281,10 +282,10 @@ def test_a_shrunk_segmentation_comes_back_outlined_by_its_interpolated_probabili
         return foreground, (foreground > 0.5).astype(np.int32)
 
     monkeypatch.setattr(inference, "segment", segment)
-    image = np.zeros((30, 36, 1), np.float32)
+    image = np.zeros((80, 96, 1), np.float32)
     foreground, labels = inference.segment_rescaled(None, image, {}, {}, {"threshold": 0.5},
-                                                    1 / 3)
+                                                    1 / 8)
     np.testing.assert_array_equal(labels > 0, foreground > 0.5)
     assert labels.max() == 1
-    blocky = np.kron(segment(None, np.zeros((10, 12)))[1], np.ones((3, 3), np.int32))
+    blocky = np.kron(segment(None, np.zeros((10, 12)))[1], np.ones((8, 8), np.int32))
     assert (blocky != labels).sum() > 10  # the staircase's corners are gone

@@ -221,10 +221,11 @@ def seeds_searching_every_core(cores, distance, h):
     return seeds
 
 
-@pytest.mark.parametrize("h", [0.05, 0.3])
+@pytest.mark.parametrize("h", [0.05, 0.3, 1.8])
 def test_distance_seeds_equal_searching_every_core_alone(h):
     """Cores with one top skip the search; the seeds and their numbers must not change: single
-    bumps, touching pairs, a flat top, ragged noise."""
+    bumps, touching pairs, a flat top, ragged noise, and an h deeper than the lift of 1 (where
+    a low core's one top is no seed)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:120, :160]
     distance = np.zeros((120, 160))
@@ -235,7 +236,8 @@ def test_distance_seeds_equal_searching_every_core_alone(h):
     distance[10:20, 10:20] = 0.8  # a plateau
     cores = distance > 0.3
     expected = seeds_searching_every_core(cores, distance, h)
-    assert expected.max() > connected_components(cores, connectivity=1).max()  # some split
+    cores_found = connected_components(cores, connectivity=1).max()
+    assert expected.max() != cores_found  # some cores split (h < 1) or left unseeded (h = 1.8)
     np.testing.assert_array_equal(distance_seeds(cores, distance, h), expected)
 
 
@@ -248,3 +250,8 @@ def test_distance_seeds_search_cores_that_meet_another_at_a_corner():
     expected = seeds_searching_every_core(cores, distance, 0.05)
     assert expected.max() == 3
     np.testing.assert_array_equal(distance_seeds(cores, distance, 0.05), expected)
+
+
+def test_distance_seeds_of_an_empty_image():
+    assert distance_seeds(np.zeros((0, 0), bool), np.zeros((0, 0)), 0.3).shape == (0, 0)
+    assert distance_seeds(np.zeros((5, 4), bool), np.zeros((5, 4)), 0.3).max() == 0

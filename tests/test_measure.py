@@ -122,3 +122,16 @@ def test_convex_areas_equal_regionprops():
     labels[0, 0], labels[4, 2:7], labels[8, 8], labels[2:5, 8] = 3, 5, 9, 9
     assert hulls(labels) == [1, 5, 7]  # 9: two pieces of a column, and the gap
     assert hulls(np.zeros((4, 4), np.int32)) == []
+
+
+def test_pixel_sums_of_any_labels_asked_for():
+    """Sums and maxima per asked label, whichever labels are asked for (absent ones: 0)."""
+    from cellseg.measure import pixel_sums
+
+    labels = np.array([[1, 1, 0], [0, 3, 3]], np.int32)
+    intensity = np.array([[2, 5, 9], [9, 4, 7]], np.uint8)[..., None]
+    sums = pixel_sums(labels, intensity, np.array([3, 2, 1]))
+    assert sums["sum"][0].tolist() == [11.0, 0.0, 7.0]
+    assert sums["max"][0].tolist() == [7, 0, 5]
+    empty = pixel_sums(np.zeros((2, 3), np.int32), intensity, np.array([1]))
+    assert empty["max"][0].tolist() == [0]

@@ -448,6 +448,6 @@ def segment_rescaled(
     foreground = resize(foreground, (h, w), "area" if scale > 1 else "linear")
     threshold = instances_cfg.get("threshold")
     threshold = THRESHOLD if threshold is None else threshold
-    reach = max(2, math.ceil(1 / scale))  # px between a nucleus's blocks and its outline
+    reach = max(2, math.ceil(round(1 / scale, 6)))  # px between a nucleus's blocks and its outline
     return foreground, labels_within(resize(labels, (h, w), "nearest"), foreground > threshold,
                                      reach)

@@ -162,19 +162,22 @@ def _ceil_half(group, y, x, at_group, at_y, span: int) -> np.ndarray:
 
 
 def pixel_sums(labels: np.ndarray, intensity: np.ndarray, present: np.ndarray) -> dict:
-    """Per channel, the sum and the maximum of each nucleus's pixels (``present`` labels: those
-    in ``labels``, in order). The nuclei's pixels are sorted by label once, so each channel's
-    maxima are one ``np.maximum.reduceat`` (``ndimage.maximum`` sorted every channel again)."""
+    """Per channel, the sum and the maximum of each nucleus's pixels (``present`` labels). The
+    nuclei's pixels are sorted by label once, so each channel's maxima are one
+    ``np.maximum.reduceat`` (``ndimage.maximum`` sorted every channel again)."""
     flat = labels.ravel()
     inside = np.flatnonzero(flat)
     order = inside[np.argsort(flat[inside], kind="stable")]
-    starts = np.flatnonzero(np.r_[True, np.diff(flat[order]) != 0])
+    starts = np.flatnonzero(np.r_[True, np.diff(flat[order]) != 0])[: len(order)]
+    size = max(int(present.max(initial=0)), int(flat.max(initial=0))) + 1
     sums, maxima = [], []
     for c in range(intensity.shape[-1]):
         channel = intensity[..., c].ravel()
-        sums.append(np.bincount(flat, weights=channel.astype(np.float64),
-                                minlength=int(present.max()) + 1)[present])
-        maxima.append(np.maximum.reduceat(channel[order], starts))
+        sums.append(np.bincount(flat, weights=channel.astype(np.float64), minlength=size)[present])
+        highest = np.zeros(size, channel.dtype)
+        if len(order):
+            highest[flat[order][starts]] = np.maximum.reduceat(channel[order], starts)
+        maxima.append(highest[present])
     return {"sum": sums, "max": maxima}
 
 
