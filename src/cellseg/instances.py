@@ -132,8 +132,9 @@ def distance_seeds(cores: np.ndarray, distance: np.ndarray, h: float) -> np.ndar
         seeds[box] = np.where(found > 0, found + count, seeds[box])
         count += int(found.max())
     # renumbered core by core, each core's seeds in raster order (their first pixels')
-    ids, first = np.unique(seeds.ravel(), return_index=True)
-    ids, first = ids[ids > 0], first[ids > 0]
+    at = np.flatnonzero(seeds)  # the seeds' pixels, in raster order
+    ids, first = np.unique(seeds.ravel()[at], return_index=True)
+    first = at[first]
     number = np.zeros(count + 1, np.int32)
     number[ids[np.lexsort((first, core_labels.ravel()[first]))]] = np.arange(1, len(ids) + 1)
     return number[seeds]
@@ -172,7 +173,8 @@ def offset_edges(offsets: np.ndarray) -> np.ndarray:
 
 def labels_within(labels: np.ndarray, mask: np.ndarray, reach: int = 2) -> np.ndarray:
     """``labels`` cut to ``mask``, and grown into its pixels within ``reach`` px of a nucleus;
-    renumbered 1..N (a nucleus wholly outside the mask is gone)."""
+    renumbered 1..N (a nucleus wholly outside the mask is gone; mask pixels of no nucleus, such
+    as those of objects the post-processing dropped, join one within reach or stay background)."""
     kept = np.where(mask, expand_labels(labels, reach), 0)
     return relabel_sequential(kept)[0].astype(np.int32)
 
