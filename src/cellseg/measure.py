@@ -168,7 +168,8 @@ def pixel_sums(labels: np.ndarray, intensity: np.ndarray, present: np.ndarray) -
     flat = labels.ravel()
     inside = np.flatnonzero(flat)
     order = inside[np.argsort(flat[inside], kind="stable")]
-    starts = np.flatnonzero(np.r_[True, np.diff(flat[order]) != 0])[: len(order)]
+    by_label = flat[order]
+    starts = np.flatnonzero(np.r_[True, by_label[1:] != by_label[:-1]]) if len(order) else order
     size = max(int(present.max(initial=0)), int(flat.max(initial=0))) + 1
     sums, maxima = [], []
     for c in range(intensity.shape[-1]):
@@ -176,7 +177,7 @@ def pixel_sums(labels: np.ndarray, intensity: np.ndarray, present: np.ndarray) -
         sums.append(np.bincount(flat, weights=channel.astype(np.float64), minlength=size)[present])
         highest = np.zeros(size, channel.dtype)
         if len(order):
-            highest[flat[order][starts]] = np.maximum.reduceat(channel[order], starts)
+            highest[by_label[starts]] = np.maximum.reduceat(channel[order], starts)
         maxima.append(highest[present])
     return {"sum": sums, "max": maxima}
 
