@@ -127,6 +127,26 @@ def test_the_predicting_network_is_the_trained_modules_without_lightning(shipped
     assert type(shipped.module).__name__ == "SegmentationModule"
 
 
+def test_weights_stored_in_half_load_as_float32_and_segment_alike(shipped, tmp_path):
+    """A wider shipped network keeps its 10 MB with float16 weights (scripts/ship_model.py):
+    the file halves, the networks built from it are float32, and the logits move by float16's
+    rounding alone."""
+    raw = checkpoint.read(shipped.path)
+    halved = checkpoint.weights_in_half(raw)
+    assert halved["state_dict"]["net.head.weight"].dtype == torch.float16
+    assert raw["state_dict"]["net.head.weight"].dtype == torch.float32  # the original untouched
+    torch.save(halved, tmp_path / "half.pth")
+    assert (tmp_path / "half.pth").stat().st_size < 0.55 * shipped.path.stat().st_size
+    half = checkpoint.load(tmp_path / "half.pth")
+    assert {p.dtype for p in half.net.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.module.parameters()} == {torch.float32}  # fine-tuning's
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        full, rounded = shipped.net(x), half.net(x)
+    assert 0 < (full - rounded).abs().max() < 0.05
+    assert sample_score(half)["ap50"] == pytest.approx(sample_score(shipped)["ap50"], abs=0.02)
+
+
 def test_predict_imports_neither_lightning_nor_torchvision():
     """270 + 160 MB a predict or a block worker would carry for nothing."""
     import subprocess

@@ -83,6 +83,19 @@ def read(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def weights_in_half(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with its float32 weights stored as float16 (half the file: a shipped
+    model's wider network fits its 10 MB so). Loading casts them back into the network's
+    float32 parameters; batch norm's running statistics stay float32, as a small variance
+    would lose its digits in float16."""
+    def half(key: str, value: Any) -> Any:
+        running = key.endswith(("running_mean", "running_var"))
+        return value.half() if value.dtype == torch.float32 and not running else value
+
+    weights = {k: half(k, v) for k, v in checkpoint["state_dict"].items()}
+    return {**checkpoint, "state_dict": weights}
+
+
 def describe_data(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The data description in a checkpoint: the datamodule's hyperparameters, split ids and
     median training nucleus diameter (empty for checkpoints that predate them)."""
