@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cellseg.errors import UserError
 from cellseg.module import SegmentationModule
 from cellseg.train import train
 from helpers import REAL_DATA, failure, needs_real_data, run_cli
@@ -73,6 +74,20 @@ def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
     assert resumed["optimizer_states"][0]["state"]  # Adam moments came back
     assert resumed["lr_schedulers"][0]["last_epoch"] == 3  # the schedule continued, not restarted
     assert resumed["val_iou_best"] == pytest.approx(0.99)  # the best is of all epochs
+
+
+def test_weights_averaged_over_the_steps_are_what_the_checkpoint_holds(cfg_factory):
+    """callbacks.ema.decay: the checkpoint's state_dict (validated, tuned, shipped) is the
+    moving average; the weights trained stay beside it, so a resume continues them."""
+    cfg = cfg_factory("experiment=baseline", "trainer.max_epochs=2", "callbacks.ema.decay=0.9")
+    train(cfg)
+    raw = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    key = "net.head.weight"
+    average, trained = raw["state_dict"][key], raw["current_model_state"][key]
+    assert average.shape == trained.shape
+    assert 1e-6 < (average - trained).abs().max() < 1
+    with pytest.raises(UserError, match=r"^callbacks.ema.decay=1.5: a weight's share"):
+        train(cfg_factory("callbacks.ema.decay=1.5"))
 
 
 def test_cosine_schedule_anneals_to_zero_over_the_run(cfg_factory):

@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cellseg import threads
 from cellseg.cli import rank_zero_logger
+from cellseg.errors import UserError
 from cellseg.figures import rows_grid
 
 log = rank_zero_logger(__name__)
@@ -101,6 +102,23 @@ class Throughput(L.Callback):
         if self.images and self.last > self.start:
             rate = self.images / (self.last - self.start)
             pl_module.log("perf/train_images_per_s", rate, on_epoch=True, prog_bar=False)
+
+
+def weight_average(decay: float | None = None) -> L.Callback | None:
+    """An exponential moving average of the weights over the training steps (``decay`` a step),
+    which validation scores and the checkpoints hold (so tuning, testing and shipping use it;
+    the weights being trained stay under ``current_model_state``); None (off) without a decay."""
+    if decay is None:
+        return None
+    if not 0 < decay < 1:
+        raise UserError(f"callbacks.ema.decay={decay}: a weight's share that stays a step, "
+                        "between 0 and 1 (0.999 averages over about 1,000 steps); null: off")
+    try:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+    except ImportError:  # Lightning 2.6 added it; cellseg admits 2.4 and later
+        raise UserError(f"callbacks.ema needs lightning 2.6 or later (here {L.__version__}): "
+                        "pip install 'lightning>=2.6', or callbacks.ema.decay=null") from None
+    return EMAWeightAveraging(decay=decay)
 
 
 def progress_bar() -> ProgressBar:
