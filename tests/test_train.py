@@ -78,7 +78,7 @@ def test_resume_from_last_checkpoint_continues_the_epochs(cfg_factory):
 
 def test_weights_averaged_over_the_steps_are_what_the_checkpoint_holds(cfg_factory):
     """callbacks.ema.decay: the checkpoint's state_dict (validated, tuned, shipped) is the
-    moving average; the weights trained stay beside it, so a resume continues them."""
+    moving average; the weights trained stay beside it (what a resume continues from)."""
     cfg = cfg_factory("experiment=baseline", "trainer.max_epochs=2", "callbacks.ema.decay=0.9")
     train(cfg)
     raw = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
