@@ -15,7 +15,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,18 +32,8 @@ PRIVATE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group holding several objects (callbacks, loggers)."""
-    made = [instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
+    made = [hydra.utils.instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
     return [m for m in made if m is not None]  # a factory may answer None: off
-
-
-def instantiate(config: DictConfig) -> Any:
-    """``hydra.utils.instantiate``, a factory's one-line refusal (UserError) left as it is."""
-    try:
-        return hydra.utils.instantiate(config)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, UserError):
-            raise e.__cause__ from None
-        raise
 
 
 def cpu_has_bf16() -> bool:
