@@ -1,6 +1,7 @@
 """The documentation's promises that a reader acts on: README.md, CHANGELOG.md and docs/*.md.
 
-Every relative link points at a file that exists, every ``make TARGET`` they name is a target
+Every relative link points at a file that exists (and at a heading of it, when it names one),
+every ``make TARGET`` they name is a target
 of the Makefile, every ``python -m cellseg.NAME`` names a module cellseg has, and the README
 stays short (the rest belongs in docs/).
 """
@@ -21,6 +22,7 @@ CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 MAKE = re.compile(r"(?:^|[\s;&|(`])make((?:[ \t]+\S+)+)", re.M)
 PYTHON_M = re.compile(r"-m\s+cellseg\.([A-Za-z_][\w.]*)")
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -32,6 +34,20 @@ def _code(text: str) -> str:
     blocks = [m.group(0) for m in FENCE.finditer(text)]
     spans = [m.group(2) for m in CODE_SPAN.finditer(FENCE.sub("", text))]
     return "\n".join(blocks + spans)
+
+
+def anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``doc``: lower case, punctuation dropped, spaces
+    as hyphens, a repeated heading numbered (``-1``, ``-2``, ...)."""
+    found: set[str] = set()
+    for heading in HEADING.findall(FENCE.sub("", doc.read_text(encoding="utf-8"))):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in found:
+            n += 1
+            anchor = f"{slug}-{n}"
+        found.add(anchor)
+    return found
 
 
 def makefile_targets() -> set[str]:
@@ -74,6 +90,22 @@ def test_relative_links_exist(doc: Path):
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
+def test_link_anchors_exist(doc: Path):
+    """A link to a heading (``page.md#heading``, ``#heading``) finds that heading: moving a
+    section breaks no link silently."""
+    text = CODE_SPAN.sub("", FENCE.sub("", doc.read_text(encoding="utf-8")))
+    missing = []
+    for target in LINK.findall(text):
+        path, _, anchor = target.partition("#")
+        if not anchor or re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+            continue
+        page = (doc.parent / path) if path else doc
+        if page.suffix == ".md" and page.is_file() and anchor not in anchors(page):
+            missing.append(target)
+    assert not missing, f"{doc.relative_to(ROOT)} links to headings that are not there: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
 def test_make_targets_exist(doc: Path):
     known = makefile_targets()
     unknown = make_targets_named(doc.read_text(encoding="utf-8")) - known
@@ -98,11 +130,15 @@ def test_readme_is_short():
     )
 
 
-def test_checks_find_what_they_look_for():
+def test_checks_find_what_they_look_for(tmp_path: Path):
     """The parsers themselves: a link, a make target and a module are found where written."""
     text = "See [a](docs/x.md#y) and ![b](img.png).\n\n```bash\nmake sweep DATA=dsb2018\n```\n"
     text += "`make -j2 DSB2018=none compare`, to make it so; `python -m cellseg.train`\n"
     assert LINK.findall(text) == ["docs/x.md#y", "img.png"]
     assert make_targets_named(text) == {"sweep", "compare"}
     assert PYTHON_M.findall(text) == ["train"]
+    page = tmp_path / "page.md"
+    page.write_text("# The model: `nuclei`\n\n## Scores\n\n### Scores\n\n## 0.5× gap, again\n"
+                    "```\n# not a heading\n```\n", encoding="utf-8")
+    assert anchors(page) == {"the-model-nuclei", "scores", "scores-1", "05-gap-again"}
     assert {"train", "test", "help"} <= makefile_targets()
