@@ -218,3 +218,26 @@ def test_best_checkpoint_is_never_chosen_on_the_test_images():
     assert checkpoint_to_test("best", "epoch_001.ckpt", same) is None  # the final weights
     assert checkpoint_to_test("best", "epoch_001.ckpt", held_out) == "epoch_001.ckpt"
     assert checkpoint_to_test("last", "epoch_001.ckpt", held_out) is None
+
+
+def test_an_option_of_a_group_no_argument_chooses_is_refused_in_one_line(tmp_path):
+    """eval scores the checkpoint's own data unless given other data: ``data.root=DIR`` alone
+    chooses none, and Hydra's own error ("use +data.root") points to the wrong fix."""
+    from cellseg.cli import missing_group
+
+    groups = {"data": "data=folder data.root=DIR"}
+    assert missing_group(["model=m", "data.root=/d"], groups) == (
+        "data.root=/d sets an option of no data: choose the data first, e.g. data=folder "
+        "data.root=DIR"
+    )
+    assert missing_group(["data=folder", "data.root=/d"], groups) is None
+    assert missing_group(["+data=folder", "data.root=/d", "split=all"], groups) is None
+    assert missing_group(["data_root=/moved", "split=all"], groups) is None
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run([sys.executable, "-m", "cellseg.eval", f"data.root={tmp_path}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert (out.stdout + out.stderr).strip() == (
+        f"ERROR: data.root={tmp_path} sets an option of no data: choose the data first, e.g. "
+        "python -m cellseg.eval model=MODEL data=folder data.root=DIR split=all"
+    )

@@ -85,6 +85,15 @@ def test_folder_reader_names_images_without_masks(tmp_path):
         read_samples(tmp_path, "folder")
 
 
+def test_folder_with_its_masks_under_another_name_says_what_the_layout_is(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()  # what predict writes, given back as training data
+    with pytest.raises(FileNotFoundError, match=r"has no masks/ folder: the folder layout is "
+                       r"images/<name>.png with masks/<name>.png of the same name \(found: "
+                       r"images/, labels/\)"):
+        read_samples(tmp_path, "folder")
+
+
 def test_missing_root_and_unknown_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root"):
         read_samples(tmp_path / "nope", "dsb2018")

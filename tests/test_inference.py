@@ -226,7 +226,8 @@ def test_labels_mapped_back_stay_where_their_nuclei_are(scale):
     """Labels go to a rescaled grid and come back centre on centre, as the image does (cv2's
     INTER_NEAREST maps pixel corners, not centres: at these factors, as diameter=auto chooses
     them, nuclei came back 1-1.3 px down and right, which cost the enlarged test images up to
-    0.056 of their matched nuclei's IoU; docs/model-experiments.md#labels-mapped-back-centre-on-centre)."""
+    0.056 of their matched nuclei's IoU;
+    docs/model-experiments.md#labels-mapped-back-centre-on-centre)."""
     from cellseg.datasets import resize
 
     yy, xx = np.mgrid[:90, :120]
@@ -243,8 +244,8 @@ def test_labels_mapped_back_stay_where_their_nuclei_are(scale):
 def test_an_enlarged_segmentation_comes_back_outlined_by_its_averaged_probabilities(monkeypatch):
     """Back from an image enlarged 2x, a nucleus covers the pixels whose probability, averaged
     over the pixel, passes the threshold, not those whose one nearest sample lies inside it
-    (docs/model-experiments.md#labels-mapped-back-centre-on-centre); a mask pixel next to a nucleus joins
-    it, a nucleus with no such pixel is gone and the rest are numbered 1..N."""
+    (docs/model-experiments.md#labels-mapped-back-centre-on-centre); a mask pixel next to a
+    nucleus joins it, a nucleus with no such pixel is gone and the rest are numbered 1..N."""
     from cellseg import inference
 
     def segmenting(columns, labelled):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,7 @@ def test_diameter_auto_finds_the_size_of_magnified_nuclei(shipped, caplog):
     assert larger / native == pytest.approx(3.0, rel=0.25)
 
 
-def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp_path):
+def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp_path, caplog):
     from cellseg.train import train
 
     root = tmp_path / "mine"
@@ -211,8 +212,13 @@ def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp
     cfg = compose_cfg("train", common)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    train(cfg)
-    tuned = checkpoint.load(tmp_path / "run/checkpoints/last.ckpt")
+    with caplog.at_level(logging.INFO, logger="cellseg.train"):
+        train(cfg)
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    assert f"Score the model on annotated images it did not see: python -m cellseg.eval " \
+        f"model={last} data=folder data.root=DIR split=all" in caplog.text
+    assert "Final scores" not in caplog.text  # no empty line of scores: none was held back
+    tuned = checkpoint.load(last)
     shipped = checkpoint.load(DEFAULT_MODEL)
     assert tuned.preprocessing()["normalize"] == shipped.preprocessing()["normalize"]
     assert tuned.info["command"]  # the fine-tuning run records its own provenance
@@ -220,6 +226,12 @@ def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp
     changed = [k for k, v in tuned.module.net.state_dict().items()
                if not torch.equal(v, shipped.module.net.state_dict()[k])]
     assert changed  # it trained, from the shipped weights (the same shapes)
+
+    from cellseg.eval import evaluate
+
+    with pytest.raises(UserError, match=r"the test split of .*last.ckpt holds no images .* "
+                       r"data=folder data.root=DIR split=all"):
+        evaluate(compose_cfg("eval", [f"model_name={last}"]))
 
     refused = compose_cfg("train", [*common, "model.net.in_channels=1"])
     with pytest.raises(UserError, match=r"model.net.in_channels=1 but pretrained=nuclei has 3"):

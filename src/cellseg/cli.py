@@ -136,8 +136,28 @@ def hydra_args(args: list[str], renames: dict[str, str] | None = None) -> list[s
     return out
 
 
-def run(main: Callable[[], Any], renames: dict[str, str] | None = None) -> Any:
-    """Start a ``@hydra.main`` entry point with :func:`hydra_args` applied to ``sys.argv``."""
+def missing_group(args: list[str], groups: dict[str, str]) -> str | None:
+    """Why ``args`` set an option of a config group that none of them chooses (``data.root=DIR``
+    without ``data=...``, where the config has no data by default), or None. Hydra's own error
+    ("Could not override 'data.root' ... use +data.root") points to the wrong fix."""
+    for group, example in groups.items():
+        chosen = any(a.lstrip("+~").startswith(f"{group}=") for a in args)
+        options = [a for a in args if a.lstrip("+~").startswith(f"{group}.")]
+        if options and not chosen:
+            return (f"{options[0]} sets an option of no {group}: choose the {group} first, "
+                    f"e.g. {example}")
+    return None
+
+
+def run(main: Callable[[], Any], renames: dict[str, str] | None = None,
+        groups: dict[str, str] | None = None) -> Any:
+    """Start a ``@hydra.main`` entry point with :func:`hydra_args` applied to ``sys.argv``;
+    ``groups``: config groups that are empty by default, with an example of choosing one, for
+    :func:`missing_group`'s one-line refusal."""
+    reason = missing_group(sys.argv[1:], groups or {})
+    if reason:
+        print(f"ERROR: {reason}", file=sys.stderr)
+        sys.exit(1)
     sys.argv[1:] = hydra_args(sys.argv[1:], renames)
     return main()
 

@@ -209,6 +209,14 @@ def dsb2018_sources(root: str | Path, channel: int | str | None = None) -> list[
 def folder_sources(root: str | Path, channel: int | str | None = None) -> list[Source]:
     """``<root>/images`` and ``<root>/masks`` paired by file stem, sorted (nothing decoded)."""
     root = _existing_dir(root)
+    absent = [d for d in ("images", "masks") if not (root / d).is_dir()]
+    if absent:
+        found = sorted(f"{p.name}/" for p in root.iterdir() if p.is_dir()) or ["no folders"]
+        raise FileNotFoundError(
+            f"{root} has no {' and no '.join(f'{d}/' for d in absent)} folder: the folder layout "
+            f"is images/<name>.png with masks/<name>.png of the same name (found: "
+            f"{', '.join(found[:5])})"
+        )
     images = {stem(p): p for p in image_files(root / "images")}
     masks = {stem(p): p for p in image_files(root / "masks")}
     if not images:

@@ -38,6 +38,8 @@ from cellseg.metrics import InstanceScores, PixelScore, pixel_metrics
 log = logging.getLogger(__name__)
 SCORES = ("iou", "miou", "dice", "map", "ap50", "f1_50")
 SPLITS = ("train", "val", "test", "all")
+# eval scores the checkpoint's own data unless given other data (eval.yaml: data: null)
+DATA_EXAMPLE = "python -m cellseg.eval model=MODEL data=folder data.root=DIR split=all"
 
 
 def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
@@ -106,6 +108,12 @@ def evaluate(
     more = (description["hparams"].get("train_roots") or []) if own else []
     sources = list(all_sources(root, layout, channel, more).values())
     ids = select_ids([s.id for s in sources], cfg.split, description, cfg.get("data"))
+    if not ids:
+        raise UserError(
+            f"the {cfg.split} split of {model.name} holds no images (a run that trained on every "
+            f"image keeps none back, as experiment=finetune does): score annotated images it did "
+            f"not train on, e.g. {DATA_EXAMPLE}"
+        )
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
     samples = select_samples(sources, ids, root)
     options = instance_options(cfg.instances, {"postprocess": model.postprocess})
@@ -203,4 +211,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run(main, {"model": "model_name"})
+    run(main, {"model": "model_name"}, {"data": DATA_EXAMPLE})

@@ -313,7 +313,12 @@ def report(
 ) -> None:
     """Print the final scores and where the logs are; last, the checkpoint (the tested one)."""
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
-    log.info("Final scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    if shown:
+        log.info("Final scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    else:  # every image trained (experiment=finetune): nothing held back to score
+        log.info("No scores: every image trained, none was held back. Score the model on "
+                 "annotated images it did not see: python -m cellseg.eval model=%s data=folder "
+                 "data.root=DIR split=all", checkpoint or "<run>/checkpoints/last.ckpt")
     for writer in tensorboard_writers(trainer):
         log.info("TensorBoard: %s  (tensorboard --logdir logs)", writer.log_dir)
     if checkpoint:
