@@ -13,6 +13,7 @@ from torch import nn
 
 import cellseg.predict as predict_module
 from cellseg.datasets import prepare_image, resize
+from cellseg.errors import UserError
 from cellseg.files import ImageFileError
 from cellseg.inference import segment_at_scale
 from cellseg.predict import in_shard, predict
@@ -69,6 +70,34 @@ def test_ome_tiff_needs_its_channel_then_measures_every_channel(trained, tmp_pat
     summary = predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0", "overwrite=true"))
     labels = np.asarray(Image.open(out / "labels/cells.png"))
     assert len(read_csv(out / "measurements.csv")) == summary["nuclei"] == labels.max()
+
+
+def test_pixel_size_gives_areas_in_um2_to_files_that_record_none(trained, tmp_path, monkeypatch,
+                                                                   caplog):
+    ckpt, _ = trained
+    monkeypatch.setattr(predict_module, "segment_at_scale", threshold_segment)
+    (tmp_path / "in").mkdir()
+    image, _ = nuclei_field()
+    Image.fromarray(image).save(tmp_path / "in/field.png")  # a PNG records no pixel size
+    write_ome(tmp_path / "in/cells.ome.tif", pixel_size=0.5)
+    out = tmp_path / "out"
+    predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0"))
+    rows = read_csv(out / "measurements.csv")
+    assert {r["area_um2"] for r in rows if r["image"] == "field"} == {""}
+    assert all(float(r["area_um2"]) == int(r["area_px"]) * 0.25
+               for r in rows if r["image"] == "cells")
+    with caplog.at_level(logging.WARNING, logger="cellseg.predict"):
+        predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0", "overwrite=true",
+                            "pixel_size=[0.2,0.3]"))
+    rows = read_csv(out / "measurements.csv")
+    assert {r["image"] for r in rows} == {"field", "cells"}
+    for r in rows:  # the given size, for both files
+        assert float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.06)
+    assert "cells.ome.tif records pixels of 0.5 x 0.5 µm; pixel_size= gives 0.2 x 0.3 µm" \
+        in caplog.text
+    for bad in ("pixel_size=-1", "pixel_size=[1,2,3]", "pixel_size=wide"):
+        with pytest.raises(UserError, match="give the pixel size in micrometres"):
+            predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0", "overwrite=true", bad))
 
 
 def test_z_stack_gives_a_multipage_label_tiff_equal_to_its_planes(trained, tmp_path):

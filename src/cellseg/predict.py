@@ -33,6 +33,7 @@ skipped with a warning and listed at the end; the run fails only when no image c
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -46,7 +47,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
@@ -328,7 +329,8 @@ def segment_input(image_id: str, path: Path, engine: Engine | None, *, net, pre:
                   options: dict, channel, cfg: DictConfig, output: Path) -> int | None:
     """Segment one input file and write its outputs; returns its nuclei. A large image
     (:func:`is_large`) goes block-wise on ``engine``; without one, None: left for later."""
-    image = open_image(path, cfg.get("axes")).select(channel)
+    image = with_pixel_size(open_image(path, cfg.get("axes")).select(channel),
+                            given_pixel_size(cfg.get("pixel_size")))
     large = is_large(image, cfg.blocks.above)
     if large and engine is None:
         return None
@@ -337,6 +339,35 @@ def segment_input(image_id: str, path: Path, engine: Engine | None, *, net, pre:
     if large:
         return predict_large(engine, image, image_id, net, pre, options, cfg, output)
     return predict_file(net, image, image_id, pre, options, cfg, output)
+
+
+def given_pixel_size(value) -> tuple[float, float] | None:
+    """``pixel_size=`` as (y, x) micrometres: one number for square pixels or [y, x]."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    try:
+        size = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or not all(v > 0 for v in size):
+        raise UserError(f"pixel_size={value}: give the pixel size in micrometres, one number "
+                        "(e.g. pixel_size=0.325) or [y,x] (pixel_size=[0.325,0.325])")
+    return size
+
+
+def with_pixel_size(image: ImageFile, given: tuple[float, float] | None) -> ImageFile:
+    """``image`` with the pixel size ``pixel_size=`` gives (areas in µm² for files that record
+    none: PNG, JPEG, plain TIFF); where the file records another, the given one wins, logged."""
+    if given is None:
+        return image
+    if image.pixel_size and not np.allclose(image.pixel_size, given, rtol=1e-3):
+        log.warning("%s records pixels of %s µm; pixel_size= gives %s µm, which is used",
+                    image.path.name, " x ".join(f"{v:g}" for v in image.pixel_size),
+                    " x ".join(f"{v:g}" for v in given))
+    return dataclasses.replace(image, pixel_size=given)
 
 
 def attempt(work, image_id: str, path: Path, engine: Engine | None):
@@ -428,6 +459,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     outputs_wanted(cfg)  # checked before any image
+    if given_pixel_size(cfg.get("pixel_size")):
+        log.info("pixel_size=%s µm: areas in µm² for every image", cfg.pixel_size)
     work = functools.partial(segment_input, net=net, pre=pre, options=options,
                              channel=channel, cfg=cfg, output=output)
     start, nuclei, failed = time.perf_counter(), 0, {}
