@@ -315,9 +315,9 @@ def report(
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     if shown:
         log.info("Final scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    else:  # every image trained (experiment=finetune): nothing held back to score
-        log.info("No scores: every image trained, none was held back. Score the model on "
-                 "annotated images it did not see: python -m cellseg.eval model=%s data=folder "
+    else:  # no held-back image scored (experiment=finetune trains on every image)
+        log.info("No scores: no held-back image was scored. Score the model on annotated "
+                 "images it did not see: python -m cellseg.eval model=%s data=folder "
                  "data.root=DIR split=all", checkpoint or "<run>/checkpoints/last.ckpt")
     for writer in tensorboard_writers(trainer):
         log.info("TensorBoard: %s  (tensorboard --logdir logs)", writer.log_dir)
