@@ -97,7 +97,8 @@ def test_pixel_size_gives_areas_in_um2_to_files_that_record_none(trained, tmp_pa
         in caplog.text
     for bad in ("pixel_size=-1", "pixel_size=[1,2,3]", "pixel_size=wide"):
         with pytest.raises(UserError, match="give the pixel size in micrometres"):
-            predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0", "overwrite=true", bad))
+            predict(predict_cfg(ckpt, tmp_path / "in", tmp_path / "new", "channel=0", bad))
+        assert not (tmp_path / "new").exists()  # refused before any output folder
 
 
 def test_z_stack_gives_a_multipage_label_tiff_equal_to_its_planes(trained, tmp_path):

@@ -45,7 +45,7 @@ DATA_EXAMPLE = "python -m cellseg.eval model=MODEL data=folder data.root=DIR spl
 def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
     """Root and layout of the data to score, and where they come from (for the log)."""
     if cfg.get("data"):
-        root, layout, origin = cfg.data.root, cfg.data.layout, "given as data="
+        root, layout, origin = cfg.data.root, cfg.data.layout, "the data given (data=)"
     elif description["hparams"]:
         hp = description["hparams"]
         root, layout, origin = hp["root"], hp["layout"], "the checkpoint's training data"

@@ -456,11 +456,11 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         log.info("nuclei channel: %s (%s)", channel,
                  "channel=" if cfg.get("channel") is not None else "as trained")
     options = instance_options(cfg.instances, {"postprocess": model.postprocess}) if todo else {}
-    for d in OUTPUTS:
-        (output / d).mkdir(parents=True, exist_ok=True)
-    outputs_wanted(cfg)  # checked before any image
+    outputs_wanted(cfg)  # checked before any image and any folder
     if given_pixel_size(cfg.get("pixel_size")):
         log.info("pixel_size=%s µm: areas in µm² for every image", cfg.pixel_size)
+    for d in OUTPUTS:
+        (output / d).mkdir(parents=True, exist_ok=True)
     work = functools.partial(segment_input, net=net, pre=pre, options=options,
                              channel=channel, cfg=cfg, output=output)
     start, nuclei, failed = time.perf_counter(), 0, {}
