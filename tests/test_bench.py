@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from omegaconf import open_dict
 
 from cellseg.bench import main as _  # noqa: F401  (the entry point imports)
@@ -85,3 +86,7 @@ def test_large_and_folder_rows_run_the_whole_predict(tmp_path):
     assert [r["outputs"] for r in rows] == ["[masks,labels,overlays,tables]", "[labels]"]
     assert rows[0]["megapixels"] == 256 * 256 / 1e6
     assert rows[0]["vs_bare"] == rows[0]["mpx_s"] / rows[0]["bare_mpx_s"]
+    for row in rows:  # the rerun skips the done image: start-up alone, less than the run
+        assert 0 < row["startup_s"] < row["seconds"]
+        assert row["vs_bare_started"] == pytest.approx(
+            row["megapixels"] / (row["seconds"] - row["startup_s"]) / row["bare_mpx_s"])
