@@ -326,11 +326,11 @@ def merge(output: Path, ids: list[str]) -> dict[str, int]:
 
 
 def segment_input(image_id: str, path: Path, engine: Engine | None, *, net, pre: dict,
-                  options: dict, channel, cfg: DictConfig, output: Path) -> int | None:
+                  options: dict, channel, cfg: DictConfig, output: Path,
+                  pixel_size: tuple[float, float] | None = None) -> int | None:
     """Segment one input file and write its outputs; returns its nuclei. A large image
     (:func:`is_large`) goes block-wise on ``engine``; without one, None: left for later."""
-    image = with_pixel_size(open_image(path, cfg.get("axes")).select(channel),
-                            given_pixel_size(cfg.get("pixel_size")))
+    image = with_pixel_size(open_image(path, cfg.get("axes")).select(channel), pixel_size)
     large = is_large(image, cfg.blocks.above)
     if large and engine is None:
         return None
@@ -457,12 +457,13 @@ def predict(cfg: DictConfig) -> dict[str, float]:
                  "channel=" if cfg.get("channel") is not None else "as trained")
     options = instance_options(cfg.instances, {"postprocess": model.postprocess}) if todo else {}
     outputs_wanted(cfg)  # checked before any image and any folder
-    if given_pixel_size(cfg.get("pixel_size")):
+    pixel_size = given_pixel_size(cfg.get("pixel_size"))
+    if pixel_size:
         log.info("pixel_size=%s µm: areas in µm² for every image", cfg.pixel_size)
     for d in OUTPUTS:
         (output / d).mkdir(parents=True, exist_ok=True)
     work = functools.partial(segment_input, net=net, pre=pre, options=options,
-                             channel=channel, cfg=cfg, output=output)
+                             channel=channel, cfg=cfg, output=output, pixel_size=pixel_size)
     start, nuclei, failed = time.perf_counter(), 0, {}
     with Engine(cfg.cluster) as engine:  # dask starts at the first large image only
         for image_id, result in each_image(todo, work, engine, image_workers(cfg)):
