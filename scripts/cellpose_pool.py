@@ -49,17 +49,6 @@ def load_image(path: str) -> np.ndarray:
     return ((grey - lo) / (hi - lo + 1e-20)).astype(np.float32)
 
 
-def load_labels(masks: str) -> np.ndarray:
-    if os.path.isdir(masks):  # Kaggle layout: one mask file per nucleus
-        labels = None
-        for k, name in enumerate(sorted(os.listdir(masks)), 1):
-            mask = np.asarray(Image.open(f"{masks}/{name}"))
-            labels = np.zeros(mask.shape[:2], np.int32) if labels is None else labels
-            labels[(mask[..., 0] if mask.ndim == 3 else mask) > 0] = k
-        return labels
-    return np.asarray(Image.open(masks)).astype(np.int32)
-
-
 def pooled_map(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
     """``map_pooled`` as cellseg defines it: TP / (TP + FP + FN) over all images' nuclei at each
     IoU threshold 0.5-0.95, averaged over the thresholds."""
@@ -85,6 +74,7 @@ def main(argv: list[str]) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from cellpose_bf16 import forward  # training passes in bf16, prediction in fp32
+    from stardist_pool import read_labels  # its split's labels, without stardist
 
     io.logger_setup()
     torch.manual_seed(0)
@@ -96,7 +86,7 @@ def main(argv: list[str]) -> None:
     t0, c0 = time.time(), time.process_time()
     if not a.skip_train:
         X = [load_image(s["image"]) for s in split["train"]]
-        Y = [load_labels(s["masks"]) for s in split["train"]]
+        Y = [read_labels(s["masks"]) for s in split["train"]]
         print(f"{len(X)} training images; {a.batches} batches of 8 x 224^2", flush=True)
         resnet_torch.CPnet.forward = forward
         os.makedirs(a.model_dir, exist_ok=True)
@@ -118,7 +108,7 @@ def main(argv: list[str]) -> None:
                           flow_threshold=flow, cellprob_threshold=prob)[0].astype(np.uint16)
 
     t1 = time.time()
-    val = [(load_image(s["image"]), load_labels(s["masks"])) for s in split["val"]]
+    val = [(load_image(s["image"]), read_labels(s["masks"])) for s in split["val"]]
     scores = {f"flow {f} cellprob {p}": pooled_map([y for _, y in val],
                                                   [predict(x, f, p) for x, _ in val])
               for f, p in GRID}

@@ -65,19 +65,24 @@ def load_image(path: str) -> np.ndarray:
     return normalize(grey, 1, 99.8, axis=None).astype(np.float32)
 
 
-def load_labels(masks: str) -> np.ndarray:
+def read_labels(masks: str) -> np.ndarray:
+    """A split entry's labels: a Kaggle masks folder (one file per nucleus) or a label image."""
     from PIL import Image
+
+    if not os.path.isdir(masks):
+        return np.asarray(Image.open(masks)).astype(np.int32)
+    labels = None
+    for k, name in enumerate(sorted(os.listdir(masks)), 1):
+        mask = np.asarray(Image.open(f"{masks}/{name}"))
+        labels = np.zeros(mask.shape[:2], np.int32) if labels is None else labels
+        labels[(mask[..., 0] if mask.ndim == 3 else mask) > 0] = k
+    return labels
+
+
+def load_labels(masks: str) -> np.ndarray:
     from stardist import fill_label_holes
 
-    if os.path.isdir(masks):  # Kaggle layout: one mask file per nucleus
-        labels = None
-        for k, name in enumerate(sorted(os.listdir(masks)), 1):
-            mask = np.asarray(Image.open(f"{masks}/{name}"))
-            labels = np.zeros(mask.shape[:2], np.int32) if labels is None else labels
-            labels[(mask[..., 0] if mask.ndim == 3 else mask) > 0] = k
-    else:
-        labels = np.asarray(Image.open(masks)).astype(np.int32)
-    return fill_label_holes(labels)
+    return fill_label_holes(read_labels(masks))
 
 
 def pad_to(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
