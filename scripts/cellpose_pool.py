@@ -71,10 +71,9 @@ def main(argv: list[str]) -> None:
 
     import torch
     from cellpose import io, models, resnet_torch, train
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from cellpose_bf16 import forward  # training passes in bf16, prediction in fp32
     from stardist_pool import read_labels  # its split's labels, without stardist
+    # (both beside this script: on sys.path as `python scripts/cellpose_pool.py` runs it)
 
     io.logger_setup()
     torch.manual_seed(0)

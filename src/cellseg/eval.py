@@ -38,8 +38,12 @@ from cellseg.metrics import InstanceScores, PixelScore, pixel_metrics
 log = logging.getLogger(__name__)
 SCORES = ("iou", "miou", "dice", "map", "ap50", "f1_50")
 SPLITS = ("train", "val", "test", "all")
-# eval scores the checkpoint's own data unless given other data (eval.yaml: data: null)
-DATA_EXAMPLE = "python -m cellseg.eval model=MODEL data=folder data.root=DIR split=all"
+
+
+def scoring_command(model: str = "MODEL") -> str:
+    """The command that scores ``model`` on annotated images of the user's: eval scores the
+    checkpoint's own data unless given other data (eval.yaml: ``data: null``)."""
+    return f"python -m cellseg.eval model={model} data=folder data.root=DIR split=all"
 
 
 def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
@@ -52,7 +56,7 @@ def scored_data(cfg: DictConfig, description: dict) -> tuple[str, str, str]:
     else:
         raise UserError(
             f"{checkpoint.named(cfg)} records no training data (an old checkpoint or an exported "
-            "file): pass the data to score, e.g. data=folder data.root=DIR split=all"
+            f"file): pass the data to score, e.g. {scoring_command(checkpoint.named(cfg))}"
         )
     if cfg.get("data_root"):
         root, origin = cfg.data_root, f"{origin}, moved (data_root=)"
@@ -112,7 +116,7 @@ def evaluate(
         raise UserError(
             f"the {cfg.split} split of {model.name} holds no images (a run that trained on every "
             f"image keeps none back, as experiment=finetune does): score annotated images it did "
-            f"not train on, e.g. {DATA_EXAMPLE}"
+            f"not train on, e.g. {scoring_command()}"
         )
     log.info("Scoring the %s split (%d images) of %s: %s", cfg.split, len(ids), root, origin)
     samples = select_samples(sources, ids, root)
@@ -211,4 +215,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run(main, {"model": "model_name"}, {"data": DATA_EXAMPLE})
+    run(main, {"model": "model_name"}, {"data": scoring_command()})

@@ -22,6 +22,7 @@ from cellseg import checkpoint, config_dir, threads
 from cellseg.callbacks import FitThreads, tensorboard_writers
 from cellseg.cli import in_multirun, one_line_errors, quiet_console, rank_zero_logger, run
 from cellseg.errors import UserError
+from cellseg.eval import scoring_command
 from cellseg.memory import keep_freed_memory
 from cellseg.targets import TARGET_NAMES
 from cellseg.unet import count_parameters
@@ -317,8 +318,8 @@ def report(
         log.info("Final scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     else:  # no held-back image scored (experiment=finetune trains on every image)
         log.info("No scores: no held-back image was scored. Score the model on annotated "
-                 "images it did not see: python -m cellseg.eval model=%s data=folder "
-                 "data.root=DIR split=all", checkpoint or "<run>/checkpoints/last.ckpt")
+                 "images it did not see: %s",
+                 scoring_command(checkpoint or "<run>/checkpoints/last.ckpt"))
     for writer in tensorboard_writers(trainer):
         log.info("TensorBoard: %s  (tensorboard --logdir logs)", writer.log_dir)
     if checkpoint:
