@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cellseg.checkpoint import describe_data, load_model, preprocessing
-from cellseg.datasets import iter_samples, list_sources
+from cellseg.datasets import all_sources, iter_samples
 from cellseg.files import atomic
 from cellseg.train import read_checkpoint
 from cellseg.tune import SCORES, TunePostprocessing, options_text
@@ -58,8 +58,9 @@ def main(ckpt: str, score: str = "map_pooled", root: str | None = None) -> dict:
     root = root or hp["root"]
     wanted = set(ids)
     kind = {"val": "validation", "train": "training"}[split]
-    found = list_sources(root, hp["layout"], hp.get("channel")) if Path(root).is_dir() else []
-    sources = [s for s in found if s.id in wanted]
+    more = hp.get("train_roots") or ()  # a run on several folders validates on their images
+    found = all_sources(root, hp["layout"], hp.get("channel"), more) if Path(root).is_dir() else {}
+    sources = [s for i, s in found.items() if i in wanted]
     if len(sources) != len(wanted):
         raise SystemExit(
             f"{len(wanted) - len(sources)} of the {len(wanted)} {kind} images of {ckpt} are not "
