@@ -6,7 +6,6 @@ from skimage.measure import label as connected_components
 from cellseg.instances import (
     core_peaks,
     distance_seeds,
-    follow_offsets,
     instances,
     labels_from_probs,
     offset_edges,
@@ -132,22 +131,6 @@ def test_centre_offsets_split_touching_nuclei_that_no_other_channel_splits():
     assert found.max() == 2
     assert found[6, 5] != found[6, 20]
     assert labels_from_probs(probs, min_size=1).max() == 1  # off (1.0) unless tuned or set
-
-
-def test_following_the_centre_offsets_splits_touching_nuclei_where_the_border_is_blurred():
-    labels = np.zeros((24, 40), np.int32)
-    labels[2:14, 2:16], labels[2:14, 16:30], labels[16:22, 30:38] = 1, 2, 3
-    probs = targets_from_labels(labels, 5)
-    probs[..., 1], probs[..., 2] = 0, labels > 0  # no contour, a flat distance: one core
-    probs[..., 3:] = ndimage.gaussian_filter(probs[..., 3:], (3, 3, 0))  # a soft border
-    assert offset_edges(probs[..., 3:]).max() < 0.1  # too soft to cut at a fall
-    assert labels_from_probs(probs, min_size=1).max() == 2  # off (0) unless tuned or set
-    found = labels_from_probs(probs, min_size=1, sink_size=5)
-    np.testing.assert_array_equal(found, labels)
-    seeds = follow_offsets(labels > 0, probs[..., 3:], sink_size=5)
-    assert set(np.unique(seeds)) == {0, 1, 2, 3}
-    assert follow_offsets(labels > 0, probs[..., 3:], sink_size=200).max() == 0  # no sink so big
-    assert follow_offsets(np.zeros((5, 5), bool), np.full((5, 5, 2), 0.5), 5).max() == 0
 
 
 def test_the_distance_channel_splits_nuclei_that_touch_without_a_contour():

@@ -110,8 +110,7 @@ def test_the_searched_options_are_those_the_outputs_use():
     ]
     assert searched_options(3, use_contours=False) == ["threshold", "h", *last]
     assert searched_options(5) == [
-        "threshold", "contour_threshold", "seed_threshold", "seed_h", "offset_threshold",
-        "sink_size", *last,
+        "threshold", "contour_threshold", "seed_threshold", "seed_h", "offset_threshold", *last
     ]
     assert DEFAULTS["min_score"] == 0.0
     assert 0.0 in SPACE["min_score"]

@@ -47,7 +47,7 @@ from cellseg.datasets import (
 )
 from cellseg.errors import UserError
 from cellseg.targets import (
-    centre_flows,
+    centre_offsets,
     check_target_channels,
     equivalent_diameters,
     redraw_contours,
@@ -127,7 +127,7 @@ class NucleiDataset(Dataset):
                     weights = touching_weights(labels, self.touching_weight)
                     item["weight"] = torch.from_numpy(weights)
             if self.offsets:
-                target = np.concatenate([target, centre_flows(labels)], axis=-1)
+                target = np.concatenate([target, centre_offsets(labels)], axis=-1)
         size = image.shape[:2]
         if self.pad_multiple:
             image, target = pad_to_multiple(image, target, self.pad_multiple)

@@ -54,7 +54,6 @@ def instances(
     seed_h: float = 0.0,
     offsets: np.ndarray | None = None,
     offset_threshold: float = 1.0,
-    sink_size: int = 0,
     min_score: float = 0.0,
 ) -> np.ndarray:
     """Label nuclei in a foreground probability map.
@@ -67,19 +66,13 @@ def instances(
     predicted distance at least ``seed_h`` deep (:func:`distance_seeds`), so touching nuclei
     whose cores merged are still split. With the predicted centre ``offsets`` (H, W, 2), cores
     are also cut where an offset falls faster than ``offset_threshold`` a pixel
-    (:func:`offset_edges`): the border between two touching nuclei. With the offsets and
-    ``sink_size`` > 0 the nuclei are instead found by following them (:func:`follow_offsets`):
-    the pixels that reach one centre, at least ``sink_size`` of them, are a nucleus, grown down
-    the distance over the rest of the mask. Objects below ``min_size``
+    (:func:`offset_edges`): the border between two touching nuclei. Objects below ``min_size``
     pixels are dropped, and those whose score, their mean foreground probability, is below
     ``min_score`` (as StarDist keeps an object by its probability): the network's doubtful
     specks and fragments, whose pixels pass ``threshold`` only just.
     """
     mask = foreground > threshold
-    if offsets is not None and sink_size > 0:
-        seeds = follow_offsets(mask, offsets, sink_size)
-        labels = watershed(-distance if distance is not None else -foreground, seeds, mask=mask)
-    elif distance is not None:
+    if distance is not None:
         cores = mask & (distance > seed_threshold)
         if contours is not None:
             cores &= contours <= contour_threshold
@@ -176,40 +169,6 @@ def offset_edges(offsets: np.ndarray) -> np.ndarray:
     fall_rows = -ndimage.sobel(offsets[..., 0], axis=0) / 8
     fall_cols = -ndimage.sobel(offsets[..., 1], axis=1) / 8
     return np.maximum(np.maximum(fall_rows, fall_cols), 0)
-
-
-def follow_offsets(mask: np.ndarray, offsets: np.ndarray, sink_size: int,
-                   steps: int = 60) -> np.ndarray:
-    """Nuclei (labels) found by walking each pixel of ``mask`` towards its nucleus's centre, as
-    Cellpose follows its flows (Stringer et al. 2021): the centre offsets (H, W, 2, in [0, 1],
-    0.5 at the centre) point away from it, so each step goes 1 px against them (less within
-    about a pixel of the centre, where they fade to 0.5), for ``steps`` steps, bilinearly
-    interpolated and never out of the mask. Pixels that end within 1 px of each other, at
-    least ``sink_size`` of them, are one nucleus; those that end elsewhere stay 0.
-
-    Where two nuclei touch the offsets point opposite ways, so the pixels on either side reach
-    different centres even where the network blurs the border (which a threshold on the
-    offsets' fall, :func:`offset_edges`, needs sharp)."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return np.zeros(mask.shape, np.int32)
-    away = np.where(mask[..., None], offsets.astype(np.float32) - 0.5, 0.0)
-    length = np.hypot(away[..., 0], away[..., 1])
-    step = -away / np.maximum(length, 0.05)[..., None]  # 1 px, shorter near the centre
-    pos = np.stack([rows, cols]).astype(np.float32)
-    top = np.array(mask.shape, np.float32)[:, None] - 1
-    for _ in range(steps):
-        move = np.stack([ndimage.map_coordinates(step[..., a], pos, order=1, prefilter=False)
-                         for a in (0, 1)])
-        pos = np.clip(pos + move, 0, top)
-    end = np.rint(pos).astype(np.intp)
-    counts = np.zeros(mask.shape, np.int32)
-    np.add.at(counts, (end[0], end[1]), 1)
-    near = ndimage.uniform_filter(counts.astype(np.float32), 3) * 9  # within 1 px
-    sinks = connected_components(near >= sink_size - 0.5, connectivity=2)
-    labels = np.zeros(mask.shape, np.int32)
-    labels[rows, cols] = sinks[end[0], end[1]]
-    return labels
 
 
 def labels_within(labels: np.ndarray, mask: np.ndarray, reach: int = 2) -> np.ndarray:

@@ -40,7 +40,7 @@ def targets_from_labels(labels: np.ndarray, channels: int = 1) -> np.ndarray:
     distance = depth / scale[np.maximum(labels, 0)]
     targets = [foreground, contours, distance]
     if channels == 5:
-        targets += list(np.moveaxis(centre_flows(labels), -1, 0))
+        targets += list(np.moveaxis(centre_offsets(labels), -1, 0))
     return np.stack(targets, axis=-1).astype(np.float32)
 
 
@@ -80,36 +80,6 @@ def centre_offsets(labels: np.ndarray) -> np.ndarray:
         extent = ndimage.maximum(np.abs(offset), labels, index)
         scale = np.concatenate([[1.0], np.maximum(extent, 1.0)])
         out[..., axis] = np.where(inside, 0.5 + 0.5 * offset / scale[labels], 0.5)
-    return out
-
-
-def centre_flows(labels: np.ndarray) -> np.ndarray:
-    """Float32 (H, W, 2): each nucleus pixel's unit direction away from its nucleus's centre
-    (the pixel of the nucleus nearest its centroid, so always inside it), row and column,
-    mapped from [-1, 1] to [0, 1]; 0.5 at the centre and in the background.
-
-    Cellpose's flows (Stringer et al. 2021) with straight lines for its heat diffusion: as
-    strong a signal at the middle of a large nucleus as at its border, where the centre offsets
-    (:func:`centre_offsets`) fade towards 0.5. Followed back to the centres
-    (:func:`cellseg.instances.follow_offsets`), they split touching nuclei."""
-    out = np.full((*labels.shape, 2), 0.5, np.float32)
-    inside = labels > 0
-    if not inside.any():
-        return out
-    ids, flat = np.unique(labels, return_inverse=True)
-    flat = flat.reshape(labels.shape) + int(ids[0] != 0)  # 0..n, 0 the background
-    index = np.arange(1, flat.max() + 1)
-    coords = np.indices(labels.shape, dtype=np.float64)
-    centroid = np.stack([ndimage.mean(c, flat, index) for c in coords], axis=-1)
-    # the nucleus's pixel nearest its centroid
-    far = np.hypot(coords[0] - np.concatenate([[0], centroid[:, 0]])[flat],
-                   coords[1] - np.concatenate([[0], centroid[:, 1]])[flat])
-    nearest = ndimage.minimum_position(far, flat, index)
-    centre = np.concatenate([[[0.0, 0.0]], np.array(nearest, np.float64)])[flat]
-    away = np.moveaxis(coords, 0, -1) - centre
-    length = np.hypot(away[..., 0], away[..., 1])
-    unit = away / np.maximum(length, 1.0)[..., None]
-    out[inside] = 0.5 + 0.5 * unit[inside]
     return out
 
 

@@ -5,7 +5,7 @@ As StarDist tunes its thresholds after training and saves them with the model: w
 ends, :class:`TunePostprocessing` predicts the probability maps of the validation images once
 (whole images at native resolution, as ``cellseg.eval`` does), searches the instance options
 (``threshold``, ``contour_threshold``, ``seed_threshold``, ``seed_h``, ``offset_threshold``,
-``sink_size``, ``h``, ``min_size``, ``min_score``: those the network's outputs use) for the best
+``h``, ``min_size``, ``min_score``: those the network's outputs use) for the best
 ``map_pooled`` by coordinate descent, and writes them into every checkpoint file of the run as
 ``checkpoint["postprocess"]``. Eval and predict read them with
 :func:`cellseg.checkpoint.instance_options`; a value the user sets wins (and is logged).
@@ -54,7 +54,6 @@ SPACE = {
     "h": [0.5, 1.0, 2.0, 3.0, 4.0],
     "min_size": [1, 5, 10, 20, 40],
     "offset_threshold": [0.02, 0.03, 0.05, 0.1, 1.0],
-    "sink_size": [0, 5, 10, 20, 40],
     "min_score": [0.0, 0.8, 0.85, 0.9],
 }
 DEFAULTS = {
@@ -67,7 +66,7 @@ def searched_options(channels: int, use_contours: bool = True, split: bool = Tru
     k = channels if use_contours else 1
     extra = {1: ["h"] if split else [], 2: ["contour_threshold"]}
     three = ["contour_threshold", "seed_threshold", "seed_h"]
-    five = [*three, "offset_threshold", "sink_size"]
+    five = [*three, "offset_threshold"]
     return ["threshold", *extra.get(k, three if k < 5 else five), "min_size", "min_score"]
 
 
