@@ -196,6 +196,27 @@ def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
     assert (result["split"], result["images"], result["score"]) == ("train", 8, "map_pooled")
 
 
+def test_retune_script_finds_validation_images_of_the_runs_extra_training_folders(
+    cfg_factory, tmp_path
+):
+    import importlib.util
+
+    from cellseg.synthetic import generate
+
+    path = Path(__file__).parents[1] / "scripts" / "retune.py"
+    spec = importlib.util.spec_from_file_location("retune", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    extra = tmp_path / "extra"
+    generate(extra, n_images=6, size=64, seed=1)
+    cfg = tiny_run(cfg_factory, "0.25", f"data.train_roots=[{extra}]")
+    ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
+    val = torch.load(ckpt, weights_only=True)["NucleiDataModule"]["splits"]["val"]
+    assert any(i.startswith("extra/") for i in val)  # 4 of 14: from both folders
+    result = script.main(ckpt)
+    assert (result["split"], result["images"]) == ("val", len(val))
+
+
 def test_tuning_is_refused_when_validation_is_the_test_split(cfg_factory, caplog):
     with caplog.at_level(logging.WARNING, logger="cellseg.tune"):
         cfg = tiny_run(cfg_factory, "0.0")
