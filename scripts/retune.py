@@ -10,7 +10,8 @@ the checkpoint was tuned on (its own validation images, or its training images f
 replaced (the old options are printed first; the weights are not touched; the file is replaced
 atomically). Only the file named changes: a run's other checkpoints (``epoch_*.ckpt``) keep
 theirs. The search uses the callback's default settings. ``DATA_ROOT``: the folder the training
-data is in now, if it has moved. Then ``python -m cellseg.eval ckpt_path=CKPT`` scores the test
+data is in now, if it has moved (a run's extra folders, ``data.train_roots``, are read where
+it read them). Then ``python -m cellseg.eval ckpt_path=CKPT`` scores the test
 images with the new options.
 """
 
