@@ -164,13 +164,19 @@ def test_training_with_a_validation_split_stores_the_tuned_options_in_its_checkp
     assert [r["pred_nuclei"] for r in rows] == [1, 1]
 
 
-def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
+def retune_script():
+    """scripts/retune.py as a module."""
     import importlib.util
 
     path = Path(__file__).parents[1] / "scripts" / "retune.py"
     spec = importlib.util.spec_from_file_location("retune", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
+    script = retune_script()
     cfg = tiny_run(cfg_factory, "0.25")
     ckpt = cfg.paths.output_dir + "/checkpoints/last.ckpt"
     before = torch.load(ckpt, weights_only=True)
@@ -199,14 +205,9 @@ def test_retune_script_tunes_a_checkpoint_again_in_place(cfg_factory, capsys):
 def test_retune_script_finds_validation_images_of_the_runs_extra_training_folders(
     cfg_factory, tmp_path
 ):
-    import importlib.util
-
     from cellseg.synthetic import generate
 
-    path = Path(__file__).parents[1] / "scripts" / "retune.py"
-    spec = importlib.util.spec_from_file_location("retune", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = retune_script()
     extra = tmp_path / "extra"
     generate(extra, n_images=6, size=64, seed=1)
     cfg = tiny_run(cfg_factory, "0.25", f"data.train_roots=[{extra}]")
