@@ -27,19 +27,6 @@ def conv_block(in_ch: int, out_ch: int, batch_norm: bool = False) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-class ResidualBlock(nn.Module):
-    """:func:`conv_block` with its input added back (through a 1x1 convolution where the
-    channels change), as Cellpose's network's blocks (He et al. 2016)."""
-
-    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool = False) -> None:
-        super().__init__()
-        self.body = conv_block(in_ch, out_ch, batch_norm)
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.skip(x)
-
-
 class UNet(nn.Module):
     """U-Net mapping (N, in_channels, H, W) images to (N, out_channels, H, W) logits."""
 
@@ -51,20 +38,17 @@ class UNet(nn.Module):
         bottleneck: int = 256,
         batch_norm: bool = False,
         init: str = "torch",
-        residual: bool = False,
-        style: bool = False,
     ) -> None:
         super().__init__()
-        block = ResidualBlock if residual else conv_block
         self.in_channels = in_channels
         self.multiple = 2 ** len(channels)
         self.encoders = nn.ModuleList()
         c_prev = in_channels
         for c in channels:
-            self.encoders.append(block(c_prev, c, batch_norm))
+            self.encoders.append(conv_block(c_prev, c, batch_norm))
             c_prev = c
         self.pool = nn.MaxPool2d(2)
-        self.bottleneck = block(c_prev, bottleneck, batch_norm)
+        self.bottleneck = conv_block(c_prev, bottleneck, batch_norm)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         c_prev = bottleneck
@@ -76,13 +60,9 @@ class UNet(nn.Module):
                     nn.ReLU(inplace=True),
                 )
             )
-            self.decoders.append(block(2 * c, c, batch_norm))
+            self.decoders.append(conv_block(2 * c, c, batch_norm))
             c_prev = c
         self.head = nn.ConvTranspose2d(c_prev, out_channels, 3, padding=1)
-        # Cellpose's style: the bottleneck averaged over the image, added to every decoder level
-        self.styles = nn.ModuleList(
-            [nn.Linear(bottleneck, c) for c in reversed(channels)] if style else []
-        )
         initialize(self, init)
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -108,13 +88,8 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        style = nn.functional.normalize(x.mean((2, 3)), dim=1) if len(self.styles) else None
-        for i, (up, decoder, skip) in enumerate(
-            zip(self.ups, self.decoders, reversed(skips), strict=True)
-        ):
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
             x = decoder(torch.cat([up(x), skip], dim=1))
-            if style is not None:
-                x = x + self.styles[i](style)[..., None, None]
         return self.head(x)
 
 
@@ -127,7 +102,6 @@ def fold_batch_norm(net: UNet) -> UNet:
     if net.training:
         raise ValueError("fold_batch_norm folds the running statistics: call net.eval() first")
     for block in [*net.encoders, net.bottleneck, *net.decoders]:
-        block = getattr(block, "body", block)  # a residual block's convolutions
         for i in range(len(block) - 1):
             conv, norm = block[i], block[i + 1]
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
