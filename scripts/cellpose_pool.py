@@ -11,17 +11,18 @@ and predicts the sample's 10 test images, never seen before. Two steps, two virt
     .venv/bin/python scripts/score_labels.py PRED_DIR          # the table row
 
 ``peer-cp`` as in the peer script: ``python3 -m venv peer-cp && peer-cp/bin/pip install "cellpose<4"
-pillow``. 3,000 batches are the pixels of 73,500 crops of 128², 98 % of ``general``'s (77 minutes on
-2 cores, 2026-12-05). Everything else is the peer script's recipe: grey = mean of RGB, inverted when
-bright, normalised to percentiles 1 and 99.8; ``CellposeModel(pretrained_model=None, diam_mean=17,
-nchan=2)``; ``train.train_seg`` with AdamW at 0.005, batches of 8 patches of 224² at native
-resolution (``rescale=False``), one batch per cellpose "epoch" so that its schedule (10-batch
-warm-up, halving over the last 50 or 100) plays out; images drawn uniformly, as cellpose draws them.
-Training passes run under bf16 autocast, as cellseg trains (``scripts/cellpose_bf16.py``). The
-thresholds: flow 0.4 (cellpose's default) or off, by cellprob -1, 0 or 1, the grid of
-docs/results.md#the-cellpose-run, the best pooled ``map`` (matches over all validation nuclei, IoU
-0.5-0.95, ``cellpose.metrics.average_precision``) chosen. Writes PRED_DIR/<id>.png (16-bit labels)
-and PRED_DIR_timing.json (times, the grid's validation scores, the thresholds chosen).
+pillow torch==2.14.1``. 3,000 batches are the pixels of 73,500 crops of 128², 98 % of ``general``'s
+(77 minutes on 2 cores, 2026-12-05). Everything else is the peer script's recipe: grey = mean of
+RGB, inverted when bright, normalised to percentiles 1 and 99.8;
+``CellposeModel(pretrained_model=None, diam_mean=17, nchan=2)``; ``train.train_seg`` with AdamW at
+0.005, batches of 8 patches of 224² at native resolution (``rescale=False``), one batch per cellpose
+"epoch" so that its schedule (10-batch warm-up, halving over the last 50 or 100) plays out; images
+drawn uniformly, as cellpose draws them. Training passes run under bf16 autocast, as cellseg trains
+(``scripts/cellpose_bf16.py``). The thresholds: flow 0.4 (cellpose's default) or off, by cellprob
+-1, 0 or 1, the grid of docs/results.md#the-cellpose-run, the best pooled ``map`` (matches over all
+validation nuclei, IoU 0.5-0.95, ``cellpose.metrics.average_precision``) chosen. Writes
+PRED_DIR/<id>.png (16-bit labels) and PRED_DIR_timing.json (times, the grid's validation scores, the
+thresholds chosen).
 """
 
 from __future__ import annotations

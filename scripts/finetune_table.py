@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg import checkpoint
-from cellseg.datasets import all_sources, image_kind, normalize, to_channels
+from cellseg.datasets import image_kind, normalize, run_sources, to_channels
 from cellseg.eval import evaluate_with
 from cellseg.files import save_png
 
@@ -89,8 +89,8 @@ def train(folder: Path, run: Path, pretrained: str | None) -> str:
 def model_samples(model: str) -> tuple[dict, dict, dict]:
     """A model's split ids, its train, val and test samples by id, and each one's kind."""
     data = checkpoint.load(model).data
-    hp, splits = data["hparams"], data["splits"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"), hp.get("train_roots"))
+    splits = data["splits"]
+    sources = run_sources(data["hparams"])
     samples = {i: sources[i].read() for s in ("train", "val", "test") for i in splits[s]}
     return splits, samples, {i: kind_of(s.image) for i, s in samples.items()}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cellseg.checkpoint import describe_data, load_model, preprocessing
-from cellseg.datasets import all_sources, iter_samples
+from cellseg.datasets import iter_samples, run_sources
 from cellseg.files import atomic
 from cellseg.train import read_checkpoint
 from cellseg.tune import SCORES, TunePostprocessing, options_text
@@ -55,12 +55,10 @@ def main(ckpt: str, score: str = "map_pooled", root: str | None = None) -> dict:
             "images: nothing to tune on (train with data.val_size=0.1, or with "
             "callbacks.tune_postprocess.images=train)"
         )
-    hp = data["hparams"]
-    root = root or hp["root"]
+    root = root or data["hparams"]["root"]
     wanted = set(ids)
     kind = {"val": "validation", "train": "training"}[split]
-    more = hp.get("train_roots") or ()  # a run on several folders validates on their images
-    found = all_sources(root, hp["layout"], hp.get("channel"), more) if Path(root).is_dir() else {}
+    found = run_sources(data["hparams"], root) if Path(root).is_dir() else {}
     sources = [s for i, s in found.items() if i in wanted]
     if len(sources) != len(wanted):
         raise SystemExit(

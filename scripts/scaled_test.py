@@ -22,7 +22,7 @@ import numpy as np
 
 from cellseg import checkpoint
 from cellseg.checkpoint import instance_options
-from cellseg.datasets import all_sources, resize
+from cellseg.datasets import resize, run_sources
 from cellseg.eval import evaluate_with
 from cellseg.files import save_png
 from cellseg.inference import estimate_diameter, segment_at_scale
@@ -35,9 +35,7 @@ SCORES = ("map", "ap50_pooled", "iou_nuclei")
 def split_samples(loaded, split: str) -> list:
     """A loaded model's samples of one split (train, val or test), read from the roots it was
     trained on, their ids file-safe (a pool id is ``dsb2018-pool/<id>``)."""
-    hp = loaded.data["hparams"]
-    sources = all_sources(hp["root"], hp["layout"], hp.get("channel"),
-                          hp.get("train_roots") or [])
+    sources = run_sources(loaded.data["hparams"])
     return [replace(sources[i].read(), id=i.replace("/", "_"))
             for i in loaded.data["splits"][split]]
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -312,6 +313,14 @@ def all_sources(
     for source in training_sources(train_roots or (), channel):
         sources[source.id] = source
     return sources
+
+
+def run_sources(hparams: Mapping[str, Any], root: str | Path | None = None) -> dict[str, Source]:
+    """:func:`all_sources` of the data a training run read, from its datamodule's hyperparameters
+    (``describe_data(checkpoint)["hparams"]``): its root (or ``root``, where it has moved) and
+    its extra training folders."""
+    return all_sources(root or hparams["root"], hparams["layout"], hparams.get("channel"),
+                       hparams.get("train_roots") or ())
 
 
 def iter_samples(sources: list[Source], description: str) -> Iterator[Sample]:
