@@ -3,6 +3,7 @@ a block edge, OME-Zarr in and out, resuming, a killed worker's block retried, SL
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -258,12 +259,16 @@ def test_margin_covers_two_nuclei_and_the_network_halo():
 
 
 
-def test_a_z_stack_is_segmented_block_wise_plane_by_plane(tmp_path):
+def test_a_z_stack_is_segmented_block_wise_plane_by_plane(tmp_path, caplog):
     nuclei = np.asarray(Image.open(SAMPLE))
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in/stack.tif", np.stack([nuclei, 255 - nuclei, nuclei]),
                      metadata={"axes": "ZYX"})
-    predict_to(tmp_path / "in", tmp_path / "out", *BLOCKWISE)
+    with caplog.at_level(logging.INFO, logger="cellseg.inference"):
+        predict_to(tmp_path / "in", tmp_path / "out", *BLOCKWISE[:-1], "diameter=auto")
+    sized = [m for m in caplog.messages if "nuclei about" in m]
+    assert len(sized) == 1  # one scale for the stack, as predict's whole-image path
+    assert sized[0].startswith("stack.tif z1: ")
     node = zarr.open_group(tmp_path / "out/labels/stack.ome.zarr", mode="r")
     axes = [a["name"] for a in node.attrs["multiscales"][0]["axes"]]
     assert axes == ["z", "y", "x"]

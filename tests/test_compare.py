@@ -38,7 +38,7 @@ def test_compare_two_runs_and_an_unfinished_one(tmp_path, capsys, monkeypatch):
         cfg.paths.output_dir = str(tmp_path / "compare")
     segmented = []
     segment = cellseg.eval.segment_at_scale
-    counted = lambda *a: segmented.append(1) or segment(*a)  # noqa: E731
+    counted = lambda *a, **k: segmented.append(1) or segment(*a, **k)  # noqa: E731
     monkeypatch.setattr(cellseg.eval, "segment_at_scale", counted)
     infos = compare(cfg)
     assert len(segmented) == 2 * 2  # each run's 2 test images once: the figure reuses them

@@ -112,19 +112,34 @@ def test_the_reader_opens_named_channels_with_their_pixel_size(tmp_path):
     np.testing.assert_array_equal(layers[0][0], nuclei)
 
 
-def test_the_reader_opens_a_predict_output_folder(tmp_path):
+def test_the_reader_opens_a_predict_output_folder_over_its_images(tmp_path):
     from cellseg.napari.reader import get_reader
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in/a.png").write_bytes(sample_path().read_bytes())
+    nuclei = read_image(sample_path())[:128, :128, 0]
+    planes = np.stack([nuclei, nuclei[::-1], nuclei[:, ::-1]])  # a Z stack of 0.325 µm pixels
+    tifffile.imwrite(tmp_path / "in/b.tif", planes, imagej=True, resolution=(1 / 0.325,) * 2,
+                     metadata={"axes": "ZYX", "unit": "um"})
     out = run_cli([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "diameter=null"],
                   tmp_path, "cellseg.predict")
     assert out.returncode == 0, out.stderr[-2000:]
     layers = get_reader(str(tmp_path / "out"))(str(tmp_path / "out"))
-    kinds = {meta["name"]: kind for _, meta, kind in layers}
-    assert kinds == {"a overlay": "image", "a labels": "labels"}
-    labels, meta, _ = layers[-1]
+    found = {meta["name"]: (kind, data.shape, meta["scale"]) for data, meta, kind in layers}
+    assert found == {
+        "a overlay": ("image", (256, 256, 3), [1.0, 1.0]),  # a PNG: no pixel size
+        "a labels": ("labels", (256, 256), [1.0, 1.0]),
+        "b overlay": ("image", (3, 128, 128, 3), [1.0, 0.325, 0.325]),  # over the stack's
+        "b labels": ("labels", (3, 128, 128), [1.0, 0.325, 0.325]),  # own layers (µm)
+    }
+    labels, meta, _ = layers[1]
     assert len(meta["features"]["label"]) == labels.max()
+    assert layers[3][1]["units"] == ("pixel", "µm", "µm")
+    # Fiji reads the same calibration from the labels stack
+    with tifffile.TiffFile(tmp_path / "out/labels/b.tif") as tif:
+        assert tif.is_imagej
+        assert tif.series[0].axes == "ZYX"
+        assert tif.imagej_metadata["unit"] == "um"
 
 
 def test_corrected_labels_go_to_the_training_set_and_fine_tune(widget, qtbot, tmp_path):

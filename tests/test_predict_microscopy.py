@@ -23,7 +23,7 @@ from microscopy import nuclei_field, write_nan, write_ome, write_stack
 pytestmark = pytest.mark.e2e  # whole commands: make test-quick leaves them out
 
 
-def threshold_segment(model, image, pre, inference, instances_cfg, diameter=None):
+def threshold_segment(model, image, pre, inference, instances_cfg, diameter=None, name=""):
     """A stand-in for the network: normalised intensity above 0.5, connected components."""
     x = prepare_image(image, 1)[..., 0]
     return x, connected_components(x > 0.5).astype(np.int32)

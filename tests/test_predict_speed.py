@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,14 +47,24 @@ def test_auto_segments_nuclei_within_the_training_zoom_once_with_the_same_labels
     assert labels.max() > 50
 
 
-def test_auto_segments_a_rescaled_image_twice_at_the_scale_its_estimate_settled_on(monkeypatch):
+def test_auto_segments_a_rescaled_image_twice_at_the_scale_its_estimate_settled_on(
+    monkeypatch, caplog
+):
     net, pre, settings, options = shipped_settings()
     # nuclei about 7.5 px: well below the training zoom (0.5-2x of about 20 px)
     image = np.asarray(Image.open(SAMPLE).resize((192, 192), Image.BILINEAR))[..., None]
     passes = []
-    scale, _ = inference.choose_scale(net, image, pre, settings, options, "auto", passes=passes)
+    with caplog.at_level(logging.INFO, logger="cellseg.inference"):
+        scale, found = inference.choose_scale(net, image, pre, settings, options, "auto",
+                                              passes=passes, name="small.png z1")
     assert [seen for seen, *_ in passes] == [1.0, scale]  # settled on the second pass's scale
     assert 2.2 < scale < 3.6
+    # the line names its image (images run side by side) and the factor used
+    (line,) = [r.getMessage() for r in caplog.records if "nuclei about" in r.getMessage()]
+    assert line.startswith(f"small.png z1: nuclei about {found:.1f} px across")
+    assert f"rescaled by {scale:.3g}" in line
+    wanted = pre["diameter"] / found
+    assert ("the estimate asks" in line) == (abs(wanted - scale) > 5e-3 * wanted)
     calls = []
     real = inference.predict_tensor
     monkeypatch.setattr(inference, "predict_tensor",
@@ -112,3 +124,36 @@ def test_images_side_by_side_match_one_at_a_time_and_leave_large_ones_to_blocks(
     assert large[0].max() == large[1].max() > 200
     rows = [(tmp_path / run / "summary.csv").read_text().splitlines() for run in ("one", "two")]
     assert [r.split(",")[:4] for r in rows[0]] == [r.split(",")[:4] for r in rows[1]]
+
+
+def test_a_stack_is_sized_once_on_its_middle_plane_and_every_plane_segmented_alike(
+    tmp_path, caplog
+):
+    import tifffile
+
+    net, pre, settings, options = shipped_settings()
+    small = np.asarray(Image.open(SAMPLE).convert("L"))  # nuclei about 10 px: enlarged ~2x
+    large = np.asarray(Image.fromarray(small).resize((512, 512), Image.BILINEAR))[128:384, 128:384]
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in/zs.tif", np.stack([large, small, small]),
+                     metadata={"axes": "ZYX"})
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        predict_to(tmp_path / "in", tmp_path / "out")
+    sized = [r.getMessage() for r in caplog.records if "nuclei about" in r.getMessage()]
+    (line,) = sized  # sized once, on the middle plane
+    assert line.startswith("zs.tif z1: nuclei about")
+    assert "zs.tif: every plane segmented rescaled by" in caplog.text
+    # predict's own settings, to segment the planes here as it did
+    cfg = compose_cfg("predict", [f"input={tmp_path}", f"output={tmp_path}"])
+    settings = dict(cfg.inference)
+    options = checkpoint.instance_options(cfg.instances,
+                                          {"postprocess": checkpoint.load(None).postprocess})
+    scale, _ = inference.choose_scale(net, small[..., None], pre, settings, options, "auto")
+    assert 1.6 < scale < 2.6
+    labels = tifffile.imread(tmp_path / "out/labels/zs.tif")
+    # the large nuclei of plane 0, alone segmented as they are, are enlarged with the stack
+    alone = inference.segment_rescaled(net, large[..., None], pre, settings, options, None)[1]
+    with_stack = inference.segment_rescaled(net, large[..., None], pre, settings, options,
+                                            scale)[1]
+    assert np.array_equal(labels[0], with_stack)
+    assert not np.array_equal(labels[0], alone)

@@ -458,11 +458,13 @@ def create_labels_zarr(path: Path, shape: tuple, lead_axes: str, size: int,
 def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path,
          threads: int) -> list[Job]:
     """A job per plane of a large image: the plane's normalisation (on a subsample of about
-    ``SAMPLE_PIXELS``), its nuclei's size (``diameter=auto``: estimated on its centre), the
+    ``SAMPLE_PIXELS``), its nuclei's size (``diameter=auto``: estimated on the centre of the
+    middle plane, one scale for a whole stack, as :func:`cellseg.predict.stack_diameter`), the
     margin that follows, and the settings a worker needs."""
     from omegaconf import OmegaConf
 
     from cellseg.datasets import image_intensity
+    from cellseg.files import plane_name
     from cellseg.inference import ESTIMATE_SIDE, choose_scale
 
     h, w = image.height, image.width
@@ -470,16 +472,21 @@ def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path
     step = max(1, math.ceil(math.sqrt(h * w / SAMPLE_PIXELS)))
     side = min(ESTIMATE_SIDE * 4, h, w)  # the centre read to estimate the nuclei's size
     y, x = (h - side) // 2, (w - side) // 2
-    found = []
-    for index in image.plane_indices():
+    found, indices = [], image.plane_indices()
+    middle = indices[len(indices) // 2]  # a stack is sized once, on it (as predict does)
+    sized = None
+    for index in [middle] + [i for i in indices if i != middle]:
         sample = image.nuclei(image.region(index, slice(0, h, step), slice(0, w, step)))
         intensity = image_intensity(sample, pre["in_channels"], pre["normalize"],
                                     pre["invert_bright"])
-        centre = (image.nuclei(image.region(index, slice(y, y + side), slice(x, x + side)))
-                  if cfg.get("diameter") == "auto" else sample)  # read only to estimate
-        found.append((index, intensity, *choose_scale(
-            net, centre, {**pre, "intensity": intensity}, inference, options,
-            cfg.get("diameter"), shape=(h, w))))
+        if sized is None:
+            centre = (image.nuclei(image.region(index, slice(y, y + side), slice(x, x + side)))
+                      if cfg.get("diameter") == "auto" else sample)  # read only to estimate
+            sized = choose_scale(net, centre, {**pre, "intensity": intensity}, inference,
+                                 options, cfg.get("diameter"), shape=(h, w),
+                                 name=plane_name(image.path, index))
+        found.append((index, intensity, *sized))
+    found.sort(key=lambda f: indices.index(f[0]))
     size = block_size(int(cfg.blocks.size), max(s or 1.0 for _, _, s, _ in found),
                       pre["multiple"])
     preprocess = cfg.get("preprocess")

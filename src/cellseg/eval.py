@@ -128,7 +128,7 @@ def evaluate(
     rows, start = [], time.perf_counter()
     for sample in progress(samples, "Evaluating"):
         foreground, labels = segment_at_scale(
-            net, sample.image, pre, cfg.inference, options, cfg.get("diameter")
+            net, sample.image, pre, cfg.inference, options, cfg.get("diameter"), name=sample.id
         )
         if on_image is not None:
             on_image(sample, foreground, labels)

@@ -397,12 +397,37 @@ def save_png(path: Path, array: np.ndarray) -> None:
 
 
 def save_stack(
-    path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...], axes: str, dtype=np.uint16
+    path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...], axes: str, dtype=np.uint16,
+    pixel_size: tuple[float, float] | None = None,
 ) -> None:
     """Write 2-D pages (in C order over the leading axes) as one multi-page TIFF with ``axes``,
-    atomically; the pages are written as they come, so one page is in memory at a time."""
+    atomically; the pages are written as they come, so one page is in memory at a time. An
+    ImageJ hyperstack where the axes come in ImageJ's order (TZYX, ZYX, TYX: Fiji opens it with
+    its planes apart), calibrated in µm by ``pixel_size`` (y, x) where known."""
+    imagej = is_subsequence(axes, "TZCYXS")
+    options = {"imagej": True, "metadata": {"axes": axes}} if imagej else {
+        "metadata": {"axes": axes}}
+    if imagej and pixel_size:
+        options["metadata"]["unit"] = "um"
+        options["resolution"] = (1 / pixel_size[1], 1 / pixel_size[0])
     with atomic(path) as tmp:
-        tifffile.imwrite(tmp, iter(pages), shape=shape, dtype=dtype, metadata={"axes": axes})
+        tifffile.imwrite(tmp, iter(pages), shape=shape, dtype=dtype, **options)
+
+
+def is_subsequence(part: str, whole: str) -> bool:
+    """Whether the letters of ``part`` appear in ``whole`` in the same order."""
+    letters = iter(whole)
+    return all(letter in letters for letter in part)
+
+
+def plane_name(path: Path, index: dict[str, int] | None) -> str:
+    """``stack.tif z3``: a plane as the log names it (``stack.tif`` for a 2-D image)."""
+    return path.name + "".join(f" {axis.lower()}{i}" for axis, i in (index or {}).items())
+
+
+def plane_suffix(index: dict[str, int]) -> str:
+    """``_t0_z3`` for a plane index (how a plane's own outputs are named); empty for 2-D."""
+    return "".join(f"_{axis.lower()}{i}" for axis, i in index.items())
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

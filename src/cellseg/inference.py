@@ -372,16 +372,18 @@ def segment_at_scale(
     inference: dict,
     instances_cfg: dict,
     diameter: float | None = None,
+    name: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`segment` with the image rescaled so that nuclei of ``diameter`` pixels appear at
     the training data's median diameter (``preprocess["diameter"]``); the probabilities and
     labels are mapped back to the image's own pixel grid (labels nearest). ``auto``: the
-    diameter estimated (:func:`choose_scale`); where the image is then segmented at the scale
-    of an estimating pass that saw all of it, that pass's result is the result (the same
-    computation: an image within ``AUTO_BAND`` is segmented once, a rescaled one twice)."""
+    diameter estimated (:func:`choose_scale`, its log line led by ``name``); where the image
+    is then segmented at the scale of an estimating pass that saw all of it, that pass's
+    result is the result (the same computation: an image within ``AUTO_BAND`` is segmented
+    once, a rescaled one twice)."""
     passes: list = []
     scale, _ = choose_scale(model, image, preprocess, inference, instances_cfg, diameter,
-                            passes=passes)
+                            passes=passes, name=name)
     for seen, foreground, labels in passes:
         if seen == (scale or 1.0) and not inference.get("tta"):
             return foreground, labels
@@ -391,14 +393,15 @@ def segment_at_scale(
 def choose_scale(
     model: nn.Module, image: np.ndarray, preprocess: dict, inference: dict,
     instances_cfg: dict, diameter: Any, shape: tuple[int, ...] | None = None,
-    passes: list | None = None,
+    passes: list | None = None, name: str = "",
 ) -> tuple[float | None, float | None]:
     """The factor to rescale an image of ``shape`` (default: ``image``'s) by, and the nuclei's
     diameter in its pixels (given, or None where unknown). ``auto``: estimated on ``image``
-    (:func:`estimate_diameter`, logged; ``passes`` as there), None (as it is) where the
-    factor is within ``AUTO_BAND``; the scale of the last pass that saw the whole image where
-    the estimate settled there (within ``AUTO_AGREE``: segmenting again at the last estimate's
-    own scale, a few per cent away, would repeat that pass)."""
+    (:func:`estimate_diameter`, logged with ``name`` in front: images run side by side;
+    ``passes`` as there), None (as it is) where the factor is within ``AUTO_BAND``; the scale
+    of the last pass that saw the whole image where the estimate settled there (within
+    ``AUTO_AGREE``: segmenting again at the last estimate's own scale, a few per cent away,
+    would repeat that pass)."""
     shape = shape or image.shape
     if diameter != "auto":
         scale = diameter_scale(preprocess, diameter, quiet=True)
@@ -407,13 +410,23 @@ def choose_scale(
     scale = found = None
     if auto_diameter(preprocess, quiet=True):
         found = estimate_diameter(model, image, preprocess, inference, instances_cfg, passes)
+        wanted = None
         if found is not None:
-            scale = reachable_scale(preprocess, shape, found)
-            scale = None if in_band(scale) else settled_scale(scale, passes or [])
-        log.info("nuclei about %s px across (diameter=auto): %s",
-                 f"{found:.1f}" if found else "?",
-                 f"rescaled by {scale:.3g}" if scale else "as it is")
+            wanted = reachable_scale(preprocess, shape, found)
+            scale = None if in_band(wanted) else settled_scale(wanted, passes or [])
+        log.info("%snuclei about %s px across (diameter=auto): %s", f"{name}: " if name else "",
+                 f"{found:.1f}" if found else "?", scale_text(scale, wanted))
     return scale, found or preprocess.get("diameter")
+
+
+def scale_text(scale: float | None, wanted: float | None) -> str:
+    """How an image is segmented, for the log: the estimate's own factor beside the one used
+    where a pass at a factor within ``AUTO_AGREE`` of it already saw the image."""
+    if not scale:
+        return "as it is"
+    if wanted and abs(scale - wanted) > 5e-3 * wanted:
+        return f"rescaled by {scale:.3g} (the pass at that scale; the estimate asks {wanted:.3g})"
+    return f"rescaled by {scale:.3g}"
 
 
 def in_band(scale: float) -> bool:

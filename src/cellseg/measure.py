@@ -191,7 +191,8 @@ def summarize(labels: np.ndarray, pixel_size: tuple[float, float] | None = None,
 
 def summarize_areas(areas: np.ndarray, pixels: int, pixel_size: tuple[float, float] | None = None,
                     **keys) -> dict:
-    """:func:`summarize` from the nuclei's areas (px) and the plane's pixel count."""
+    """:func:`summarize` from the nuclei's areas (px) and the plane's pixel count; the pixel
+    size it was measured with (empty where unknown) closes the row."""
     um2 = pixel_size[0] * pixel_size[1] if pixel_size else None
     mean, median = (float(areas.mean()), float(np.median(areas))) if areas.size else (0.0, 0.0)
     return {
@@ -202,6 +203,8 @@ def summarize_areas(areas: np.ndarray, pixels: int, pixel_size: tuple[float, flo
         "mean_area_um2": mean * um2 if um2 else "",
         "median_area_um2": median * um2 if um2 else "",
         "area_fraction": float(areas.sum() / pixels) if pixels else 0.0,
+        "pixel_height_um": float(pixel_size[0]) if pixel_size else "",
+        "pixel_width_um": float(pixel_size[1]) if pixel_size else "",
     }
 
 

@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -64,12 +65,14 @@ from cellseg.files import (
     ImageFileError,
     atomic,
     open_image,
+    plane_name,
+    plane_suffix,
     save_png,
     save_stack,
     stem,
     write_rows,
 )
-from cellseg.inference import diameter_scale, segment_at_scale
+from cellseg.inference import choose_scale, diameter_scale, segment_at_scale
 from cellseg.measure import measure, summarize
 
 log = logging.getLogger(__name__)
@@ -198,9 +201,11 @@ def remove_outputs(output: Path, image_id: str) -> None:
 
 
 def segment_plane(
-    model, nuclei: np.ndarray, pre: dict, options: dict, cfg: DictConfig, path: Path
+    model, nuclei: np.ndarray, pre: dict, options: dict, cfg: DictConfig, path: Path,
+    index: dict[str, int] | None = None, diameter: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and labels of one plane; a constant plane holds no nuclei."""
+    """Foreground and labels of one plane (``index``: its place in a stack, named in the
+    log) with ``diameter=`` (:func:`stack_diameter`); a constant plane holds no nuclei."""
     if min(nuclei.shape[:2]) < pre["multiple"]:
         raise ImageFileError(
             f"{path} is {nuclei.shape[0]}x{nuclei.shape[1]} pixels, smaller than the network's "
@@ -209,19 +214,34 @@ def segment_plane(
     if nuclei.min() == nuclei.max():
         return np.zeros(nuclei.shape[:2], np.float32), np.zeros(nuclei.shape[:2], np.int32)
     return segment_at_scale(
-        model, nuclei, pre, cfg.inference, options, cfg.get("diameter")
+        model, nuclei, pre, cfg.inference, options, diameter, name=plane_name(path, index)
     )
+
+
+def stack_diameter(model, image: ImageFile, pre: dict, options: dict, cfg: DictConfig) -> Any:
+    """The ``diameter=`` every plane of ``image`` is segmented with: as given, except that a
+    stack's nuclei with ``diameter=auto`` are sized once, on its middle plane, and every plane
+    segmented at that one scale (a stack's planes, Z or T, hold the same nuclei; sized plane by
+    plane, planes of one field could be segmented at different scales)."""
+    diameter = cfg.get("diameter")
+    if diameter != "auto" or not image.stacked:
+        return diameter
+    indices = image.plane_indices()
+    index = indices[len(indices) // 2]
+    nuclei = image.nuclei(image.plane(index))
+    if nuclei.min() == nuclei.max():  # an empty middle plane: each plane sized on its own
+        return diameter
+    scale, _ = choose_scale(model, nuclei, pre, cfg.inference, options, "auto",
+                            name=plane_name(image.path, index))
+    log.info("%s: every plane segmented %s", image.path.name,
+             f"rescaled by {scale:.3g}" if scale else "as it is")
+    return pre["diameter"] / scale if scale else None
 
 
 def is_large(image: ImageFile, above: int) -> bool:
     """Whether an image is segmented block-wise (:mod:`cellseg.blocks`): an OME-Zarr, or a
     plane of more than ``above``² pixels."""
     return image.path.suffix.lower() == ZARR_SUFFIX or image.height * image.width > above**2
-
-
-def plane_suffix(index: dict[str, int]) -> str:
-    """``_t0_z3`` for a plane index; empty for a 2-D image."""
-    return "".join(f"_{axis.lower()}{i}" for axis, i in index.items())
 
 
 def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dict,
@@ -232,11 +252,14 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
     nuclei_total = 0
     wanted = outputs_wanted(cfg)
 
+    diameter = stack_diameter(model, image, pre, options, cfg)
+
     def results():
         nonlocal nuclei_total
         for index, plane in image.planes():
             nuclei = image.nuclei(plane)
-            foreground, labels = segment_plane(model, nuclei, pre, options, cfg, image.path)
+            foreground, labels = segment_plane(model, nuclei, pre, options, cfg, image.path,
+                                               index, diameter)
             if labels.max() >= 2**16:
                 raise UserError(f"{image.path}: {labels.max()} nuclei do not fit 16-bit "
                                 "label images; pass blocks.above=0 (labels as a 32-bit "
@@ -271,7 +294,7 @@ def predict_file(model, image: ImageFile, image_id: str, pre: dict, options: dic
     shape = (*image.planes_shape.values(), sizes["Y"], sizes["X"])
     axes = "".join(image.planes_shape) + "YX"
     with atomic(output / "labels" / f"{image_id}.tif") as tmp:  # renamed last: "done"
-        save_stack(tmp, pages(), shape, axes)
+        save_stack(tmp, pages(), shape, axes, pixel_size=image.pixel_size)
         write_tables(output, image_id, measurements, summaries)
     return nuclei_total
 
@@ -334,11 +357,19 @@ def segment_input(image_id: str, path: Path, engine: Engine | None, *, net, pre:
     large = is_large(image, cfg.blocks.above)
     if large and engine is None:
         return None
-    log.info("%s: axes %s, shape %s (%s)", path.name, image.axes, image.shape,
-             "axes=" if cfg.get("axes") else "from the file")
+    log.info("%s: axes %s, shape %s (%s), %s", path.name, image.axes, image.shape,
+             "axes=" if cfg.get("axes") else "from the file", pixel_text(image.pixel_size))
     if large:
         return predict_large(engine, image, image_id, net, pre, options, cfg, output)
     return predict_file(net, image, image_id, pre, options, cfg, output)
+
+
+def pixel_text(size: tuple[float, float] | None) -> str:
+    """The pixel size an image is measured with, for its log line."""
+    if not size:
+        return "no pixel size: areas in px only (pixel_size= gives it)"
+    y, x = size
+    return f"pixels of {y:g} µm" if np.isclose(y, x, rtol=1e-3) else f"pixels of {y:g} x {x:g} µm"
 
 
 def given_pixel_size(value) -> tuple[float, float] | None:

@@ -64,7 +64,7 @@ def segment(
         labels = np.zeros(image.shape[:2], np.int32)
     else:
         foreground, labels = segment_at_scale(
-            model.net, image, pre, inference, options, diameter
+            model.net, image, pre, inference, options, diameter, name=name
         )
     names = channel_names or [f"c{i}" for i in range(image.shape[-1])]
     rows = measure(labels, image, names, pixel_size, foreground, image=name, t=0, z=0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.files import ZARR_SUFFIX, ImageFile, open_image, stem
+from cellseg.files import ZARR_SUFFIX, ImageFile, open_image, plane_suffix, stem
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LayerData = tuple[Any, dict[str, Any], str]
@@ -111,7 +111,8 @@ def read_table(path: Path) -> dict[str, list]:
 
 
 def read_predict_output(path: str) -> list[LayerData]:
-    """Each image's overlay and labels (measurements as features) of a predict output folder."""
+    """Each image's overlay and labels (measurements as features) of a predict output folder,
+    scaled by the pixel size its summary table records, as the image's own layers are."""
     folder, layers = Path(path), []
     for labels_path in sorted((folder / "labels").iterdir()):
         if labels_path.suffix.lower() == ZARR_SUFFIX:  # a large image: a pyramid, no features
@@ -119,14 +120,30 @@ def read_predict_output(path: str) -> list[LayerData]:
             continue
         if labels_path.suffix.lower() not in (".png", ".tif", ".tiff"):
             continue
-        name = stem(labels_path)
-        overlay = folder / "overlays" / f"{name}.png"
-        if overlay.is_file():
-            layers.append((open_image(overlay).plane(), {"name": f"{name} overlay",
-                                                         "rgb": True}, "image"))
-        labels = plane_stack(open_image(labels_path))[..., 0].astype(np.int32)
-        table = folder / "tables" / f"{name}.measurements.csv"
+        name, image = stem(labels_path), open_image(labels_path)
+        tables = folder / "tables"
+        placed = placement(image.planes_shape, tables / f"{name}.summary.csv")
+        overlays = [folder / "overlays" / f"{name}{plane_suffix(i)}.png"
+                    for i in image.plane_indices()]
+        if all(p.is_file() for p in overlays):  # one per plane of a stack
+            overlay = np.stack([open_image(p).plane() for p in overlays])
+            overlay = overlay.reshape(*image.planes_shape.values(), *overlay.shape[1:])
+            layers.append((overlay, {**placed, "name": f"{name} overlay", "rgb": True},
+                           "image"))
+        labels = plane_stack(image)[..., 0].astype(np.int32)
+        table = tables / f"{name}.measurements.csv"
         features = read_table(table) if table.is_file() else {}
-        layers.append((labels, {"name": f"{name} labels", "features": features or None},
-                       "labels"))
+        layers.append((labels, {**placed, "name": f"{name} labels",
+                                "features": features or None}, "labels"))
     return layers
+
+
+def placement(planes_shape: dict[str, int], summary: Path) -> dict[str, Any]:
+    """A predict output's layer scale and units: µm where the image's summary table records
+    the pixel size it was measured with, else pixels."""
+    rows = read_table(summary) if summary.is_file() else {}
+    size = [rows.get(k, [""])[0] for k in ("pixel_height_um", "pixel_width_um")]
+    known = all(isinstance(v, float) for v in size)
+    planes = len(planes_shape)
+    return {"scale": [1.0] * planes + (size if known else [1.0, 1.0]),
+            "units": ("pixel",) * planes + (("µm",) * 2 if known else ("pixel",) * 2)}
