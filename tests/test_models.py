@@ -212,7 +212,7 @@ def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp
     cfg = compose_cfg("train", common)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="cellseg.train"):
+    with caplog.at_level(logging.INFO, logger="cellseg"):
         train(cfg)
     last = tmp_path / "run/checkpoints/last.ckpt"
     assert f"Score the model on annotated images it did not see: python -m cellseg.eval " \
@@ -223,6 +223,11 @@ def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp
     assert tuned.preprocessing()["normalize"] == shipped.preprocessing()["normalize"]
     assert tuned.info["command"]  # the fine-tuning run records its own provenance
     assert tuned.postprocess["split"] == "train"
+    # the size diameter=auto scales to is now the fine-tuning images' own, and the log says so
+    shipped_size = shipped.data["diameter"]
+    assert f"The pretrained model's training nuclei: {shipped_size:.1f} px across" in caplog.text
+    assert f"median {tuned.data['diameter']:.1f} px across" in caplog.text
+    assert abs(tuned.data["diameter"] - shipped_size) > 5  # the sample's nuclei: about 10 px
     changed = [k for k, v in tuned.module.net.state_dict().items()
                if not torch.equal(v, shipped.module.net.state_dict()[k])]
     assert changed  # it trained, from the shipped weights (the same shapes)

@@ -103,6 +103,10 @@ def start_from(model: L.LightningModule, cfg: DictConfig) -> None:
     pretrained = checkpoint.load(cfg.pretrained)
     source = pretrained.module
     log.info("Fine-tuning from %s", pretrained.first_line().removeprefix("model: "))
+    if pretrained.data.get("diameter"):
+        log.info("The pretrained model's training nuclei: %.1f px across; the fine-tuned model "
+                 "records its own training nuclei's size instead (below)",
+                 pretrained.data["diameter"])
     theirs, ours = dict(source.hparams.net), dict(model.hparams.net)
     for key in sorted(set(theirs) | set(ours)):
         if key != "init" and theirs.get(key) != ours.get(key):
@@ -139,7 +143,8 @@ def build_data(cfg: DictConfig, multiple: int) -> L.LightningDataModule:
 def config_line(cfg: DictConfig) -> str:
     """The settings a researcher reads first, on one line (the rest: ``.hydra/config.yaml``)."""
     data, model = cfg.data, cfg.model
-    geometry = f"resized to {data.img_size}" if data.mode == "resize" else f"{data.crop_size} crops"
+    geometry = (f"resized to {data.img_size}" if data.mode == "resize"
+                else f"{data.crop_size}-px crops")
     if data.get("crops_by_area"):  # refused in resize mode
         power, by = data.get("area_power", 1.0), "nuclei" if data.get("crops_by_nuclei") else "area"
         geometry += f" by {by}" if power == 1 else f" by {by}^{power:g}"
