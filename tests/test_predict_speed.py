@@ -90,12 +90,11 @@ def test_outputs_labels_alone_writes_no_mask_overlay_or_table(tmp_path):
         predict_to(SAMPLE, tmp_path / "again", "outputs=[labels,overlay]")
 
 
-@pytest.mark.skipif(threads.share() < 2,
-                    reason="side by side needs 2 cores free for this process")
 def test_images_side_by_side_match_one_at_a_time_and_leave_large_ones_to_blocks(tmp_path,
                                                                                  caplog):
-    import logging
-
+    # asked when the test runs, not when it is collected: other cellseg jobs come and go
+    if threads.share() < 2:
+        pytest.skip("side by side needs 2 cores free for this process")
     import torch
     import zarr
 
