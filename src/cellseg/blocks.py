@@ -464,7 +464,7 @@ def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path
     from omegaconf import OmegaConf
 
     from cellseg.datasets import image_intensity
-    from cellseg.files import plane_name
+    from cellseg.files import plane_name, plane_suffix
     from cellseg.inference import ESTIMATE_SIDE, choose_scale
 
     h, w = image.height, image.width
@@ -472,23 +472,19 @@ def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path
     step = max(1, math.ceil(math.sqrt(h * w / SAMPLE_PIXELS)))
     side = min(ESTIMATE_SIDE * 4, h, w)  # the centre read to estimate the nuclei's size
     y, x = (h - side) // 2, (w - side) // 2
-    found, indices = [], image.plane_indices()
-    middle = indices[len(indices) // 2]  # a stack is sized once, on it (as predict does)
-    sized = None
-    for index in [middle] + [i for i in indices if i != middle]:
+    indices, intensities = image.plane_indices(), []
+    for index in indices:
         sample = image.nuclei(image.region(index, slice(0, h, step), slice(0, w, step)))
-        intensity = image_intensity(sample, pre["in_channels"], pre["normalize"],
-                                    pre["invert_bright"])
-        if sized is None:
-            centre = (image.nuclei(image.region(index, slice(y, y + side), slice(x, x + side)))
-                      if cfg.get("diameter") == "auto" else sample)  # read only to estimate
-            sized = choose_scale(net, centre, {**pre, "intensity": intensity}, inference,
-                                 options, cfg.get("diameter"), shape=(h, w),
-                                 name=plane_name(image.path, index))
-        found.append((index, intensity, *sized))
-    found.sort(key=lambda f: indices.index(f[0]))
-    size = block_size(int(cfg.blocks.size), max(s or 1.0 for _, _, s, _ in found),
-                      pre["multiple"])
+        intensities.append(image_intensity(sample, pre["in_channels"], pre["normalize"],
+                                           pre["invert_bright"]))
+    # one scale for the whole stack, its nuclei sized on the middle plane's centre (as predict)
+    middle = len(indices) // 2
+    centre = (image.nuclei(image.region(indices[middle], slice(y, y + side), slice(x, x + side)))
+              if cfg.get("diameter") == "auto" else None)  # read only to estimate
+    scale, diameter = choose_scale(net, centre, {**pre, "intensity": intensities[middle]},
+                                   inference, options, cfg.get("diameter"), shape=(h, w),
+                                   name=plane_name(image.path, indices[middle]))
+    size = block_size(int(cfg.blocks.size), scale or 1.0, pre["multiple"])
     preprocess = cfg.get("preprocess")
     return [Job(
         path=str(image.path), image_id=image_id, axes=cfg.get("axes"), channel=image.channel,
@@ -499,10 +495,10 @@ def plan(image, image_id: str, net, pre: dict, options: dict, cfg, scratch: Path
         size=size, margin=margin(diameter, scale, int(inference.get("overlap", 32)),
                                  cfg.blocks.get("margin")),
         multiple=pre["multiple"], height=h, width=w,
-        scratch=str(scratch / ("plane" + "".join(f"_{a.lower()}{i}" for a, i in index.items()))),
+        scratch=str(scratch / f"plane{plane_suffix(index)}"),
         threads=threads, channel_names=list(image.channel_names), pixel_size=image.pixel_size,
         keys={"image": image_id, "t": index.get("T", 0), "z": index.get("Z", 0)},
-    ) for index, intensity, scale, diameter in found]
+    ) for index, intensity in zip(indices, intensities, strict=True)]
 
 
 def block_size(size: int, scale: float, multiple: int) -> int:
