@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from cellseg.checkpoint import read, weights_in_half
 from cellseg.eval import evaluate_with
@@ -41,10 +42,25 @@ def test_scores(ckpt: Path, diameter: str) -> dict[str, float]:
     return {k: round(metrics[k], 4) for k in SCORES}
 
 
+def check_finished(checkpoint: dict, ckpt: Path) -> None:
+    """Refuse a run that did not reach its end: one stopped early has no tuned post-processing
+    (tuned after the last epoch), and its last epoch is short of ``trainer.max_epochs``."""
+    config = ckpt.parents[1] / ".hydra/config.yaml"
+    epochs = OmegaConf.load(config).trainer.max_epochs if config.is_file() else None
+    done = checkpoint.get("epoch", -1) + 1
+    tuned = "tuned" if checkpoint.get("postprocess") else "never tuned"
+    if tuned != "tuned" or (epochs is not None and done < epochs):
+        raise SystemExit(
+            f"{ckpt} is not a finished run (epoch {done} of {epochs or '?'}, post-processing "
+            f"{tuned}): finish it with its command and ckpt_path={ckpt}, then ship it"
+        )
+
+
 def main(source: str, name: str | None = None) -> Path:
     ckpt = Path(source) if Path(source).is_file() else Path(source) / "checkpoints/last.ckpt"
     name = name or (ckpt.stem if ckpt.suffix == ".pth" else "nuclei")
     checkpoint = read(ckpt)
+    check_finished(checkpoint, ckpt)
     slim = {k: checkpoint[k] for k in KEEP if k in checkpoint}
     out = Path(__file__).resolve().parents[1] / "src/cellseg/models" / f"{name}.pth"
     torch.save(slim, out)

@@ -65,6 +65,48 @@ def test_sigkill_mid_training_then_ckpt_path_last_finishes_the_schedule(tmp_path
     assert float(steps) == 6 * 16  # Adam's moments continued rather than restarted
 
 
+def test_sigterm_mid_training_fails_the_run_names_the_resume_and_nothing_ships(tmp_path):
+    """SIGTERM (kill, timeout, a SLURM limit): Lightning stops the loop and exits with status 0,
+    so ``make model`` went on to ship a one-epoch model; the run now fails and says how to go
+    on, and scripts/ship_model.py refuses the unfinished run."""
+    import importlib.util
+
+    args = [
+        "experiment=augmented", "trainer.max_epochs=50", "trainer.precision=32-true",
+        "data.synthetic.n_images=40", "data.synthetic.size=64", "data.img_size=64",
+        "data.batch_size=2", "trainer.accelerator=cpu", "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg.train", *args], cwd=tmp_path,
+                            env=cli_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "logs/train/runs"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(runs.glob("*/checkpoints/last.ckpt")):
+                break  # an epoch done: a checkpoint to go on from
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    (run,) = runs.iterdir()
+    last = run / "checkpoints/last.ckpt"
+    assert proc.returncode == 143, output[-2000:]
+    assert "training stopped by SIGTERM in epoch" in output
+    assert f"nothing was tuned or tested; go on with the same command and ckpt_path={last}" \
+        in output
+    spec = importlib.util.spec_from_file_location(
+        "ship_model", Path(__file__).parents[1] / "scripts/ship_model.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    with pytest.raises(SystemExit, match=r"is not a finished run \(epoch \d+ of 50, "
+                       r"post-processing never tuned\)"):
+        ship.check_finished(torch.load(last, weights_only=True), last)
+
+
 KILLED_WHILE_WRITING = """
 import os, signal, sys, torch
 from cellseg.callbacks import AtomicCheckpointIO

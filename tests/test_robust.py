@@ -105,6 +105,11 @@ def test_ckpt_path_last_takes_the_newest_run_of_the_same_config_or_lists_the_oth
     assert "(baseline, synthetic /elsewhere)" in message
     assert str(newer_augmented.parents[1]) in message
     assert str(old_baseline.parents[1]) in message
+    # a run on every batch does not resume a newer debug=fast smoke test of its experiment
+    full = cfg_factory("experiment=baseline", "trainer.limit_train_batches=null")
+    full_run = saved_run(log_dir, "full_baseline", full, age=50)
+    saved_run(log_dir, "fast_baseline", cfg_factory("experiment=baseline", "debug=fast"), age=1)
+    assert resolve_ckpt("last", str(log_dir), full) == str(full_run)
 
 
 def test_resuming_a_finished_run_says_it_is_complete(cfg_factory, caplog):

@@ -174,11 +174,14 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What makes two runs the same experiment: its name, its data and its network."""
+    """What makes two runs the same experiment: its name, its data, its network, and whether
+    it trains on every batch (``ckpt_path=last`` never resumes a ``debug=fast`` run)."""
+    batches = cfg.trainer.get("limit_train_batches")
     return {
         "experiment": cfg.get("name"),
         "data": f"{cfg.data.layout} {Path(str(cfg.data.root)).expanduser().resolve()}",
         "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+        "batches": "all" if batches in (None, 1.0) else batches,
     }
 
 
@@ -250,11 +253,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(ckpt, ckpt_path, model)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except BaseException:
+    except BaseException as err:
         if trainer.current_epoch == 0 and trainer.is_global_zero:  # no run to list in TensorBoard
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     shutil.rmtree(logger.log_dir, ignore_errors=True)
+        if isinstance(err, SystemExit):  # Lightning's exit on SIGTERM (status 0!) or Ctrl-C
+            log.error(stopped(trainer, cfg.trainer.max_epochs))
+            raise SystemExit(143 if trainer.received_sigterm else 130) from None
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -273,6 +279,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.log_metrics(hp_metrics, step=trainer.global_step)
     report(trainer, metrics, tested or last_checkpoint(trainer), bool(cfg.get("test")))
     return metrics
+
+
+def stopped(trainer: L.Trainer, max_epochs: int) -> str:
+    """The line a run stopped by a signal ends with: where, and how to go on."""
+    how = "SIGTERM" if trainer.received_sigterm else "an interrupt (Ctrl-C)"
+    last = last_checkpoint(trainer)
+    go_on = (f"go on with the same command and ckpt_path={last}" if last
+             else "no checkpoint was written yet: run it again")
+    return (f"training stopped by {how} in epoch {trainer.current_epoch + 1} of {max_epochs}: "
+            f"nothing was tuned or tested; {go_on}")
 
 
 def provenance() -> dict[str, str]:
