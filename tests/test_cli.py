@@ -97,6 +97,11 @@ def test_run_names_tell_runs_apart_and_are_valid_override_values():
     assert name == "augmented_mycells_model.loss-dice_bce+seed-1"
     assert run_name("baseline", "synthetic", "/x/synthetic", "") == "baseline"
     assert run_name("dsb2018", "dsb2018", "/x/stage1_train", "split=all") == "dsb2018_split-all"
+    # a model by what names it: a checkpoint by its run folder, a file by its name
+    run = "logs/train/runs/2026-12-05_09-46-57_native_mydata"
+    assert run_name("eval", "", "", f"model_name={run}/checkpoints/last.ckpt,split=all") == \
+        "eval_model-2026-12-05_09-46-57_native_mydata+split-all"
+    assert run_name("export", "", "", "model_name=/tmp/x/model.onnx") == "export_model-model.onnx"
     trial = run_name("augmented", "dsb2018", "/x", "augmentation=light,model.optimizer.lr=0.002")
     assert trial == "augmented_dsb2018_augmentation-light+model.optimizer.lr-0.002"
     (override,) = OverridesParser.create().parse_overrides([f"ckpt_path=/logs/{trial}/last.ckpt"])

@@ -22,9 +22,20 @@ def run_name(name: str, layout: str = "", root: str = "", overrides: str = "") -
     (``model.loss=dice_bce,seed=1`` written ``model.loss-dice_bce+seed-1``: a path a Hydra
     override such as ``ckpt_path=<run>/...`` accepts without quotes)."""
     data = Path(root).name if layout == "folder" else layout
+    overrides = ",".join(map(short_override, overrides.split(",")) if overrides else "")
     overrides = overrides.replace("=", "-").replace(",", "+")
     parts = [name, "" if data in ("synthetic", name) else data, overrides]
     return re.sub(r"[^\w.+@%-]", "", "_".join(p for p in parts if p))[:200]
+
+
+def short_override(item: str) -> str:
+    """An override as a run name shows it: a path by what names it (a checkpoint by its run
+    folder, another file by its name), and ``model_name`` as typed, ``model``."""
+    key, sep, value = item.partition("=")
+    if "/" in value:
+        path = Path(value)
+        value = path.parents[1].name if path.parent.name == "checkpoints" else path.name
+    return f"{'model' if key == 'model_name' else key}{sep}{value}"
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)

@@ -405,7 +405,8 @@ class NucleiDataModule(L.LightningDataModule):
             }
         all_diameters = np.concatenate(diameters) if diameters else np.zeros(0)
         self.diameter = float(np.median(all_diameters)) if all_diameters.size else None
-        if self.diameter and (self.trainer is None or self.trainer.is_global_zero):
+        said = self.trainer is None or self.trainer.is_global_zero
+        if self.diameter and opt.mode == "crop" and said:  # resized images: no nucleus size
             log.info("Training nuclei: %d, median %.1f px across (the checkpoint records it: "
                      "diameter=auto scales images to nuclei of that size)", all_diameters.size,
                      self.diameter)

@@ -85,6 +85,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = build_data(cfg, model.net.multiple)
     log.info("Network: %s parameters", f"{count_parameters(model):,}")
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    if precision != str(cfg.trainer.precision):
+        log.info("trainer.precision=%s: %s on this machine", cfg.trainer.precision, precision)
     callbacks = [*instantiate_group(cfg.get("callbacks")), FitThreads()]
     trainer = hydra.utils.instantiate(
         cfg.trainer, precision=precision, callbacks=callbacks,
