@@ -50,7 +50,7 @@ bench: $(STAMP) ## measure training and prediction speed (writes bench.md and be
 
 # the folder holding dsb2018/stage1_train (the 50-image sample) and dsb2018-pool (300 more)
 MODEL_DATA ?= ../shared/data
-model: $(STAMP) ## retrain the shipped model: experiment=general on MODEL_DATA=../shared/data (22-90 min, 2 cores)
+model: $(STAMP) ## retrain the shipped model: experiment=general on MODEL_DATA=../shared/data (21-90 min, 2 cores)
 	$(PY) -m cellseg.train experiment=general paths.data_dir=$(abspath $(MODEL_DATA)) hydra.run.dir=logs/general/$(NOW)
 	$(PY) scripts/ship_model.py logs/general/$(NOW)
 

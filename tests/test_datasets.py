@@ -140,6 +140,16 @@ def test_zero_byte_image_names_the_file(tmp_path):
         read_image(empty)
 
 
+def test_a_dsb2018_folder_of_broken_links_says_so(tmp_path):
+    """sample50's three commands run where the images are not: 50 links to nothing."""
+    (tmp_path / "sample50").mkdir()
+    for i in ("a1", "b2"):
+        (tmp_path / "sample50" / i).symlink_to(tmp_path / "nowhere" / i)
+    with pytest.raises(FileNotFoundError, match=r"sample50: its 2 entries are links to nothing "
+                       r"\(the first to .*nowhere/a1\); link them to where the images are"):
+        read_samples(tmp_path / "sample50", "dsb2018")
+
+
 def test_folder_without_images_says_so(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()

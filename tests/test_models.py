@@ -244,21 +244,23 @@ def test_finetune_from_the_shipped_model_runs_end_to_end_and_keeps_its_input(tmp
         train(refused)
 
 
-def test_train_roots_add_training_images_and_never_test_images(tmp_path):
+def test_train_roots_add_training_images_and_never_test_images(tmp_path, caplog):
     from cellseg.datamodule import NucleiDataModule
     from cellseg.synthetic import generate
 
     generate(tmp_path / "main", n_images=10, size=64, seed=0)
     extra = tmp_path / "extra"
-    generate(extra, n_images=6, size=64, seed=1)
+    generate(extra, n_images=12, size=64, seed=1)  # 22 images in all: a progress line
     alone = NucleiDataModule(str(tmp_path / "main"), mode="crop", crop_size=32, val_size=0.1)
     both = NucleiDataModule(str(tmp_path / "main"), mode="crop", crop_size=32, val_size=0.1,
                             train_roots=[str(extra)])
-    alone.setup(), both.setup()
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        alone.setup(), both.setup()
+    assert "Reading main and extra: 22 of 22" in caplog.text  # every folder named
     assert both.splits["test"] == alone.splits["test"]  # the test images are root's alone
     pooled = both.splits["train"] + both.splits["val"]
-    assert sum(i.startswith("extra/") for i in pooled) == 6
-    assert len(both.splits["val"]) == 2  # 10 % of the 14 training-side images, rounded up
+    assert sum(i.startswith("extra/") for i in pooled) == 12
+    assert len(both.splits["val"]) == 2  # 10 % of the 20 training-side images
     assert len(both.datasets["train"].pairs) == len(both.splits["train"])
 
 
@@ -319,6 +321,9 @@ def test_no_model_logs_a_line_naming_the_shipped_file():
     line = checkpoint.load(None).first_line()
     assert line.startswith("model: nuclei (the shipped model), checkpoint ")
     assert Path(line.split()[-1]) == shipped_path(DEFAULT_MODEL)
+    # a model named by its path: the path once
+    path = shipped_path(DEFAULT_MODEL)
+    assert checkpoint.load(path).first_line() == f"model: {path}, checkpoint"
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.onnx", "package.bioimageio.zip"])

@@ -287,8 +287,15 @@ class Model:
 
     def first_line(self) -> str:
         """Which model runs, for the first line of a run's log."""
-        shipped = " (the shipped model)" if self.name in MODELS else ""
-        return f"model: {self.name}{shipped}, {self.kind} {self.path}"
+        return model_line(self.name, self.kind, self.path)
+
+
+def model_line(name: str, kind: str, path: Path, hint: str = "") -> str:
+    """``model: NAME (the shipped model), KIND PATH``, the path left out where the name is it;
+    ``hint`` follows "the shipped model" (predict: how to name another)."""
+    shipped = f" (the shipped model{hint})" if name in MODELS else ""
+    same = Path(str(name)).expanduser().resolve() == Path(path).resolve()
+    return f"model: {name}{shipped}, {kind}" + ("" if same else f" {path}")
 
 
 def named(cfg: Any) -> str | None:

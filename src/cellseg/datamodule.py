@@ -393,7 +393,8 @@ class NucleiDataModule(L.LightningDataModule):
 
         if opt.cache:  # decoded and prepared once; epochs cost only augmentation and compute
             needed = [sources[i] for i in sorted({*train, *val, *test})]
-            samples = iter_samples(needed, f"Reading {self.root.name}")
+            folders = [self.root.name, *(Path(r).name for r in opt.train_roots)]
+            samples = iter_samples(needed, f"Reading {' and '.join(folders)}")
             prepared = {s.id: prepare(s) for s in samples}
             pairs = {name: [prepared[i] for i in ids] for name, ids in self.splits.items()}
         else:

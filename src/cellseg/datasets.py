@@ -192,6 +192,12 @@ def dsb2018_sources(root: str | Path, channel: int | str | None = None) -> list[
     root = _existing_dir(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
+        broken = [p for p in root.iterdir() if p.is_symlink() and not p.exists()]
+        if broken:  # e.g. sample50's links made where the images are not
+            raise FileNotFoundError(
+                f"{root}: its {len(broken)} entries are links to nothing (the first to "
+                f"{broken[0].readlink()}); link them to where the images are"
+            )
         raise FileNotFoundError(f"{root} holds no <id>/images/<id>.png samples (dsb2018 layout)")
     sources = []
     for folder in folders:

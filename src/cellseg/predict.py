@@ -452,8 +452,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Write the outputs for every input image (of this shard); returns a summary."""
     model_name = checkpoint.named(cfg)
     path, kind = checkpoint.resolve(model_name)
-    log.info("model: %s%s, %s %s", model_name or checkpoint.DEFAULT_MODEL,
-             "" if model_name else " (the shipped model; model= names another)", kind, path)
+    log.info(checkpoint.model_line(model_name or checkpoint.DEFAULT_MODEL, kind, path,
+                                   "" if model_name else "; model= names another"))
     inputs = find_inputs(cfg.input)
     output = Path(cfg.output).expanduser()
     check_output(output, Path(cfg.input).expanduser())
