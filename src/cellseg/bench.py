@@ -142,8 +142,10 @@ def pipeline(
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from cellseg.cli import quiet_console
     from cellseg.train import build
 
+    quiet_console()  # Lightning's device list and tips, once a round, are not the bench's
     mode = (
         ["data.mode=resize", f"data.img_size={size}"]
         if size <= 64
@@ -272,45 +274,50 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     inference.pop("max_squash", None)  # resize-mode settings; the bench predicts natively
     inference.pop("max_shrink", None)
     keep = bool(cfg.keep_freed_memory)
-    for size, b in cfg.shapes:
-        for precision in cfg.precisions:
-            flops_per_image = train_flops(size, b) / b
-            pipes, plains, pipe_mb = [], [], 0.0
-            for _ in range(cfg.rounds):  # fresh processes; every epoch of each counts
-                (pipe_epochs, plain_epochs), mb = isolated(
-                    pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep
-                )
-                pipes += pipe_epochs
-                plains += plain_epochs
-                pipe_mb = max(pipe_mb, mb)
-            plain, pipe = statistics.median(plains), statistics.median(pipes)
-            (peak, _) = isolated(matmul_gflops, precision, cfg.matmul_n, 1, cfg.repeats)
-            ((tiled, bare, tile), pred_mb) = isolated(
-                prediction, cfg.predict_size, precision, inference, cfg.repeats
+    runs = [(size, b, p) for size, b in cfg.shapes for p in cfg.precisions]
+    for k, (size, b, precision) in enumerate(runs, start=1):
+        log.info("Training row %d of %d: %d px, batch %d, %s (%d rounds of %d epochs)", k,
+                 len(runs), size, b, precision, cfg.rounds, cfg.epochs)
+        flops_per_image = train_flops(size, b) / b
+        pipes, plains, pipe_mb = [], [], 0.0
+        for _ in range(cfg.rounds):  # fresh processes; every epoch of each counts
+            (pipe_epochs, plain_epochs), mb = isolated(
+                pipeline, size, b, precision, cfg.epochs, root, cfg.paths.data_dir, keep
             )
-            rows.append(
-                {
-                    "size": size,
-                    "precision": precision,
-                    "batch": b,
-                    "pipeline_img_s": pipe,
-                    "plain_img_s": plain,
-                    "pipeline_vs_plain": pipe / plain,
-                    "epochs_plain_img_s": plains,
-                    "epochs_pipeline_img_s": pipes,
-                    "train_gflop_s": plain * flops_per_image / 1e9,
-                    "matmul_gflop_s": peak,
-                    "train_vs_matmul": plain * flops_per_image / 1e9 / peak,
-                    "tiled_mpx_s": tiled,
-                    "bare_mpx_s": bare,
-                    "tiled_vs_bare": tiled / bare,
-                    "predict_size": cfg.predict_size,
-                    "tile": tile,
-                    "pipeline_peak_mb": pipe_mb,
-                    "predict_peak_mb": pred_mb,
-                }
-            )
-            log.info("%s", rows[-1])
+            pipes += pipe_epochs
+            plains += plain_epochs
+            pipe_mb = max(pipe_mb, mb)
+        plain, pipe = statistics.median(plains), statistics.median(pipes)
+        (peak, _) = isolated(matmul_gflops, precision, cfg.matmul_n, 1, cfg.repeats)
+        ((tiled, bare, tile), pred_mb) = isolated(
+            prediction, cfg.predict_size, precision, inference, cfg.repeats
+        )
+        rows.append(
+            {
+                "size": size,
+                "precision": precision,
+                "batch": b,
+                "pipeline_img_s": pipe,
+                "plain_img_s": plain,
+                "pipeline_vs_plain": pipe / plain,
+                "epochs_plain_img_s": plains,
+                "epochs_pipeline_img_s": pipes,
+                "train_gflop_s": plain * flops_per_image / 1e9,
+                "matmul_gflop_s": peak,
+                "train_vs_matmul": plain * flops_per_image / 1e9 / peak,
+                "tiled_mpx_s": tiled,
+                "bare_mpx_s": bare,
+                "tiled_vs_bare": tiled / bare,
+                "predict_size": cfg.predict_size,
+                "tile": tile,
+                "pipeline_peak_mb": pipe_mb,
+                "predict_peak_mb": pred_mb,
+            }
+        )
+        log.info("... pipeline %.1f img/s (%.2f of the plain loop), training %.0f GFLOP/s (%.2f "
+                 "of matmul), tiled predict %.2f MP/s (%.2f of a bare forward)", pipe,
+                 pipe / plain, plain * flops_per_image / 1e9, rows[-1]["train_vs_matmul"],
+                 tiled, tiled / bare)
     return rows
 
 
