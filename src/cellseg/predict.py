@@ -518,14 +518,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     # the last shard to finish (every image done or failed) rebuilds the tables
     if all(is_done(output, i) or error_file(output, i).is_file() for i in ids):
         summary.update(merge(output, ids))
-    log.info(
-        "%d images, %d nuclei, %.1f s (%d skipped as done); outputs in %s",
-        summary["images"],
-        nuclei,
-        seconds,
-        summary["skipped"],
-        output,
-    )
+    images = summary["images"]
+    log.info("%d image%s, %d nuclei, %.1f s (%d skipped as done); outputs in %s", images,
+             "" if images == 1 else "s", nuclei, seconds, summary["skipped"], output)
     if failed:
         if not any(is_done(output, i) for i in mine):
             first = next(iter(failed.values()))
