@@ -156,3 +156,16 @@ def test_a_stack_is_sized_once_on_its_middle_plane_and_every_plane_segmented_ali
                                             scale)[1]
     assert np.array_equal(labels[0], with_stack)
     assert not np.array_equal(labels[0], alone)
+
+
+def test_a_stack_too_small_to_segment_is_skipped_with_its_reason(tmp_path):
+    import tifffile
+
+    (tmp_path / "in").mkdir()
+    planes = np.full((3, 8, 8), 9, np.uint8) + np.eye(8, dtype=np.uint8)  # not constant
+    tifffile.imwrite(tmp_path / "in/tiny.tif", planes, metadata={"axes": "ZYX"})
+    (tmp_path / "in/a.png").write_bytes(SAMPLE.read_bytes())
+    summary = predict_to(tmp_path / "in", tmp_path / "out")  # sized before its planes: no crash
+    assert (summary["images"], summary["failed"]) == (1, 1)
+    assert "smaller than the network's size multiple" in (
+        tmp_path / "out/tables/tiny.error.txt").read_text()

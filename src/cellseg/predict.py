@@ -229,8 +229,8 @@ def stack_diameter(model, image: ImageFile, pre: dict, options: dict, cfg: DictC
     indices = image.plane_indices()
     index = indices[len(indices) // 2]
     nuclei = image.nuclei(image.plane(index))
-    if nuclei.min() == nuclei.max():  # an empty middle plane: each plane sized on its own
-        return diameter
+    if nuclei.min() == nuclei.max() or min(nuclei.shape[:2]) < pre["multiple"]:
+        return diameter  # an empty plane: each sized on its own; too small: segment_plane says
     scale, _ = choose_scale(model, nuclei, pre, cfg.inference, options, "auto",
                             name=plane_name(image.path, index))
     log.info("%s: every plane segmented %s", image.path.name,
