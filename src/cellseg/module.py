@@ -46,7 +46,7 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - dice.mean()
 
 
-LOSSES = ("bce", "dice_bce", "dice_masks_bce")
+LOSSES = ("bce", "dice_bce")
 
 
 def check_loss(name: str) -> None:
@@ -69,10 +69,7 @@ def segmentation_loss(
         bce = torch.cat([each[:, :1], each[:, 1:] * weight[:, None]], dim=1).mean()
     if name == "bce":
         return bce
-    # dice_masks_bce: Dice of the masks alone (foreground, contours); on the distance channel,
-    # a graded target, Dice pushes every pixel above about half its score to 1 and the rest to 0
-    masks = 2 if name == "dice_masks_bce" else 3
-    return bce + soft_dice_loss(logits[:, :masks], target[:, :masks])
+    return bce + soft_dice_loss(logits[:, :3], target[:, :3])
 
 
 CHECKPOINT_FORMAT = 2  # cellseg's own keys: 2 adds checkpoint["cellseg"] (format, commit, command)
