@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from cellseg.checkpoint import read, weights_in_half
 from cellseg.eval import evaluate_with
@@ -43,16 +42,13 @@ def test_scores(ckpt: Path, diameter: str) -> dict[str, float]:
 
 
 def check_finished(checkpoint: dict, ckpt: Path) -> None:
-    """Refuse a run that did not reach its end: one stopped early has no tuned post-processing
-    (tuned after the last epoch), and its last epoch is short of ``trainer.max_epochs``."""
-    config = ckpt.parents[1] / ".hydra/config.yaml"
-    epochs = OmegaConf.load(config).trainer.max_epochs if config.is_file() else None
-    done = checkpoint.get("epoch", -1) + 1
-    tuned = "tuned" if checkpoint.get("postprocess") else "never tuned"
-    if tuned != "tuned" or (epochs is not None and done < epochs):
+    """Refuse a run that did not reach its end: the post-processing is tuned only after the
+    last epoch, so a run stopped early (a signal, a crash) has none."""
+    if not checkpoint.get("postprocess"):
         raise SystemExit(
-            f"{ckpt} is not a finished run (epoch {done} of {epochs or '?'}, post-processing "
-            f"{tuned}): finish it with its command and ckpt_path={ckpt}, then ship it"
+            f"{ckpt} is not a finished run (stopped after epoch {checkpoint.get('epoch', -1) + 1}, "
+            f"its post-processing never tuned): finish it with its command and "
+            f"ckpt_path={ckpt}, then ship it"
         )
 
 

@@ -45,6 +45,14 @@ def test_a_data_error_is_one_line_before_the_network_is_built(tmp_path):
     assert not list(run.rglob("events.out.tfevents.*"))  # no TensorBoard run to clutter the list
 
 
+def test_the_first_line_names_the_crop_size_and_how_crops_are_shared_out():
+    from cellseg.train import config_line
+
+    line = config_line(compose_cfg("train", ["experiment=native"]))
+    assert line.startswith("Run native: data=synthetic (128-px crops by area), ")
+    assert "(resized to 64)" in config_line(compose_cfg("train", ["experiment=augmented"]))
+
+
 @pytest.mark.slow
 def test_a_native_debug_run_without_a_terminal_logs_each_epoch_and_ends_with_its_checkpoint(
     tmp_path,

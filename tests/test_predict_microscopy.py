@@ -3,6 +3,7 @@ files, nucleus scale, shards."""
 
 import csv
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -81,7 +82,13 @@ def test_pixel_size_gives_areas_in_um2_to_files_that_record_none(trained, tmp_pa
     Image.fromarray(image).save(tmp_path / "in/field.png")  # a PNG records no pixel size
     write_ome(tmp_path / "in/cells.ome.tif", pixel_size=0.5)
     out = tmp_path / "out"
-    predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0"))
+    with caplog.at_level(logging.INFO, logger="cellseg.predict"):
+        predict(predict_cfg(ckpt, tmp_path / "in", out, "channel=0"))
+    # each image's line says what its areas are measured with
+    assert "field.png: axes YX, shape (96, 96, 1) (from the file), no pixel size: areas in px " \
+        "only (pixel_size= gives it)" in caplog.text
+    assert re.search(r"cells.ome.tif: axes \w+, shape .* pixels of 0.5 µm", caplog.text)
+    caplog.clear()
     rows = read_csv(out / "measurements.csv")
     assert {r["area_um2"] for r in rows if r["image"] == "field"} == {""}
     assert all(float(r["area_um2"]) == int(r["area_px"]) * 0.25

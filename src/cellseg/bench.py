@@ -314,10 +314,11 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                 "predict_peak_mb": pred_mb,
             }
         )
+        row = rows[-1]
         log.info("... pipeline %.1f img/s (%.2f of the plain loop), training %.0f GFLOP/s (%.2f "
-                 "of matmul), tiled predict %.2f MP/s (%.2f of a bare forward)", pipe,
-                 pipe / plain, plain * flops_per_image / 1e9, rows[-1]["train_vs_matmul"],
-                 tiled, tiled / bare)
+                 "of matmul), tiled predict %.2f MP/s (%.2f of a bare forward)",
+                 row["pipeline_img_s"], row["pipeline_vs_plain"], row["train_gflop_s"],
+                 row["train_vs_matmul"], row["tiled_mpx_s"], row["tiled_vs_bare"])
     return rows
 
 

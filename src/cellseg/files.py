@@ -405,8 +405,7 @@ def save_stack(
     ImageJ hyperstack where the axes come in ImageJ's order (TZYX, ZYX, TYX: Fiji opens it with
     its planes apart), calibrated in µm by ``pixel_size`` (y, x) where known."""
     imagej = is_subsequence(axes, "TZCYXS")
-    options = {"imagej": True, "metadata": {"axes": axes}} if imagej else {
-        "metadata": {"axes": axes}}
+    options = {"imagej": imagej, "metadata": {"axes": axes}}
     if imagej and pixel_size:
         options["metadata"]["unit"] = "um"
         options["resolution"] = (1 / pixel_size[1], 1 / pixel_size[0])
